@@ -1,0 +1,530 @@
+//! Walking a descriptor chain into host iovecs.
+//!
+//! [`walk`] follows a chain from its head through the descriptor table (and at
+//! most one level of indirect table), checks every rule a hostile driver could
+//! break, and appends the buffers as `iovec`s over guest memory to a
+//! [`ChainBuf`]. Nothing is copied: the iovecs are what `readv`/`writev` get.
+//!
+//! A chain that breaks a rule yields a [`ChainError`]; the caller returns it to
+//! the driver with length 0 and counts it. The walk is bounded by the queue size
+//! (or the indirect table size), so a descriptor loop ends it.
+
+use vm_memory::GuestMemoryBackend;
+
+use crate::memory::GuestRam;
+use crate::ring::{
+    Descriptor, SplitRing, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+
+/// The most iovecs one frame (or one batch of merged RX buffers) may use: the
+/// kernel's `IOV_MAX`, beyond which `readv`/`writev` fail.
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// How a chain breaks the rules. Each variant is counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The available ring named a head past the descriptor table.
+    #[error("head descriptor {head} is outside the {size}-entry table")]
+    HeadOutOfRange {
+        /// The head index.
+        head: u16,
+        /// The table size.
+        size: u16,
+    },
+    /// A `next` field pointed past the table.
+    #[error("next descriptor {next} is outside the {size}-entry table")]
+    NextOutOfRange {
+        /// The `next` index.
+        next: u16,
+        /// The table size.
+        size: u16,
+    },
+    /// More descriptors than the table holds: the chain loops.
+    #[error("the chain is longer than its {0}-entry table: it loops")]
+    Loop(u16),
+    /// An indirect descriptor although `VIRTIO_RING_F_INDIRECT_DESC` was not negotiated.
+    #[error("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC negotiated")]
+    IndirectNotNegotiated,
+    /// An indirect descriptor inside an indirect table.
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    /// An indirect descriptor that also has `NEXT` set.
+    #[error("indirect descriptor with the NEXT flag set")]
+    IndirectWithNext,
+    /// An indirect table whose length is zero, not a multiple of 16, longer than
+    /// the queue, or misaligned.
+    #[error("indirect table of {len} bytes at {addr:#x} is not a valid descriptor table")]
+    BadIndirectTable {
+        /// Table address.
+        addr: u64,
+        /// Table length in bytes.
+        len: u32,
+    },
+    /// A buffer (or indirect table) outside guest memory.
+    #[error("buffer at {addr:#x} ({len} bytes) is outside guest memory")]
+    OutsideMemory {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// A device-writable buffer on a queue the device only reads (TX).
+    #[error("device-writable descriptor on a transmit queue")]
+    WritableInReadOnlyQueue,
+    /// A device-readable buffer on a queue the device only writes (RX).
+    #[error("device-readable descriptor on a receive queue")]
+    ReadableInWriteOnlyQueue,
+    /// A readable buffer after a writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// More than [`MAX_SEGMENTS`] buffers.
+    #[error("the chain has more than {MAX_SEGMENTS} buffers")]
+    TooManySegments,
+}
+
+/// Which buffers a queue's chains may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Device-readable only (TX).
+    ReadOnly,
+    /// Device-writable only (RX).
+    WriteOnly,
+    /// Readable, then writable (control queue).
+    ReadThenWrite,
+}
+
+/// What one walk appended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChainSummary {
+    /// Number of iovecs appended.
+    pub segments: usize,
+    /// Number of those that are device-readable (they come first).
+    pub readable_segments: usize,
+    /// Bytes readable by the device.
+    pub readable_len: usize,
+    /// Bytes writable by the device.
+    pub writable_len: usize,
+}
+
+/// A reusable array of iovecs over guest memory, with the memory region of each
+/// (for dirty logging). Allocated once per queue; walks append to it.
+pub(crate) struct ChainBuf {
+    pub iov: Vec<libc::iovec>,
+    pub regions: Vec<u32>,
+    /// Walks fail with [`ChainError::TooManySegments`] rather than grow the array
+    /// past this many iovecs.
+    pub limit: usize,
+}
+
+// SAFETY: the iovecs point into guest memory kept mapped by the `GuestRam` the
+// owner holds alongside; `ChainBuf` is moved together with it, never shared.
+unsafe impl Send for ChainBuf {}
+
+impl Default for ChainBuf {
+    fn default() -> Self {
+        ChainBuf {
+            iov: Vec::with_capacity(MAX_SEGMENTS),
+            regions: Vec::with_capacity(MAX_SEGMENTS),
+            limit: MAX_SEGMENTS,
+        }
+    }
+}
+
+impl ChainBuf {
+    /// Drops every iovec.
+    #[inline]
+    pub fn clear(&mut self) {
+        self.iov.clear();
+        self.regions.clear();
+    }
+
+    /// Drops the iovecs from `len` on.
+    #[inline]
+    pub fn truncate(&mut self, len: usize) {
+        self.iov.truncate(len);
+        self.regions.truncate(len);
+    }
+
+    /// Number of iovecs.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.iov.len()
+    }
+}
+
+/// Walks the chain starting at `head` and appends its buffers to `buf`. On error
+/// `buf` is left as it was.
+#[inline]
+pub(crate) fn walk<M: GuestMemoryBackend>(
+    ring: &SplitRing,
+    ram: &GuestRam<M>,
+    head: u16,
+    access: Access,
+    buf: &mut ChainBuf,
+) -> Result<ChainSummary, ChainError> {
+    let start = buf.len();
+    let r = walk_inner(ring, ram, head, access, buf);
+    if r.is_err() {
+        buf.truncate(start);
+    }
+    r
+}
+
+#[inline]
+fn walk_inner<M: GuestMemoryBackend>(
+    ring: &SplitRing,
+    ram: &GuestRam<M>,
+    head: u16,
+    access: Access,
+    buf: &mut ChainBuf,
+) -> Result<ChainSummary, ChainError> {
+    let size = ring.size();
+    if head >= size {
+        return Err(ChainError::HeadOutOfRange { head, size });
+    }
+    let mut summary = ChainSummary::default();
+    let mut seen_writable = false;
+    // `None` while in the ring's own table; `Some((ptr, entries))` in an indirect one.
+    let mut table: Option<(*const u8, u16)> = None;
+    let mut table_len = size;
+    let mut index = head;
+    let mut budget = u32::from(size);
+    loop {
+        if budget == 0 {
+            return Err(ChainError::Loop(table_len));
+        }
+        budget -= 1;
+        let d = match table {
+            None => ring.descriptor(index),
+            // SAFETY: index < entries (checked when following `next`, and 0 at
+            // entry), the table was translated as entries*16 bytes and is 8-aligned.
+            Some((p, _)) => unsafe { Descriptor::read(p.add(16 * usize::from(index))) },
+        };
+
+        if d.flags & VRING_DESC_F_INDIRECT != 0 {
+            if table.is_some() {
+                return Err(ChainError::NestedIndirect);
+            }
+            if !ring.indirect_enabled() {
+                return Err(ChainError::IndirectNotNegotiated);
+            }
+            if d.flags & VRING_DESC_F_NEXT != 0 {
+                return Err(ChainError::IndirectWithNext);
+            }
+            let entries = d.len / 16;
+            if d.len == 0 || d.len % 16 != 0 || entries > u32::from(size) || d.addr % 8 != 0 {
+                return Err(ChainError::BadIndirectTable {
+                    addr: d.addr,
+                    len: d.len,
+                });
+            }
+            let span = ram
+                .translate(d.addr, d.len as usize)
+                .ok_or(ChainError::OutsideMemory {
+                    addr: d.addr,
+                    len: d.len,
+                })?;
+            table_len = entries as u16;
+            table = Some((span.ptr, table_len));
+            index = 0;
+            budget = entries;
+            continue;
+        }
+
+        let writable = d.flags & VRING_DESC_F_WRITE != 0;
+        match access {
+            Access::ReadOnly if writable => return Err(ChainError::WritableInReadOnlyQueue),
+            Access::WriteOnly if !writable => return Err(ChainError::ReadableInWriteOnlyQueue),
+            _ => {}
+        }
+        if !writable && seen_writable {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        if d.len > 0 {
+            let before = buf.len();
+            let mut too_many = false;
+            let ok = ram.for_each_span(d.addr, d.len as usize, |s| {
+                if buf.iov.len() >= buf.limit {
+                    too_many = true;
+                    return false;
+                }
+                buf.iov.push(libc::iovec {
+                    iov_base: s.ptr.cast(),
+                    iov_len: s.len,
+                });
+                buf.regions.push(s.region);
+                true
+            });
+            if !ok {
+                return Err(if too_many {
+                    ChainError::TooManySegments
+                } else {
+                    ChainError::OutsideMemory {
+                        addr: d.addr,
+                        len: d.len,
+                    }
+                });
+            }
+            let added = buf.len() - before;
+            summary.segments += added;
+            if writable {
+                summary.writable_len += d.len as usize;
+            } else {
+                summary.readable_segments += added;
+                summary.readable_len += d.len as usize;
+            }
+        }
+        seen_writable |= writable;
+
+        if d.flags & VRING_DESC_F_NEXT == 0 {
+            return Ok(summary);
+        }
+        if d.next >= table_len {
+            return Err(ChainError::NextOutOfRange {
+                next: d.next,
+                size: table_len,
+            });
+        }
+        index = d.next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::SplitRing;
+    use crate::testing::GuestMem as GuestMemoryMmap;
+    use crate::testing::{DriverQueue, TestMemory};
+    use std::sync::Arc;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    struct Fixture {
+        mem: TestMemory,
+        dq: DriverQueue,
+        ram: GuestRam<GuestMemoryMmap>,
+    }
+
+    fn fixture(size: u16) -> Fixture {
+        let mem = TestMemory::new(1 << 20);
+        let dq = DriverQueue::new(&mem, size);
+        let ram = GuestRam::new(Arc::clone(mem.arc())).unwrap();
+        Fixture { mem, dq, ram }
+    }
+
+    impl Fixture {
+        fn ring(&self, indirect: bool) -> SplitRing {
+            SplitRing::new(&self.dq.queue(), &self.ram, indirect).unwrap()
+        }
+        fn walk(
+            &self,
+            head: u16,
+            access: Access,
+            indirect: bool,
+        ) -> Result<ChainSummary, ChainError> {
+            let ring = self.ring(indirect);
+            let mut buf = ChainBuf::default();
+            let r = walk(&ring, &self.ram, head, access, &mut buf);
+            if r.is_err() {
+                assert_eq!(buf.len(), 0, "a failed walk leaves the buffer as it was");
+            }
+            r
+        }
+    }
+
+    #[test]
+    fn simple_readable_chain() {
+        let mut f = fixture(16);
+        let head = f.dq.add_readable(&[0x4000, 0x5000], &[12, 100]);
+        f.mem.write(0x4000, &[7; 12]);
+        let ring = f.ring(false);
+        let mut buf = ChainBuf::default();
+        let s = walk(&ring, &f.ram, head, Access::ReadOnly, &mut buf).unwrap();
+        assert_eq!(
+            s,
+            ChainSummary {
+                segments: 2,
+                readable_segments: 2,
+                readable_len: 112,
+                writable_len: 0
+            }
+        );
+        assert_eq!(buf.iov[0].iov_len, 12);
+        // SAFETY: iovec from a live walk, 12 bytes.
+        assert_eq!(unsafe { *(buf.iov[0].iov_base as *const u8) }, 7);
+    }
+
+    #[test]
+    fn direction_rules() {
+        let mut f = fixture(16);
+        let w = f.dq.add_writable(&[0x4000], &[100]);
+        assert_eq!(
+            f.walk(w, Access::ReadOnly, false),
+            Err(ChainError::WritableInReadOnlyQueue)
+        );
+        let r = f.dq.add_readable(&[0x4000], &[100]);
+        assert_eq!(
+            f.walk(r, Access::WriteOnly, false),
+            Err(ChainError::ReadableInWriteOnlyQueue)
+        );
+        let mixed = f.dq.add_chain(&[(0x4000, 10, false), (0x5000, 1, true)]);
+        let s = f.walk(mixed, Access::ReadThenWrite, false).unwrap();
+        assert_eq!(
+            (s.readable_len, s.writable_len, s.readable_segments),
+            (10, 1, 1)
+        );
+        let backwards = f.dq.add_chain(&[(0x5000, 1, true), (0x4000, 10, false)]);
+        assert_eq!(
+            f.walk(backwards, Access::ReadThenWrite, false),
+            Err(ChainError::ReadableAfterWritable)
+        );
+    }
+
+    #[test]
+    fn out_of_range_indices_and_memory() {
+        let mut f = fixture(8);
+        assert_eq!(
+            f.walk(8, Access::ReadOnly, false),
+            Err(ChainError::HeadOutOfRange { head: 8, size: 8 })
+        );
+        let h = f.dq.add_readable(&[0x4000], &[10]);
+        f.dq.poke_descriptor(h, None, None, Some(VRING_DESC_F_NEXT), Some(8));
+        assert_eq!(
+            f.walk(h, Access::ReadOnly, false),
+            Err(ChainError::NextOutOfRange { next: 8, size: 8 })
+        );
+        let h = f.dq.add_readable(&[(1 << 20) - 4], &[8]);
+        assert!(matches!(
+            f.walk(h, Access::ReadOnly, false),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+        let h = f.dq.add_readable(&[u64::MAX - 2], &[8]);
+        assert!(matches!(
+            f.walk(h, Access::ReadOnly, false),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn loops_end_the_walk() {
+        let mut f = fixture(8);
+        // A descriptor that points at itself.
+        let h = f.dq.add_readable(&[0x4000], &[1]);
+        f.dq.poke_descriptor(h, None, None, Some(VRING_DESC_F_NEXT), Some(h));
+        assert_eq!(f.walk(h, Access::ReadOnly, false), Err(ChainError::Loop(8)));
+        // A two-cycle of zero-length descriptors (no segments are produced, the
+        // budget still ends it).
+        let a = f.dq.add_readable(&[0x4000], &[0]);
+        let b = f.dq.add_readable(&[0x4000], &[0]);
+        f.dq.poke_descriptor(a, None, None, Some(VRING_DESC_F_NEXT), Some(b));
+        f.dq.poke_descriptor(b, None, None, Some(VRING_DESC_F_NEXT), Some(a));
+        assert_eq!(f.walk(a, Access::ReadOnly, false), Err(ChainError::Loop(8)));
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let mut f = fixture(16);
+        let h =
+            f.dq.add_indirect(&[(0x6000, 12, false), (0x7000, 50, false)]);
+        assert_eq!(
+            f.walk(h, Access::ReadOnly, false),
+            Err(ChainError::IndirectNotNegotiated)
+        );
+        let s = f.walk(h, Access::ReadOnly, true).unwrap();
+        assert_eq!((s.segments, s.readable_len), (2, 62));
+
+        // INDIRECT | NEXT.
+        let h2 = f.dq.add_indirect(&[(0x6000, 12, false)]);
+        let d = f.dq.descriptor(h2);
+        f.dq.poke_descriptor(h2, None, None, Some(d.2 | VRING_DESC_F_NEXT), Some(0));
+        assert_eq!(
+            f.walk(h2, Access::ReadOnly, true),
+            Err(ChainError::IndirectWithNext)
+        );
+
+        // Bad lengths and alignment.
+        for (addr, len) in [
+            (0x8000u64, 0u32),
+            (0x8000, 24),
+            (0x8004, 32),
+            (0x8000, 16 * 17),
+        ] {
+            let h = f.dq.add_indirect(&[(0x6000, 12, false)]);
+            f.dq.poke_descriptor(h, Some(addr), Some(len), None, None);
+            assert!(
+                matches!(
+                    f.walk(h, Access::ReadOnly, true),
+                    Err(ChainError::BadIndirectTable { .. })
+                ),
+                "{addr:#x}/{len}"
+            );
+        }
+        // Table outside memory.
+        let h = f.dq.add_indirect(&[(0x6000, 12, false)]);
+        f.dq.poke_descriptor(h, Some((1 << 20) - 16), Some(32), None, None);
+        assert!(matches!(
+            f.walk(h, Access::ReadOnly, true),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+
+        // Nested indirect, loops and bad next inside the table.
+        let h =
+            f.dq.add_indirect(&[(0x6000, 12, false), (0x7000, 16, false)]);
+        let table = f.dq.descriptor(h).0;
+        f.mem
+            .write_descriptor(table + 16, 0x9000, 16, VRING_DESC_F_INDIRECT, 0);
+        f.mem
+            .write_descriptor(table, 0x6000, 12, VRING_DESC_F_NEXT, 1);
+        assert_eq!(
+            f.walk(h, Access::ReadOnly, true),
+            Err(ChainError::NestedIndirect)
+        );
+        f.mem
+            .write_descriptor(table + 16, 0x7000, 16, VRING_DESC_F_NEXT, 0);
+        assert_eq!(f.walk(h, Access::ReadOnly, true), Err(ChainError::Loop(2)));
+        f.mem
+            .write_descriptor(table + 16, 0x7000, 16, VRING_DESC_F_NEXT, 2);
+        assert_eq!(
+            f.walk(h, Access::ReadOnly, true),
+            Err(ChainError::NextOutOfRange { next: 2, size: 2 })
+        );
+    }
+
+    #[test]
+    fn too_many_segments() {
+        let mut f = fixture(4096);
+        let addrs: Vec<u64> = (0..1025).map(|i| 0x10000 + i * 4).collect();
+        let lens = vec![1u32; 1025];
+        let h = f.dq.add_readable(&addrs, &lens);
+        assert_eq!(
+            f.walk(h, Access::ReadOnly, false),
+            Err(ChainError::TooManySegments)
+        );
+        let h = f.dq.add_readable(&addrs[..1024], &lens[..1024]);
+        assert_eq!(f.walk(h, Access::ReadOnly, false).unwrap().segments, 1024);
+    }
+
+    #[test]
+    fn agrees_with_virtio_queue_mock() {
+        // Chains built by virtio-queue's own mock driver walk the same way.
+        let mem = TestMemory::new(1 << 20);
+        let m = mem.arc();
+        let mock = MockSplitQueue::create(&**m, GuestAddress(0x80000), 16);
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x4000, 12, VRING_DESC_F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x5000, 300, VRING_DESC_F_NEXT, 2)),
+            RawDescriptor::from(SplitDescriptor::new(0x6000, 64, VRING_DESC_F_WRITE, 0)),
+        ];
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let q: virtio_queue::Queue = mock.create_queue().unwrap();
+        let ram = GuestRam::new(Arc::clone(m)).unwrap();
+        let mut ring = SplitRing::new(&q, &ram, false).unwrap();
+        assert_eq!(ring.available().unwrap(), 1);
+        let head = ring.pop_head();
+        let mut buf = ChainBuf::default();
+        let s = walk(&ring, &ram, head, Access::ReadThenWrite, &mut buf).unwrap();
+        assert_eq!((s.readable_len, s.writable_len, s.segments), (312, 64, 3));
+    }
+}

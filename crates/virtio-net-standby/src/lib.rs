@@ -1,0 +1,77 @@
+//! A virtio-net device that offers `VIRTIO_NET_F_STANDBY`: the standby half of a
+//! net_failover pair, with a zero-copy packet path.
+//!
+//! The device is transport-agnostic: a VMM puts it behind its own virtio-pci or
+//! virtio-mmio transport through [`VirtioDevice`], hands it guest memory as a
+//! `vm_memory::GuestMemoryAtomic`, and drives its queue pairs from its own event
+//! loop (or starts the ready-made [`NetWorker`]).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use virtio_net_standby::{StandbyNet, StandbyNetBuilder, StandbyNegotiated, Tap, VirtioDevice};
+//! use vm_memory::GuestMemoryMmap;
+//!
+//! let tap = Tap::open("tap-standby0").unwrap();
+//! let mut net: StandbyNet<GuestMemoryMmap, Tap> = StandbyNetBuilder::new()
+//!     .id("net1")                        // what the primary's failover_pair_id names
+//!     .mac([0x52, 0x54, 0x00, 0x6f, 0x55, 0xcc])
+//!     .build(vec![tap])
+//!     .unwrap();
+//! // The failover coordinator plugs the primary when the guest acks STANDBY.
+//! net.add_standby_listener(Arc::new(|e: &StandbyNegotiated| {
+//!     println!("{} negotiated STANDBY: plug the primary now", e.device_id);
+//! }));
+//! // The transport shows `net.features()` to the driver, calls
+//! // `net.ack_features(..)` on FEATURES_OK and `net.activate(..)` on DRIVER_OK.
+//! ```
+//!
+//! Modules, one concept each: [`features`] (bits and negotiation), [`config`]
+//! (the configuration space), [`header`] (the virtio-net header), [`ring`] and
+//! [`chain`] (the split virtqueue over host pointers), [`memory`] (guest memory
+//! as host pointers), [`backend`] (tap and in-process pair), [`filter`] (the
+//! receive filter), [`snapshot`] (saved state), [`counters`], [`virtio`] (the
+//! transport boundary), [`worker`] (the optional epoll worker).
+
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod chain;
+pub mod config;
+pub mod counters;
+mod ctrl;
+mod device;
+pub mod features;
+pub mod filter;
+pub mod header;
+pub mod memory;
+mod queue_pair;
+pub mod ring;
+mod rx;
+mod shared;
+pub mod snapshot;
+mod standby;
+mod tx;
+pub mod virtio;
+pub mod worker;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+
+pub use backend::{
+    NetBackend, PairBackend, PairConfig, Readiness, RxBuffers, RxPeek, Tap, TxFrame, pair,
+};
+pub use chain::ChainError;
+pub use config::NetConfigSpace;
+pub use counters::NetCounters;
+pub use ctrl::ControlQueue;
+pub use device::{ControlQueueHandle, Error, Result, StandbyNet, StandbyNetBuilder};
+pub use features::Features;
+pub use filter::RxFilter;
+pub use header::VirtioNetHdr;
+pub use queue_pair::{QueuePair, QueuePairHandle};
+pub use rx::PendingRx;
+pub use snapshot::NetState;
+pub use standby::{StandbyListener, StandbyNegotiated};
+pub use tx::Processed;
+pub use virtio::{ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+pub use worker::NetWorker;

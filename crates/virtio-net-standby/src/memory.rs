@@ -1,0 +1,346 @@
+//! A host-pointer view of guest memory for the packet path.
+//!
+//! [`GuestRam`] translates guest physical addresses to host pointers without going
+//! through `vm-memory`'s generic access layer on every access: it snapshots the
+//! region table once (base, length, host mapping) and remembers the last region it
+//! hit, so a descriptor whose buffer lies in the same region as the previous one
+//! costs one subtraction and one compare.
+//!
+//! It holds an `Arc` of the memory map it was built from, so every pointer it hands
+//! out stays mapped for as long as the `GuestRam` lives, even if the VMM swaps the
+//! map in its `GuestMemoryAtomic` meanwhile. [`MemoryWatch`] notices such a swap at
+//! the next batch and rebuilds the view.
+//!
+//! Writes the device makes into guest memory are reported to the region's dirty
+//! bitmap ([`GuestRam::mark_dirty`]) so that live migration copies them.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+/// Errors building a view of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The memory map has no regions.
+    #[error("the guest memory map has no regions")]
+    NoRegions,
+    /// A region has no host mapping the device can address.
+    #[error(
+        "guest memory region at {start:#x} has no host mapping (the packet path needs mmap-backed memory)"
+    )]
+    NotMapped {
+        /// Guest physical start of the region.
+        start: u64,
+    },
+}
+
+/// Result of memory operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A contiguous span of guest memory, translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HostSpan {
+    /// Host address of the first byte.
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+    /// Index of the region the span lies in.
+    pub region: u32,
+}
+
+struct HostRegion<R> {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+    region: *const R,
+}
+
+/// Guest memory as host pointers. See the module documentation.
+pub struct GuestRam<M: GuestMemoryBackend> {
+    mem: Arc<M>,
+    regions: Box<[HostRegion<M::R>]>,
+    last: Cell<usize>,
+}
+
+// SAFETY: the raw pointers point into memory owned by `mem` (the mappings and the
+// region objects), which is `Send + Sync` and lives as long as `self`. `last` is a
+// plain index. Moving a `GuestRam` to another thread moves all of it; it is not
+// `Sync`, so no two threads use one at once.
+unsafe impl<M> Send for GuestRam<M>
+where
+    M: GuestMemoryBackend + Send + Sync,
+    M::R: Sync,
+{
+}
+
+impl<M: GuestMemoryBackend> std::fmt::Debug for GuestRam<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut l = f.debug_list();
+        for r in self.regions.iter() {
+            l.entry(&format_args!("{:#x}+{:#x}", r.start, r.len));
+        }
+        l.finish()
+    }
+}
+
+impl<M: GuestMemoryBackend> GuestRam<M> {
+    /// Builds the view. Every region must have a host mapping.
+    pub fn new(mem: Arc<M>) -> Result<Self> {
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let host =
+                r.get_host_address(MemoryRegionAddress(0))
+                    .map_err(|_| Error::NotMapped {
+                        start: r.start_addr().0,
+                    })?;
+            regions.push(HostRegion {
+                start: r.start_addr().0,
+                len: r.len(),
+                host,
+                region: r as *const M::R,
+            });
+        }
+        if regions.is_empty() {
+            return Err(Error::NoRegions);
+        }
+        regions.sort_by_key(|r| r.start);
+        Ok(GuestRam {
+            mem,
+            regions: regions.into_boxed_slice(),
+            last: Cell::new(0),
+        })
+    }
+
+    /// The memory map this view was built from.
+    pub fn memory(&self) -> &Arc<M> {
+        &self.mem
+    }
+
+    /// Index of the region holding `gpa`, if any.
+    #[inline]
+    fn region_of(&self, gpa: u64) -> Option<usize> {
+        let last = self.last.get();
+        // `last` is always a valid index: it is only ever set from a search hit and
+        // starts at 0 of a non-empty table.
+        let r = &self.regions[last];
+        if gpa.wrapping_sub(r.start) < r.len {
+            return Some(last);
+        }
+        let i = self
+            .regions
+            .iter()
+            .position(|r| gpa.wrapping_sub(r.start) < r.len)?;
+        self.last.set(i);
+        Some(i)
+    }
+
+    /// Translates `len` bytes at `gpa` that must lie inside one region.
+    #[inline]
+    pub(crate) fn translate(&self, gpa: u64, len: usize) -> Option<HostSpan> {
+        let i = self.region_of(gpa)?;
+        let r = &self.regions[i];
+        let off = gpa - r.start;
+        if len as u64 > r.len - off {
+            return None;
+        }
+        Some(HostSpan {
+            // SAFETY: `off < r.len`, so the result stays inside the region's mapping.
+            ptr: unsafe { r.host.add(off as usize) },
+            len,
+            region: i as u32,
+        })
+    }
+
+    /// Translates `len` bytes at `gpa`, splitting at region boundaries when the
+    /// range runs from one region into the next adjacent one. Calls `f` for each
+    /// span in order; returns false (after possibly calling `f` for a prefix) if
+    /// some byte of the range is not guest memory or `f` returns false.
+    #[inline]
+    pub(crate) fn for_each_span(
+        &self,
+        mut gpa: u64,
+        mut len: usize,
+        mut f: impl FnMut(HostSpan) -> bool,
+    ) -> bool {
+        while len > 0 {
+            let Some(i) = self.region_of(gpa) else {
+                return false;
+            };
+            let r = &self.regions[i];
+            let off = gpa - r.start;
+            let n = (len as u64).min(r.len - off) as usize;
+            let span = HostSpan {
+                // SAFETY: `off < r.len`, so the pointer stays inside the mapping, and
+                // `n <= r.len - off` bytes from it are mapped.
+                ptr: unsafe { r.host.add(off as usize) },
+                len: n,
+                region: i as u32,
+            };
+            if !f(span) {
+                return false;
+            }
+            len -= n;
+            let Some(next) = gpa.checked_add(n as u64) else {
+                return len == 0;
+            };
+            gpa = next;
+        }
+        true
+    }
+
+    /// Records that the device wrote `len` bytes at host address `ptr` of region
+    /// `region`, for the migration dirty log. `ptr..ptr+len` must come from a span
+    /// this view handed out.
+    #[inline]
+    pub(crate) fn mark_dirty(&self, region: u32, ptr: *const u8, len: usize) {
+        let Some(r) = self.regions.get(region as usize) else {
+            return;
+        };
+        let offset = (ptr as usize).wrapping_sub(r.host as usize);
+        // SAFETY: `r.region` points to a region object owned by `self.mem`, which
+        // lives as long as `self` and is never mutated (GuestMemoryBackend is an
+        // immutable collection).
+        let region = unsafe { &*r.region };
+        region.bitmap().mark_dirty(offset, len);
+    }
+}
+
+/// Follows a VMM's `GuestMemoryAtomic` and rebuilds the [`GuestRam`] view when the
+/// VMM installs a new memory map (memory hotplug, balloon, ...). Checking costs one
+/// atomic load per batch.
+pub struct MemoryWatch<M: GuestMemoryBackend> {
+    atomic: GuestMemoryAtomic<M>,
+}
+
+impl<M: GuestMemoryBackend> Clone for MemoryWatch<M> {
+    fn clone(&self) -> Self {
+        MemoryWatch {
+            atomic: self.atomic.clone(),
+        }
+    }
+}
+
+impl<M: GuestMemoryBackend> std::fmt::Debug for MemoryWatch<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryWatch")
+    }
+}
+
+impl<M: GuestMemoryBackend> MemoryWatch<M> {
+    /// Watches `atomic`.
+    pub fn new(atomic: GuestMemoryAtomic<M>) -> Self {
+        MemoryWatch { atomic }
+    }
+
+    /// The map the VMM has installed now.
+    pub fn current(&self) -> Arc<M> {
+        self.atomic.memory().into_inner()
+    }
+
+    /// Whether `ram` still views the installed map. No allocation, no reference
+    /// count traffic beyond the `arc-swap` load.
+    pub fn is_current(&self, ram: &GuestRam<M>) -> bool {
+        let guard = self.atomic.memory();
+        std::ptr::eq(&*guard as *const M, Arc::as_ptr(&ram.mem))
+    }
+}
+
+/// Convenience for tests and tools: whether `len` bytes at `gpa` are guest memory.
+pub fn range_is_ram<M: GuestMemoryBackend>(mem: &M, gpa: u64, len: usize) -> bool {
+    mem.check_range(GuestAddress(gpa), len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    fn two_adjacent() -> Arc<GuestMemoryMmap<AtomicBitmap>> {
+        Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x2000), 0x2000),
+                (GuestAddress(0x10000), 0x1000),
+            ])
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn translate_within_and_across_regions() {
+        let mem = two_adjacent();
+        mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x1ffe))
+            .unwrap();
+        let ram = GuestRam::new(mem.clone()).unwrap();
+
+        let s = ram.translate(0x1ffe, 2).unwrap();
+        // SAFETY: the span was just translated and is 2 bytes long.
+        assert_eq!(unsafe { *s.ptr.add(1) }, 2);
+        // Straddles the boundary: not one region.
+        assert!(ram.translate(0x1ffe, 4).is_none());
+        // But splits into two spans.
+        let mut spans = vec![];
+        assert!(ram.for_each_span(0x1ffe, 4, |s| {
+            spans.push((s.len, s.region));
+            true
+        }));
+        assert_eq!(spans, vec![(2, 0), (2, 1)]);
+        // SAFETY: spans from a live view.
+        let second = ram.translate(0x2000, 2).unwrap();
+        // SAFETY: as above, 2 bytes translated.
+        assert_eq!(unsafe { *second.ptr }, 3);
+
+        // Holes and the end of memory.
+        assert!(ram.translate(0x4000, 1).is_none());
+        assert!(ram.translate(0x0, 1).is_none());
+        assert!(!ram.for_each_span(0x3ffe, 4, |_| true));
+        assert!(ram.translate(0x10fff, 2).is_none());
+        assert!(ram.translate(u64::MAX, 1).is_none());
+        assert!(!ram.for_each_span(u64::MAX - 1, 8, |_| true));
+        // The far region is found and then cached.
+        assert_eq!(ram.translate(0x10000, 0x1000).unwrap().region, 2);
+        assert_eq!(ram.last.get(), 2);
+    }
+
+    #[test]
+    fn dirty_marking_reaches_the_bitmap() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let ram = GuestRam::new(mem.clone()).unwrap();
+        let s = ram.translate(0x5010, 8).unwrap();
+        ram.mark_dirty(s.region, s.ptr, s.len);
+        let region = mem.iter().next().unwrap();
+        assert!(region.bitmap().dirty_at(0x5010));
+        assert!(!region.bitmap().dirty_at(0x7000));
+        // Bad region index: ignored.
+        ram.mark_dirty(9, s.ptr, 1);
+    }
+
+    #[test]
+    fn watch_sees_a_new_map() {
+        let atomic = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+        );
+        let watch = MemoryWatch::new(atomic.clone());
+        let ram = GuestRam::new(watch.current()).unwrap();
+        assert!(watch.is_current(&ram));
+        let new = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        {
+            let lock = atomic.lock().unwrap();
+            lock.replace(new);
+        }
+        assert!(!watch.is_current(&ram));
+        // The old view still works: it holds the old map.
+        assert!(ram.translate(0x800, 8).is_some());
+        let ram2 = GuestRam::new(watch.current()).unwrap();
+        assert!(ram2.translate(0x1800, 8).is_some());
+        assert!(range_is_ram(&**ram2.memory(), 0x1800, 8));
+    }
+}

@@ -1,0 +1,751 @@
+//! Test doubles and a guest-side driver, for tests, benchmarks and fuzzing
+//! (feature `test-utils`).
+//!
+//! - [`TestMemory`]: mmap-backed guest memory with a bump allocator.
+//! - [`DriverQueue`]: the driver's half of a split virtqueue: it owns the rings
+//!   in guest memory, adds chains, publishes them, and reads used elements back.
+//!   It writes exactly what a driver writes, so the device under test cannot
+//!   tell it from a real one.
+//! - [`RecordingInterrupt`]: counts interrupts per queue.
+//! - [`GuestDriver`]: negotiates and activates a whole [`StandbyNet`], posts RX
+//!   buffers and sends frames, like a minimal virtio-net driver.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+/// The guest memory type of the test helpers: mmap-backed, with a dirty bitmap
+/// (as a VMM that migrates uses), so tests also check the dirty log.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+use crate::backend::NetBackend;
+use crate::device::StandbyNet;
+use crate::features::Features;
+use crate::ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use crate::virtio::{self, ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+
+/// Guest memory for tests: one mmap region at guest address 0 and a bump
+/// allocator that hands out the upper half (the lower half is free for tests
+/// that place buffers at fixed addresses).
+#[derive(Clone)]
+pub struct TestMemory {
+    mem: Arc<GuestMem>,
+    next: Arc<Mutex<u64>>,
+    size: u64,
+}
+
+impl std::fmt::Debug for TestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TestMemory({:#x} bytes)", self.size)
+    }
+}
+
+impl TestMemory {
+    /// `size` bytes of guest memory.
+    pub fn new(size: u64) -> Self {
+        let mem =
+            GuestMem::from_ranges(&[(GuestAddress(0), size as usize)]).expect("mmap guest memory");
+        TestMemory {
+            mem: Arc::new(mem),
+            next: Arc::new(Mutex::new(size / 2)),
+            size,
+        }
+    }
+
+    /// The memory map.
+    pub fn arc(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// An atomic handle to the memory map, as a device's `activate` wants it.
+    pub fn atomic(&self) -> GuestMemoryAtomic<GuestMem> {
+        GuestMemoryAtomic::from(Arc::clone(&self.mem))
+    }
+
+    /// Whether the page holding `gpa` is marked dirty.
+    pub fn dirty(&self, gpa: u64) -> bool {
+        self.mem
+            .iter()
+            .next()
+            .is_some_and(|r| r.bitmap().dirty_at(gpa as usize))
+    }
+
+    /// Clears the dirty log.
+    pub fn clear_dirty(&self) {
+        for r in self.mem.iter() {
+            // The mapping's own bitmap (not the trait's slice view).
+            vm_memory::MmapRegion::bitmap(r).reset();
+        }
+    }
+
+    /// Allocates `len` bytes aligned to `align` from the upper half.
+    pub fn alloc(&self, len: u64, align: u64) -> u64 {
+        let mut next = self.next.lock().expect("allocator lock");
+        let at = next.div_ceil(align) * align;
+        assert!(at + len <= self.size, "test memory exhausted");
+        *next = at + len;
+        at
+    }
+
+    /// Writes `data` at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .expect("write guest memory");
+    }
+
+    /// Reads `len` bytes at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(gpa))
+            .expect("read guest memory");
+        v
+    }
+
+    /// Writes a raw descriptor at `gpa` (for building indirect tables by hand).
+    pub fn write_descriptor(&self, gpa: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(gpa, &d);
+    }
+
+    fn u16_at(&self, gpa: u64) -> u16 {
+        self.mem.read_obj(GuestAddress(gpa)).expect("read u16")
+    }
+
+    fn set_u16(&self, gpa: u64, v: u16) {
+        self.mem.write_obj(v, GuestAddress(gpa)).expect("write u16");
+    }
+
+    fn u32_at(&self, gpa: u64) -> u32 {
+        self.mem.read_obj(GuestAddress(gpa)).expect("read u32")
+    }
+}
+
+/// The driver's half of a split virtqueue. See the module documentation.
+pub struct DriverQueue {
+    mem: TestMemory,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    free: Vec<u16>,
+    chain_len: Vec<u16>,
+    avail_idx: u16,
+    published: u16,
+    last_used: u16,
+    event_idx: bool,
+}
+
+impl std::fmt::Debug for DriverQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverQueue")
+            .field("size", &self.size)
+            .field("avail_idx", &self.avail_idx)
+            .field("last_used", &self.last_used)
+            .finish()
+    }
+}
+
+impl DriverQueue {
+    /// A queue of `size` entries with its rings allocated in `mem`.
+    pub fn new(mem: &TestMemory, size: u16) -> Self {
+        let n = u64::from(size);
+        let desc = mem.alloc(16 * n, 16);
+        let avail = mem.alloc(6 + 2 * n, 2);
+        let used = mem.alloc(6 + 8 * n, 4);
+        // Rings start zeroed (fresh mmap), as after a driver's allocation.
+        DriverQueue {
+            mem: mem.clone(),
+            size,
+            desc,
+            avail,
+            used,
+            free: (0..size).rev().collect(),
+            chain_len: vec![0; usize::from(size)],
+            avail_idx: 0,
+            published: 0,
+            last_used: 0,
+            event_idx: false,
+        }
+    }
+
+    /// Declares whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// The queue as the transport hands it to the device.
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).expect("queue size");
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_event_idx(self.event_idx);
+        q.set_ready(true);
+        q
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Free descriptors.
+    pub fn free_descriptors(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Adds a chain of `(addr, len, device_writable)` buffers; returns its head.
+    /// The chain is not visible to the device until [`publish`](Self::publish).
+    pub fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        assert!(
+            !bufs.is_empty() && bufs.len() <= self.free.len(),
+            "descriptors exhausted"
+        );
+        let ids: Vec<u16> = (0..bufs.len())
+            .map(|_| self.free.pop().expect("free"))
+            .collect();
+        for (i, (addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
+            let next = if i + 1 < ids.len() {
+                flags |= VRING_DESC_F_NEXT;
+                ids[i + 1]
+            } else {
+                0
+            };
+            self.write_desc(ids[i], *addr, *len, flags, next);
+        }
+        let head = ids[0];
+        self.chain_len[usize::from(head)] = ids.len() as u16;
+        self.push_avail(head);
+        head
+    }
+
+    /// Adds a device-readable chain of buffers at `addrs` with lengths `lens`.
+    pub fn add_readable(&mut self, addrs: &[u64], lens: &[u32]) -> u16 {
+        let b: Vec<_> = addrs
+            .iter()
+            .zip(lens)
+            .map(|(a, l)| (*a, *l, false))
+            .collect();
+        self.add_chain(&b)
+    }
+
+    /// Adds a device-writable chain.
+    pub fn add_writable(&mut self, addrs: &[u64], lens: &[u32]) -> u16 {
+        let b: Vec<_> = addrs
+            .iter()
+            .zip(lens)
+            .map(|(a, l)| (*a, *l, true))
+            .collect();
+        self.add_chain(&b)
+    }
+
+    /// Adds one descriptor pointing to an indirect table (allocated in guest
+    /// memory) holding `bufs`.
+    pub fn add_indirect(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let table = self.mem.alloc(16 * bufs.len() as u64, 16);
+        for (i, (addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            self.mem.write_descriptor(
+                table + 16 * i as u64,
+                *addr,
+                *len,
+                flags,
+                (i + 1) as u16 % bufs.len() as u16,
+            );
+        }
+        let head = self.free.pop().expect("descriptors exhausted");
+        self.write_desc(
+            head,
+            table,
+            16 * bufs.len() as u32,
+            VRING_DESC_F_INDIRECT,
+            0,
+        );
+        self.chain_len[usize::from(head)] = 1;
+        self.push_avail(head);
+        head
+    }
+
+    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.mem
+            .write_descriptor(self.desc + 16 * u64::from(i), addr, len, flags, next);
+    }
+
+    /// Reads descriptor `i` as `(addr, len, flags, next)`.
+    pub fn descriptor(&self, i: u16) -> (u64, u32, u16, u16) {
+        let b = self.mem.read(self.desc + 16 * u64::from(i), 16);
+        (
+            u64::from_le_bytes(b[0..8].try_into().expect("8")),
+            u32::from_le_bytes(b[8..12].try_into().expect("4")),
+            u16::from_le_bytes([b[12], b[13]]),
+            u16::from_le_bytes([b[14], b[15]]),
+        )
+    }
+
+    /// Overwrites fields of descriptor `i` (the hostile driver's tool).
+    pub fn poke_descriptor(
+        &self,
+        i: u16,
+        addr: Option<u64>,
+        len: Option<u32>,
+        flags: Option<u16>,
+        next: Option<u16>,
+    ) {
+        let (a, l, f, n) = self.descriptor(i);
+        self.write_desc(
+            i,
+            addr.unwrap_or(a),
+            len.unwrap_or(l),
+            flags.unwrap_or(f),
+            next.unwrap_or(n),
+        );
+    }
+
+    fn push_avail(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem.set_u16(self.avail + 4 + 2 * slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Makes every chain added so far visible to the device.
+    pub fn publish(&mut self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem.set_u16(self.avail + 2, self.avail_idx);
+        self.published = self.avail_idx;
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Writes the available index directly (the hostile driver's tool).
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mem.set_u16(self.avail + 2, idx);
+    }
+
+    /// Writes the avail ring entry for position `pos` directly.
+    pub fn set_avail_entry(&self, pos: u16, head: u16) {
+        self.mem
+            .set_u16(self.avail + 4 + 2 * u64::from(pos % self.size), head);
+    }
+
+    /// Sets or clears `VRING_AVAIL_F_NO_INTERRUPT`.
+    pub fn set_no_interrupt(&self, on: bool) {
+        self.mem
+            .set_u16(self.avail, if on { VRING_AVAIL_F_NO_INTERRUPT } else { 0 });
+    }
+
+    /// Writes `used_event` (EVENT_IDX).
+    pub fn set_used_event(&self, v: u16) {
+        self.mem
+            .set_u16(self.avail + 4 + 2 * u64::from(self.size), v);
+    }
+
+    /// The device's `avail_event` (EVENT_IDX).
+    pub fn avail_event(&self) -> u16 {
+        self.mem.u16_at(self.used + 4 + 8 * u64::from(self.size))
+    }
+
+    /// The device's used-ring flags.
+    pub fn used_flags(&self) -> u16 {
+        self.mem.u16_at(self.used)
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self) -> u16 {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem.u16_at(self.used + 2)
+    }
+
+    /// Takes the next used element `(id, len)`, freeing its descriptors.
+    pub fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if self.used_idx() == self.last_used {
+            return None;
+        }
+        let slot = u64::from(self.last_used % self.size);
+        let id = self.mem.u32_at(self.used + 4 + 8 * slot);
+        let len = self.mem.u32_at(self.used + 8 + 8 * slot);
+        self.last_used = self.last_used.wrapping_add(1);
+        let id16 = id as u16;
+        if let Some(n) = self.chain_len.get(usize::from(id16)).copied() {
+            let mut d = id16;
+            for i in 0..n {
+                self.free.push(d);
+                if i + 1 < n {
+                    d = self.descriptor(d).3;
+                }
+            }
+            self.chain_len[usize::from(id16)] = 0;
+        }
+        Some((id16, len))
+    }
+
+    /// Chains published and not yet returned by the device.
+    pub fn in_flight(&self) -> u16 {
+        self.published.wrapping_sub(self.used_idx())
+    }
+}
+
+/// Counts interrupts per kind. Implements [`VirtioInterrupt`].
+#[derive(Debug, Default)]
+pub struct RecordingInterrupt {
+    config: AtomicU64,
+    queues: Mutex<Vec<u64>>,
+}
+
+impl RecordingInterrupt {
+    /// Configuration-change interrupts raised.
+    pub fn config_count(&self) -> u64 {
+        self.config.load(Ordering::SeqCst)
+    }
+
+    /// Interrupts raised for queue `q`.
+    pub fn queue_count(&self, q: u16) -> u64 {
+        self.queues
+            .lock()
+            .expect("lock")
+            .get(usize::from(q))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        match t {
+            VirtioInterruptType::Config => {
+                self.config.fetch_add(1, Ordering::SeqCst);
+            }
+            VirtioInterruptType::Queue(q) => {
+                let mut v = self.queues.lock().expect("lock");
+                if v.len() <= usize::from(q) {
+                    v.resize(usize::from(q) + 1, 0);
+                }
+                v[usize::from(q)] += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds an Ethernet frame with a virtio-net header in front: destination,
+/// a fixed source, EtherType 0x88b5 (local experimental) and `payload`.
+pub fn frame(dst: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; crate::header::HDR_LEN];
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xfe]);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A minimal virtio-net driver over [`DriverQueue`]s: negotiates, activates,
+/// sends frames and posts receive buffers.
+pub struct GuestDriver {
+    /// Guest memory.
+    pub mem: TestMemory,
+    /// Receive queues, per pair.
+    pub rx: Vec<DriverQueue>,
+    /// Transmit queues, per pair.
+    pub tx: Vec<DriverQueue>,
+    /// The control queue, if negotiated.
+    pub ctrl: Option<DriverQueue>,
+    /// Interrupts the device raised.
+    pub interrupt: Arc<RecordingInterrupt>,
+    /// What was negotiated.
+    pub features: Features,
+    /// Bytes per receive buffer.
+    pub rx_buf_len: u32,
+    rx_bufs: Vec<Vec<u64>>,
+}
+
+impl std::fmt::Debug for GuestDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestDriver")
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl GuestDriver {
+    /// Acknowledges `features` (intersected with the offer), sets up every queue
+    /// with `queue_size` entries and activates the device.
+    pub fn bring_up<B: NetBackend>(
+        dev: &mut StandbyNet<GuestMem, B>,
+        mem: &TestMemory,
+        features: Features,
+        queue_size: u16,
+    ) -> Result<GuestDriver, virtio::Error> {
+        let acked = features.intersection(Features::from_bits(dev.features()));
+        dev.ack_features(acked.bits())?;
+        Self::attach(dev, mem, acked, queue_size)
+    }
+
+    /// Sets up the queues and activates a device whose features were already
+    /// acknowledged (or restored).
+    pub fn attach<B: NetBackend>(
+        dev: &mut StandbyNet<GuestMem, B>,
+        mem: &TestMemory,
+        acked: Features,
+        queue_size: u16,
+    ) -> Result<GuestDriver, virtio::Error> {
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
+        let event_idx = acked.has(crate::features::F_RING_EVENT_IDX);
+        let pairs = if acked.has(VIRTIO_NET_F_MQ) {
+            dev.queue_pairs().len()
+        } else {
+            1
+        };
+        let mk = || {
+            let mut q = DriverQueue::new(mem, queue_size);
+            q.set_event_idx(event_idx);
+            q
+        };
+        let rx: Vec<_> = (0..pairs).map(|_| mk()).collect();
+        let tx: Vec<_> = (0..pairs).map(|_| mk()).collect();
+        let ctrl = acked.has(VIRTIO_NET_F_CTRL_VQ).then(mk);
+        let mut queues = Vec::new();
+        for i in 0..pairs {
+            queues.push(ActivateQueue {
+                index: 2 * i as u16,
+                queue: rx[i].queue(),
+                kick: None,
+            });
+            queues.push(ActivateQueue {
+                index: 2 * i as u16 + 1,
+                queue: tx[i].queue(),
+                kick: None,
+            });
+        }
+        if let Some(c) = &ctrl {
+            queues.push(ActivateQueue {
+                index: 2 * pairs as u16,
+                queue: c.queue(),
+                kick: None,
+            });
+        }
+        let interrupt = Arc::new(RecordingInterrupt::default());
+        dev.activate(mem.atomic(), interrupt.clone(), queues)?;
+        Ok(GuestDriver {
+            mem: mem.clone(),
+            rx,
+            tx,
+            ctrl,
+            interrupt,
+            features: acked,
+            rx_buf_len: 1536,
+            rx_bufs: vec![Vec::new(); pairs],
+        })
+    }
+
+    /// Posts `n` receive buffers of [`rx_buf_len`](Self::rx_buf_len) bytes on
+    /// pair `pair`, each a one-descriptor chain.
+    pub fn post_rx(&mut self, pair: usize, n: usize) {
+        for _ in 0..n {
+            let addr = self.mem.alloc(u64::from(self.rx_buf_len), 64);
+            let h = self.rx[pair].add_writable(&[addr], &[self.rx_buf_len]);
+            let bufs = &mut self.rx_bufs[pair];
+            if bufs.len() <= usize::from(h) {
+                bufs.resize(usize::from(h) + 1, 0);
+            }
+            bufs[usize::from(h)] = addr;
+        }
+        self.rx[pair].publish();
+    }
+
+    /// Re-posts the buffer of chain `head` (after the device used it).
+    pub fn repost_rx(&mut self, pair: usize, head: u16) {
+        let addr = self.rx_bufs[pair][usize::from(head)];
+        let h = self.rx[pair].add_writable(&[addr], &[self.rx_buf_len]);
+        let bufs = &mut self.rx_bufs[pair];
+        if bufs.len() <= usize::from(h) {
+            bufs.resize(usize::from(h) + 1, 0);
+        }
+        bufs[usize::from(h)] = addr;
+    }
+
+    /// Guest address of the buffer behind RX chain `head`.
+    pub fn rx_buffer(&self, pair: usize, head: u16) -> u64 {
+        self.rx_bufs[pair][usize::from(head)]
+    }
+
+    /// Reads the next received frame (header included) from pair `pair`,
+    /// collecting merged buffers, and re-posts the buffers. `None` when the
+    /// device returned nothing.
+    pub fn recv(&mut self, pair: usize) -> Option<Vec<u8>> {
+        let (head, len) = self.rx[pair].pop_used()?;
+        let mut out = self.mem.read(self.rx_buffer(pair, head), len as usize);
+        self.repost_rx(pair, head);
+        let num = u16::from_le_bytes([out[10], out[11]]);
+        for _ in 1..num {
+            let (h, l) = self.rx[pair].pop_used().expect("merged buffer");
+            out.extend(self.mem.read(self.rx_buffer(pair, h), l as usize));
+            self.repost_rx(pair, h);
+        }
+        self.rx[pair].publish();
+        Some(out)
+    }
+
+    /// Copies `frame` (header included) into fresh guest memory and queues it on
+    /// pair `pair`'s TX queue as one descriptor (not yet published).
+    pub fn queue_tx(&mut self, pair: usize, frame: &[u8]) -> u16 {
+        let addr = self.mem.alloc(frame.len() as u64, 64);
+        self.mem.write(addr, frame);
+        self.tx[pair].add_readable(&[addr], &[frame.len() as u32])
+    }
+
+    /// Sends a control command; returns the chain head. Publish and process the
+    /// control queue, then read the ack with [`ctrl_ack`](Self::ctrl_ack).
+    pub fn queue_ctrl(&mut self, class: u8, cmd: u8, data: &[u8]) -> (u16, u64) {
+        let mut bytes = vec![class, cmd];
+        bytes.extend_from_slice(data);
+        let out = self.mem.alloc(bytes.len() as u64, 8);
+        self.mem.write(out, &bytes);
+        let ack = self.mem.alloc(1, 1);
+        self.mem.write(ack, &[0xee]);
+        let ctrl = self.ctrl.as_mut().expect("control queue negotiated");
+        let h = ctrl.add_chain(&[(out, bytes.len() as u32, false), (ack, 1, true)]);
+        ctrl.publish();
+        (h, ack)
+    }
+
+    /// Runs a control command through the device; returns the ack byte.
+    pub fn ctrl<B: NetBackend>(
+        &mut self,
+        dev: &StandbyNet<GuestMem, B>,
+        class: u8,
+        cmd: u8,
+        data: &[u8],
+    ) -> u8 {
+        let (h, ack) = self.queue_ctrl(class, cmd, data);
+        dev.process_ctrl();
+        let (id, len) = self
+            .ctrl
+            .as_mut()
+            .expect("ctrl")
+            .pop_used()
+            .expect("ctrl used");
+        assert_eq!((id, len), (h, 1));
+        self.mem.read(ack, 1)[0]
+    }
+}
+
+/// Sends `frame` (header included) into a pair end, as if a peer device had.
+pub fn pair_send(end: &mut crate::PairBackend, frame: &[u8]) -> std::io::Result<()> {
+    let iov = [libc::iovec {
+        iov_base: frame.as_ptr() as *mut libc::c_void,
+        iov_len: frame.len(),
+    }];
+    // SAFETY: the iovec describes `frame`, readable for its length, and the
+    // backend only reads through it.
+    let f = unsafe { crate::TxFrame::new(&iov, frame.len()) };
+    end.send(&f)?;
+    end.flush()
+}
+
+/// Receives the next frame (header included) a pair end holds.
+pub fn pair_recv(end: &mut crate::PairBackend) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; crate::header::MAX_BUFFER_LEN];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec describes `buf`, writable for its length, untouched
+    // meanwhile.
+    let mut b = unsafe { crate::RxBuffers::new(&iov, buf.len()) };
+    let n = end.recv(&mut b)?;
+    end.flush()?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// What a [`RecordingBackend`] was told.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BackendLog {
+    /// Frames sent, header included.
+    pub sent: Vec<Vec<u8>>,
+    /// Every `set_offloads` call.
+    pub offloads: Vec<Features>,
+    /// Every `set_enabled` call.
+    pub enabled: Vec<bool>,
+}
+
+/// A backend that records what the device does to it and delivers frames
+/// queued in [`RecordingBackend::incoming`].
+#[derive(Debug, Default, Clone)]
+pub struct RecordingBackend {
+    /// Behave like a tap: never tell the length of the next frame.
+    pub opaque: bool,
+    /// What the device did.
+    pub log: Arc<Mutex<BackendLog>>,
+    /// Frames to deliver, header included, oldest first.
+    pub incoming: Arc<Mutex<std::collections::VecDeque<Vec<u8>>>>,
+    /// Make `send` return `WouldBlock`.
+    pub full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NetBackend for RecordingBackend {
+    fn send(&mut self, frame: &crate::TxFrame<'_>) -> std::io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let mut v = vec![0u8; frame.len()];
+        frame.copy_to(&mut v);
+        self.log.lock().expect("lock").sent.push(v);
+        Ok(())
+    }
+
+    fn recv(&mut self, bufs: &mut crate::RxBuffers<'_>) -> std::io::Result<usize> {
+        let f = self
+            .incoming
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .ok_or(std::io::ErrorKind::WouldBlock)?;
+        if f.len() > bufs.capacity() {
+            // What a tap does: the frame is lost, EFAULT.
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        bufs.write_at(0, &f);
+        Ok(f.len())
+    }
+
+    fn peek(&mut self) -> crate::RxPeek {
+        if self.opaque {
+            return crate::RxPeek::Unknown;
+        }
+        match self.incoming.lock().expect("lock").front() {
+            Some(f) => crate::RxPeek::Frame(f.len()),
+            None => crate::RxPeek::Empty,
+        }
+    }
+
+    fn offloads_supported(&self) -> Features {
+        crate::features::GUEST_OFFLOADS.union(crate::features::HOST_OFFLOADS)
+    }
+
+    fn set_offloads(&mut self, guest: Features) -> std::io::Result<()> {
+        self.log.lock().expect("lock").offloads.push(guest);
+        Ok(())
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> std::io::Result<()> {
+        self.log.lock().expect("lock").enabled.push(enabled);
+        Ok(())
+    }
+}
