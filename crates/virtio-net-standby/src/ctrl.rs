@@ -433,3 +433,370 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StandbyNetBuilder;
+    use crate::device::StandbyNet;
+    use crate::features::DEFAULT_OFFER;
+    use crate::testing::{GuestDriver, GuestMem, RecordingBackend, TestMemory};
+
+    const C_OK: u8 = VIRTIO_NET_OK as u8;
+    const C_ERR: u8 = VIRTIO_NET_ERR as u8;
+
+    struct Fx {
+        dev: StandbyNet<GuestMem, RecordingBackend>,
+        be: Vec<RecordingBackend>,
+        g: GuestDriver,
+    }
+
+    fn fx_pairs(features: Features, pairs: u16) -> Fx {
+        let be: Vec<_> = (0..pairs).map(|_| RecordingBackend::default()).collect();
+        let mut dev: StandbyNet<GuestMem, _> = StandbyNetBuilder::new()
+            .queue_pairs(pairs)
+            .build(be.clone())
+            .unwrap();
+        let g = GuestDriver::bring_up(&mut dev, &TestMemory::new(8 << 20), features, 64).unwrap();
+        Fx { dev, be, g }
+    }
+
+    fn fx(features: Features) -> Fx {
+        fx_pairs(features, 1)
+    }
+
+    impl Fx {
+        fn cmd(&mut self, class: u32, cmd: u32, data: &[u8]) -> u8 {
+            self.g.ctrl(&self.dev, class as u8, cmd as u8, data)
+        }
+    }
+
+    fn mac_table(uni: &[[u8; 6]], multi: &[[u8; 6]]) -> Vec<u8> {
+        let mut v = (uni.len() as u32).to_le_bytes().to_vec();
+        uni.iter().for_each(|m| v.extend_from_slice(m));
+        v.extend_from_slice(&(multi.len() as u32).to_le_bytes());
+        multi.iter().for_each(|m| v.extend_from_slice(m));
+        v
+    }
+
+    #[test]
+    fn rx_modes() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert!(f.dev.rx_filter().promisc, "promiscuous after reset");
+        type Getter = fn(&RxFilter) -> bool;
+        let modes: [(u32, Getter); 6] = [
+            (VIRTIO_NET_CTRL_RX_PROMISC, |f| f.promisc),
+            (VIRTIO_NET_CTRL_RX_ALLMULTI, |f| f.allmulti),
+            (VIRTIO_NET_CTRL_RX_ALLUNI, |f| f.alluni),
+            (VIRTIO_NET_CTRL_RX_NOMULTI, |f| f.nomulti),
+            (VIRTIO_NET_CTRL_RX_NOUNI, |f| f.nouni),
+            (VIRTIO_NET_CTRL_RX_NOBCAST, |f| f.nobcast),
+        ];
+        for (cmd, get) in modes {
+            assert_eq!(f.cmd(VIRTIO_NET_CTRL_RX, cmd, &[1]), C_OK);
+            assert!(get(&f.dev.rx_filter()), "{cmd} on");
+            assert_eq!(f.cmd(VIRTIO_NET_CTRL_RX, cmd, &[0]), C_OK);
+            assert!(!get(&f.dev.rx_filter()), "{cmd} off");
+        }
+        // Wrong sizes and unknown commands.
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[]),
+            C_ERR
+        );
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[1, 1]),
+            C_ERR
+        );
+        assert_eq!(f.cmd(VIRTIO_NET_CTRL_RX, 6, &[1]), C_ERR);
+        // The extra modes need CTRL_RX_EXTRA.
+        let mut f = fx(DEFAULT_OFFER.without(VIRTIO_NET_F_CTRL_RX_EXTRA));
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI, &[1]),
+            C_OK
+        );
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOBCAST, &[1]),
+            C_ERR
+        );
+        // And all of them need CTRL_RX.
+        let mut f = fx(crate::features::prune(
+            DEFAULT_OFFER.without(VIRTIO_NET_F_CTRL_RX),
+        ));
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, &[0]),
+            C_ERR
+        );
+        let c = f.dev.counters();
+        assert_eq!((c.ctrl_ok, c.ctrl_err), (0, 1));
+    }
+
+    #[test]
+    fn mac_table_set() {
+        let mut f = fx(DEFAULT_OFFER);
+        let uni = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]];
+        let multi = [[1, 0, 0x5e, 0, 0, 1]];
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MAC,
+                VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                &mac_table(&uni, &multi)
+            ),
+            C_OK
+        );
+        let fl = f.dev.rx_filter();
+        assert_eq!(
+            (fl.unicast.as_slice(), fl.multicast.as_slice()),
+            (&uni[..], &multi[..])
+        );
+        // Overflow: more than 64 entries accept all of that kind.
+        let many: Vec<[u8; 6]> = (0..65u8).map(|i| [1, 0, 0x5e, 0, 0, i]).collect();
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MAC,
+                VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                &mac_table(&[], &many)
+            ),
+            C_OK
+        );
+        let fl = f.dev.rx_filter();
+        assert!(fl.multicast_overflow && fl.multicast.is_empty() && !fl.unicast_overflow);
+        // Malformed tables change nothing.
+        let before = f.dev.rx_filter();
+        let mut short = mac_table(&uni, &multi);
+        short.pop();
+        let mut long = mac_table(&uni, &multi);
+        long.push(0);
+        let mut lying = mac_table(&uni, &multi);
+        lying[0] = 200;
+        let mut huge = mac_table(&[], &[]);
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        for bad in [short, long, lying, huge, vec![], vec![1, 0, 0]] {
+            assert_eq!(
+                f.cmd(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, &bad),
+                C_ERR
+            );
+        }
+        assert_eq!(f.dev.rx_filter(), before);
+    }
+
+    #[test]
+    fn mac_addr_set_changes_filter_and_config() {
+        let mut f = fx(DEFAULT_OFFER);
+        let mac = [2, 0x11, 0x22, 0x33, 0x44, 0x55];
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, &mac),
+            C_OK
+        );
+        assert_eq!(f.dev.rx_filter().mac, mac);
+        assert_eq!(f.dev.config().mac, mac);
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, &mac[..5]),
+            C_ERR
+        );
+        assert_eq!(f.cmd(VIRTIO_NET_CTRL_MAC, 7, &mac), C_ERR);
+        // Reset brings back the configured MAC.
+        crate::VirtioDevice::reset(&mut f.dev);
+        assert_eq!(f.dev.config().mac, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        let mut f = fx(DEFAULT_OFFER.without(VIRTIO_NET_F_CTRL_MAC_ADDR));
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, &mac),
+            C_ERR
+        );
+    }
+
+    #[test]
+    fn vlans() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert!(
+            !f.dev.rx_filter().vlan_allowed(100),
+            "CTRL_VLAN negotiated: all filtered"
+        );
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_VLAN,
+                VIRTIO_NET_CTRL_VLAN_ADD,
+                &100u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        assert!(f.dev.rx_filter().vlan_allowed(100));
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_VLAN,
+                VIRTIO_NET_CTRL_VLAN_DEL,
+                &100u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        assert!(!f.dev.rx_filter().vlan_allowed(100));
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_VLAN,
+                VIRTIO_NET_CTRL_VLAN_ADD,
+                &4096u16.to_le_bytes()
+            ),
+            C_ERR
+        );
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_CTRL_VLAN_ADD, &[1]),
+            C_ERR
+        );
+        assert_eq!(f.cmd(VIRTIO_NET_CTRL_VLAN, 2, &1u16.to_le_bytes()), C_ERR);
+        let f = fx(DEFAULT_OFFER.without(VIRTIO_NET_F_CTRL_VLAN));
+        assert!(
+            f.dev.rx_filter().vlan_allowed(100),
+            "not negotiated: all allowed"
+        );
+    }
+
+    #[test]
+    fn announce_ack_clears_the_bit() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, &[]),
+            C_ERR,
+            "nothing to ack"
+        );
+        f.dev.announce().unwrap();
+        assert_eq!(f.dev.config().status & STATUS_ANNOUNCE, STATUS_ANNOUNCE);
+        assert_eq!(f.g.interrupt.config_count(), 1);
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, &[]),
+            C_OK
+        );
+        assert_eq!(f.dev.config().status & STATUS_ANNOUNCE, 0);
+        let f = fx(DEFAULT_OFFER.without(VIRTIO_NET_F_GUEST_ANNOUNCE));
+        assert!(matches!(
+            f.dev.announce(),
+            Err(crate::Error::AnnounceNotNegotiated)
+        ));
+    }
+
+    #[test]
+    fn mq_pairs_set_enables_backends() {
+        let mut f = fx_pairs(DEFAULT_OFFER, 4);
+        assert_eq!(f.g.rx.len(), 4);
+        assert_eq!(f.dev.active_queue_pairs(), 1);
+        for b in &f.be {
+            b.log.lock().unwrap().enabled.clear();
+        }
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &3u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        assert_eq!(f.dev.active_queue_pairs(), 3);
+        let enabled: Vec<_> =
+            f.be.iter()
+                .map(|b| b.log.lock().unwrap().enabled.clone())
+                .collect();
+        assert_eq!(
+            enabled,
+            vec![vec![true], vec![true], vec![true], vec![false]]
+        );
+        for bad in [0u16, 5] {
+            assert_eq!(
+                f.cmd(
+                    VIRTIO_NET_CTRL_MQ,
+                    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                    &bad.to_le_bytes()
+                ),
+                C_ERR
+            );
+        }
+        assert_eq!(
+            f.cmd(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, &[0; 8]),
+            C_ERR
+        );
+        assert_eq!(f.dev.active_queue_pairs(), 3);
+    }
+
+    #[test]
+    fn guest_offloads_set_reaches_every_backend() {
+        let mut f = fx_pairs(DEFAULT_OFFER, 2);
+        let negotiated = f.be[0]
+            .log
+            .lock()
+            .unwrap()
+            .offloads
+            .last()
+            .copied()
+            .unwrap();
+        assert_eq!(
+            negotiated, GUEST_OFFLOADS,
+            "negotiated offloads applied at FEATURES_OK"
+        );
+        let csum_only = Features::empty().with(VIRTIO_NET_F_GUEST_CSUM);
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                &csum_only.bits().to_le_bytes()
+            ),
+            C_OK
+        );
+        for b in &f.be {
+            assert_eq!(b.log.lock().unwrap().offloads.last(), Some(&csum_only));
+        }
+        // An offload never negotiated, or a host bit, is refused.
+        let host = Features::empty().with(VIRTIO_NET_F_HOST_TSO4);
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                &host.bits().to_le_bytes()
+            ),
+            C_ERR
+        );
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                &[0; 4]
+            ),
+            C_ERR
+        );
+        let mut f = fx(DEFAULT_OFFER.without(VIRTIO_NET_F_GUEST_UFO));
+        let ufo = Features::empty().with(VIRTIO_NET_F_GUEST_UFO);
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+                VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                &ufo.bits().to_le_bytes()
+            ),
+            C_ERR
+        );
+    }
+
+    #[test]
+    fn unknown_and_malformed_commands() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert_eq!(f.cmd(99, 0, &[]), C_ERR);
+        assert_eq!(f.cmd(VIRTIO_NET_CTRL_NOTF_COAL, 0, &[0; 8]), C_ERR);
+        // A command of one byte.
+        let a = f.g.mem.alloc(2, 1);
+        let ctrl = f.g.ctrl.as_mut().unwrap();
+        ctrl.add_chain(&[(a, 1, false), (a + 1, 1, true)]);
+        // No writable byte for the ack: returned with length 0.
+        ctrl.add_chain(&[(a, 2, false)]);
+        // Longer than the device reads: ERR.
+        let big = f.g.mem.alloc(MAX_COMMAND_LEN as u64 + 10, 1);
+        let ack = f.g.mem.alloc(1, 1);
+        let ctrl = f.g.ctrl.as_mut().unwrap();
+        ctrl.add_chain(&[(big, MAX_COMMAND_LEN as u32 + 1, false), (ack, 1, true)]);
+        ctrl.publish();
+        f.dev.process_ctrl();
+        let ctrl = f.g.ctrl.as_mut().unwrap();
+        let got: Vec<u32> = (0..3).map(|_| ctrl.pop_used().unwrap().1).collect();
+        assert_eq!(got, vec![1, 0, 1]);
+        assert_eq!(f.g.mem.read(a + 1, 1)[0], C_ERR);
+        assert_eq!(f.g.mem.read(ack, 1)[0], C_ERR);
+        let c = f.dev.counters();
+        assert_eq!(c.ctrl_malformed, 1);
+        assert_eq!(c.ctrl_err, 4);
+        assert!(f.g.interrupt.queue_count(2) >= 1);
+    }
+}

@@ -701,3 +701,452 @@ where
         self.shared.needs_reset()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DUPLEX_FULL, STATUS_LINK_UP};
+    use crate::features::{F_VERSION_1, IMPLEMENTED};
+    use crate::testing::{
+        DriverQueue, GuestDriver, GuestMem, RecordingBackend, RecordingInterrupt, TestMemory, frame,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type Dev = StandbyNet<GuestMem, RecordingBackend>;
+
+    fn dev() -> Dev {
+        StandbyNetBuilder::new()
+            .build(vec![RecordingBackend::default()])
+            .unwrap()
+    }
+
+    fn counting_listener(dev: &mut Dev) -> Arc<Mutex<Vec<StandbyNegotiated>>> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        dev.add_standby_listener(Arc::new(move |e: &StandbyNegotiated| {
+            s.lock().unwrap().push(e.clone())
+        }));
+        seen
+    }
+
+    #[test]
+    fn builder_validation() {
+        let b = || StandbyNetBuilder::new();
+        let one = || vec![RecordingBackend::default()];
+        let e = |r: Result<Dev>| r.unwrap_err().to_string();
+        assert!(e(b().build(vec![])).contains("1 backends are needed"));
+        assert!(e(b().queue_size(100).build(one())).contains("queue size 100"));
+        assert!(e(b().queue_pairs(0).build(vec![])).contains("between 1 and 32768"));
+        assert!(e(b().mtu(67).build(one())).contains("MTU 67"));
+        assert!(e(b().mac([1, 0, 0, 0, 0, 0]).build(one())).contains("multicast"));
+        assert!(matches!(
+            b().features(DEFAULT_OFFER.without(F_VERSION_1))
+                .build::<GuestMem, _>(one()),
+            Err(Error::Features(_))
+        ));
+        // Defaults: a standby that offers everything but MQ (one pair).
+        let d = dev();
+        assert_eq!(d.offered_features(), IMPLEMENTED.without(VIRTIO_NET_F_MQ));
+        assert_eq!(d.queue_max_sizes(), vec![256, 256, 256]);
+        assert_eq!(d.device_type(), 1);
+        assert_eq!(d.id(), "net0");
+        // Standby off.
+        let d: Dev = b().standby(false).build(one()).unwrap();
+        assert!(!d.offered_features().has(F_STANDBY));
+    }
+
+    #[test]
+    fn backend_limits_the_offered_offloads() {
+        struct NoUfo(RecordingBackend);
+        impl NetBackend for NoUfo {
+            fn send(&mut self, f: &crate::TxFrame<'_>) -> io::Result<()> {
+                self.0.send(f)
+            }
+            fn recv(&mut self, b: &mut crate::RxBuffers<'_>) -> io::Result<usize> {
+                self.0.recv(b)
+            }
+            fn offloads_supported(&self) -> Features {
+                self.0
+                    .offloads_supported()
+                    .without(VIRTIO_NET_F_GUEST_UFO)
+                    .without(VIRTIO_NET_F_HOST_UFO)
+                    .without(VIRTIO_NET_F_GUEST_CSUM)
+            }
+            fn set_offloads(&mut self, g: Features) -> io::Result<()> {
+                self.0.set_offloads(g)
+            }
+        }
+        let d: StandbyNet<GuestMem, NoUfo> = StandbyNetBuilder::new()
+            .build(vec![NoUfo(RecordingBackend::default())])
+            .unwrap();
+        let o = d.offered_features();
+        for gone in [
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_ECN,
+        ] {
+            assert!(!o.has(gone), "{gone}");
+        }
+        assert!(o.has(VIRTIO_NET_F_HOST_TSO4));
+        features::validate_offer(o).unwrap();
+    }
+
+    #[test]
+    fn standby_listener_fires_once_per_negotiation() {
+        let mut d = dev();
+        let seen = counting_listener(&mut d);
+        // Refused acks fire nothing.
+        assert!(
+            d.ack_features(Features::empty().with(F_STANDBY).bits())
+                .is_err()
+        );
+        assert!(
+            d.ack_features(DEFAULT_OFFER.with(VIRTIO_NET_F_MQ).bits())
+                .is_err()
+        );
+        assert!(seen.lock().unwrap().is_empty());
+        let all = d.offered_features();
+        d.ack_features(all.bits()).unwrap();
+        d.ack_features(all.bits()).unwrap(); // FEATURES_OK written twice
+        {
+            let s = seen.lock().unwrap();
+            assert_eq!(s.len(), 1);
+            assert_eq!(
+                s[0],
+                StandbyNegotiated {
+                    device_id: "net0".into(),
+                    features: all.bits(),
+                    restored: false
+                }
+            );
+        }
+        assert!(d.standby_negotiated());
+        // A listener added later hears about the current negotiation at once.
+        let late = Arc::new(AtomicUsize::new(0));
+        let l = Arc::clone(&late);
+        d.add_standby_listener(Arc::new(move |_: &StandbyNegotiated| {
+            l.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(late.load(Ordering::SeqCst), 1);
+        // Reset: a new negotiation, a new event.
+        d.reset();
+        assert!(!d.standby_negotiated());
+        d.ack_features(all.bits()).unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        // A driver that does not ack STANDBY: no event.
+        d.reset();
+        d.ack_features(all.without(F_STANDBY).bits()).unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(!d.standby_negotiated());
+    }
+
+    #[test]
+    fn config_space_reads_and_ignored_writes() {
+        let mut d: Dev = StandbyNetBuilder::new()
+            .mac([2, 1, 2, 3, 4, 5])
+            .mtu(9000)
+            .queue_pairs(2)
+            .speed_duplex(25_000, DUPLEX_FULL)
+            .build(vec![
+                RecordingBackend::default(),
+                RecordingBackend::default(),
+            ])
+            .unwrap();
+        let mut b = [0u8; 20];
+        d.read_config(0, &mut b);
+        assert_eq!(&b[0..6], &[2, 1, 2, 3, 4, 5]);
+        assert_eq!(u16::from_le_bytes([b[6], b[7]]), STATUS_LINK_UP);
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 2);
+        assert_eq!(u16::from_le_bytes([b[10], b[11]]), 9000);
+        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 25_000);
+        assert_eq!(b[16], DUPLEX_FULL);
+        assert_eq!(&b[17..], &[0, 0, 0], "past the end reads zero");
+        d.write_config(0, &[0xff; 6]);
+        d.write_config(u64::MAX, &[1]);
+        d.read_config(0, &mut b[..6]);
+        assert_eq!(&b[0..6], &[2, 1, 2, 3, 4, 5], "writes are ignored");
+        assert_eq!(d.counters().config_writes_ignored, 2);
+    }
+
+    #[test]
+    fn link_changes_interrupt_only_when_they_change() {
+        let mut d = dev();
+        let g =
+            GuestDriver::bring_up(&mut d, &TestMemory::new(4 << 20), DEFAULT_OFFER, 64).unwrap();
+        d.set_link_up(true);
+        assert_eq!(g.interrupt.config_count(), 0);
+        d.set_link_up(false);
+        assert!(!d.link_up());
+        let mut st = [0u8; 2];
+        d.read_config(6, &mut st);
+        assert_eq!(st, [0, 0]);
+        assert_eq!(g.interrupt.config_count(), 1);
+        d.set_link_up(true);
+        assert_eq!(g.interrupt.config_count(), 2);
+        assert_eq!(d.counters().config_notifications, 2);
+    }
+
+    #[test]
+    fn activation_errors() {
+        let mem = TestMemory::new(4 << 20);
+        let irq: Arc<dyn VirtioInterrupt> = Arc::new(RecordingInterrupt::default());
+        let q = |i: u16| ActivateQueue {
+            index: i,
+            queue: DriverQueue::new(&mem, 64).queue(),
+            kick: None,
+        };
+        let mut d = dev();
+        assert!(matches!(
+            d.activate(mem.atomic(), irq.clone(), vec![]),
+            Err(virtio::Error::NotNegotiated)
+        ));
+        d.ack_features(d.offered_features().bits()).unwrap();
+        assert!(matches!(
+            d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1)]),
+            Err(virtio::Error::MissingQueue(2))
+        ));
+        assert!(matches!(
+            d.activate(mem.atomic(), irq.clone(), vec![q(0), q(2)]),
+            Err(virtio::Error::MissingQueue(1))
+        ));
+        assert!(matches!(
+            d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1), q(2), q(3)]),
+            Err(virtio::Error::UnknownQueue(3))
+        ));
+        let mut bad = q(1);
+        {
+            use virtio_queue::QueueT;
+            // Aligned, but outside guest memory.
+            bad.queue.set_desc_table_address(Some(0x7000_0000), Some(0));
+        }
+        let r = d.activate(mem.atomic(), irq.clone(), vec![q(0), bad, q(2)]);
+        assert!(
+            matches!(r, Err(virtio::Error::Queue { index: 1, .. })),
+            "{r:?}"
+        );
+        // After failures the negotiation stands and a correct activation works.
+        d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1), q(2)])
+            .unwrap();
+        assert!(d.is_active());
+        assert!(matches!(
+            d.ack_features(0),
+            Err(virtio::Error::AlreadyActive)
+        ));
+        assert!(matches!(
+            d.activate(mem.atomic(), irq, vec![]),
+            Err(virtio::Error::AlreadyActive)
+        ));
+    }
+
+    #[test]
+    fn snapshot_restore_carries_the_guest_visible_device() {
+        let mem = TestMemory::new(16 << 20);
+        let src_be = RecordingBackend::default();
+        let mut src: Dev = StandbyNetBuilder::new()
+            .id("standby1")
+            .build(vec![src_be.clone()])
+            .unwrap();
+        let mut g = GuestDriver::bring_up(&mut src, &mem, DEFAULT_OFFER, 64).unwrap();
+        // Program state through the control queue.
+        let ctrl = |g: &mut GuestDriver, d: &Dev, c: u32, m: u32, data: &[u8]| {
+            assert_eq!(g.ctrl(d, c as u8, m as u8, data), 0);
+        };
+        ctrl(
+            &mut g,
+            &src,
+            VIRTIO_NET_CTRL_RX,
+            VIRTIO_NET_CTRL_RX_PROMISC,
+            &[0],
+        );
+        ctrl(
+            &mut g,
+            &src,
+            VIRTIO_NET_CTRL_VLAN,
+            VIRTIO_NET_CTRL_VLAN_ADD,
+            &7u16.to_le_bytes(),
+        );
+        ctrl(
+            &mut g,
+            &src,
+            VIRTIO_NET_CTRL_MAC,
+            VIRTIO_NET_CTRL_MAC_ADDR_SET,
+            &[2, 9, 9, 9, 9, 9],
+        );
+        let own = [2, 9, 9, 9, 9, 9];
+        // Traffic: 3 frames received, 2 sent, and 2 more waiting in the backend.
+        g.post_rx(0, 8);
+        for i in 0..3u8 {
+            src_be
+                .incoming
+                .lock()
+                .unwrap()
+                .push_back(frame(own, &[i; 100]));
+        }
+        src.queue_pair(0).unwrap().process_rx();
+        for i in 0..2u8 {
+            g.queue_tx(0, &frame(own, &[i; 10]));
+        }
+        g.tx[0].publish();
+        src.queue_pair(0).unwrap().process_tx();
+        for i in 3..5u8 {
+            src_be
+                .incoming
+                .lock()
+                .unwrap()
+                .push_back(frame(own, &[i; 100]));
+        }
+        let state = src.snapshot();
+        assert_eq!(
+            state.pairs[0].pending_rx.len(),
+            2,
+            "backend frames travel with the state"
+        );
+        let bytes = state.to_bytes();
+
+        // Destination: same configuration, fresh backend.
+        let dst_be = RecordingBackend::default();
+        let mut dst: Dev = StandbyNetBuilder::new()
+            .id("standby1")
+            .build(vec![dst_be.clone()])
+            .unwrap();
+        let seen = counting_listener(&mut dst);
+        let state = NetState::from_bytes(&bytes).unwrap();
+        dst.restore(&state).unwrap();
+        {
+            let s = seen.lock().unwrap();
+            assert_eq!(s.len(), 1);
+            assert!(s[0].restored);
+            assert_eq!(s[0].device_id, "standby1");
+        }
+        assert_eq!(dst.acked_features(), src.acked_features());
+        assert_eq!(dst.config(), src.config());
+        assert_eq!(dst.rx_filter(), src.rx_filter());
+        // The transport rebuilds its queues from the saved states and activates.
+        let irq = Arc::new(RecordingInterrupt::default());
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| ActivateQueue {
+                index: q.index,
+                queue: virtio_queue::Queue::try_from(q.state).unwrap(),
+                kick: None,
+            })
+            .collect();
+        dst.activate(mem.atomic(), irq.clone(), queues).unwrap();
+        // The guest keeps running on the same rings: the pending frames arrive
+        // first, in order, then new traffic.
+        dst_be
+            .incoming
+            .lock()
+            .unwrap()
+            .push_back(frame(own, &[5; 100]));
+        dst.queue_pair(0).unwrap().process_rx();
+        let mut got = vec![];
+        while let Some(f) = g.recv(0) {
+            got.push(f[26]);
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        // TX continues where it was.
+        g.queue_tx(0, &frame(own, &[9; 10]));
+        g.tx[0].publish();
+        dst.queue_pair(0).unwrap().process_tx();
+        assert_eq!(dst_be.log.lock().unwrap().sent.len(), 1);
+        assert_eq!(src_be.log.lock().unwrap().sent.len(), 2);
+        while g.tx[0].pop_used().is_some() {}
+        assert_eq!(g.tx[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn restore_refuses_incompatible_state_without_panicking() {
+        let mut src: Dev = StandbyNetBuilder::new()
+            .queue_pairs(2)
+            .build(vec![
+                RecordingBackend::default(),
+                RecordingBackend::default(),
+            ])
+            .unwrap();
+        src.ack_features(src.offered_features().bits()).unwrap();
+        let state = src.snapshot();
+        // Fewer queue pairs.
+        let mut d = dev();
+        assert!(matches!(
+            d.restore(&state),
+            Err(Error::Snapshot(snapshot::Error::Incompatible(_)))
+        ));
+        // No STANDBY offered on the destination: the guest acked it, refuse.
+        let mut d: Dev = StandbyNetBuilder::new()
+            .queue_pairs(2)
+            .standby(false)
+            .build(vec![
+                RecordingBackend::default(),
+                RecordingBackend::default(),
+            ])
+            .unwrap();
+        let err = d.restore(&state).unwrap_err();
+        assert!(format!("{:?}", err).contains("STANDBY"), "{err:?}");
+        // Active devices cannot be restored into.
+        let mut d = dev();
+        let _g =
+            GuestDriver::bring_up(&mut d, &TestMemory::new(4 << 20), DEFAULT_OFFER, 64).unwrap();
+        let one = dev().snapshot();
+        assert!(matches!(d.restore(&one), Err(Error::Active)));
+    }
+
+    #[test]
+    fn memory_map_change_is_followed() {
+        // Start on a map with one region; the VMM then adds a second region and
+        // the guest places buffers there.
+        let small = GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 4 << 20)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(small);
+        let be = RecordingBackend::default();
+        let mut d: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        d.ack_features(d.offered_features().bits()).unwrap();
+        // Rings at fixed addresses in the first region (zeroed: empty rings).
+        let mk = |base: u64| {
+            let mut q = virtio_queue::Queue::new(16).unwrap();
+            use virtio_queue::QueueT;
+            q.set_size(16);
+            q.set_desc_table_address(Some(base as u32), Some(0));
+            q.set_avail_ring_address(Some(base as u32 + 0x1000), Some(0));
+            q.set_used_ring_address(Some(base as u32 + 0x2000), Some(0));
+            q.set_ready(true);
+            q
+        };
+        let qs = vec![
+            ActivateQueue {
+                index: 0,
+                queue: mk(0x10000),
+                kick: None,
+            },
+            ActivateQueue {
+                index: 1,
+                queue: mk(0x20000),
+                kick: None,
+            },
+            ActivateQueue {
+                index: 2,
+                queue: mk(0x30000),
+                kick: None,
+            },
+        ];
+        d.activate(atomic.clone(), Arc::new(RecordingInterrupt::default()), qs)
+            .unwrap();
+        // Hotplug: the new map has the old region plus one at 1 GiB.
+        let bigger = GuestMem::from_ranges(&[
+            (vm_memory::GuestAddress(0), 4 << 20),
+            (vm_memory::GuestAddress(1 << 30), 1 << 20),
+        ])
+        .unwrap();
+        atomic.lock().unwrap().replace(bigger);
+        assert_eq!(d.queue_pair(0).unwrap().process_tx(), Processed::default());
+        assert!(!d.needs_reset(), "rings still inside the new map");
+        // Unplug everything but a tiny region: the rings are gone, needs reset.
+        let tiny = GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 0x1000)]).unwrap();
+        atomic.lock().unwrap().replace(tiny);
+        d.queue_pair(0).unwrap().process_rx();
+        assert!(d.needs_reset());
+        assert!(!d.queue_pair(0).unwrap().lock().is_active());
+    }
+}

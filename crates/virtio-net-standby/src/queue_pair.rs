@@ -361,6 +361,14 @@ where
         }
     }
 
+    /// The RX and TX queues' current state (ring addresses and positions), while
+    /// active.
+    pub fn queue_states(&self) -> Option<(QueueState, QueueState)> {
+        self.active
+            .as_ref()
+            .map(|a| (a.rx.ring.state(0), a.tx.ring.state(0)))
+    }
+
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend

@@ -30,6 +30,7 @@ use crate::ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use crate::virtio::{self, ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory for tests: one mmap region at guest address 0 and a bump
 /// allocator that hands out the upper half (the lower half is free for tests
@@ -206,6 +207,12 @@ impl DriverQueue {
     /// Free descriptors.
     pub fn free_descriptors(&self) -> usize {
         self.free.len()
+    }
+
+    /// The descriptor the next chain will start with, if one is free. Lets a
+    /// driver keep one buffer per descriptor and fill it before adding the chain.
+    pub fn next_free(&self) -> Option<u16> {
+        self.free.last().copied()
     }
 
     /// Adds a chain of `(addr, len, device_writable)` buffers; returns its head.
@@ -472,6 +479,8 @@ pub struct GuestDriver {
     /// Bytes per receive buffer.
     pub rx_buf_len: u32,
     rx_bufs: Vec<Vec<u64>>,
+    /// The kick eventfd of every queue, by queue index (the device holds clones).
+    pub kicks: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for GuestDriver {
@@ -520,24 +529,22 @@ impl GuestDriver {
         let tx: Vec<_> = (0..pairs).map(|_| mk()).collect();
         let ctrl = acked.has(VIRTIO_NET_F_CTRL_VQ).then(mk);
         let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        let mut add = |index: usize, queue: Queue| {
+            let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+            queues.push(ActivateQueue {
+                index: index as u16,
+                queue,
+                kick: Some(kick.try_clone().expect("eventfd clone")),
+            });
+            kicks.push(kick);
+        };
         for i in 0..pairs {
-            queues.push(ActivateQueue {
-                index: 2 * i as u16,
-                queue: rx[i].queue(),
-                kick: None,
-            });
-            queues.push(ActivateQueue {
-                index: 2 * i as u16 + 1,
-                queue: tx[i].queue(),
-                kick: None,
-            });
+            add(2 * i, rx[i].queue());
+            add(2 * i + 1, tx[i].queue());
         }
         if let Some(c) = &ctrl {
-            queues.push(ActivateQueue {
-                index: 2 * pairs as u16,
-                queue: c.queue(),
-                kick: None,
-            });
+            add(2 * pairs, c.queue());
         }
         let interrupt = Arc::new(RecordingInterrupt::default());
         dev.activate(mem.atomic(), interrupt.clone(), queues)?;
@@ -550,7 +557,13 @@ impl GuestDriver {
             features: acked,
             rx_buf_len: 1536,
             rx_bufs: vec![Vec::new(); pairs],
+            kicks,
         })
+    }
+
+    /// Kicks queue `index` (what the driver's notify write does).
+    pub fn kick(&self, index: usize) {
+        self.kicks[index].write(1).expect("kick");
     }
 
     /// Posts `n` receive buffers of [`rx_buf_len`](Self::rx_buf_len) bytes on

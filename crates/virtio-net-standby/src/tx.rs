@@ -328,8 +328,9 @@ mod tests {
     #[test]
     fn every_malformed_chain_is_returned_and_counted_and_never_stalls() {
         type Counter = fn(&NetCounters) -> u64;
+        type Make = Box<dyn Fn(&mut GuestDriver)>;
         let good = frame(PEER, &[1; 60]);
-        let cases: Vec<(&str, Box<dyn Fn(&mut GuestDriver)>, Counter)> = vec![
+        let cases: Vec<(&str, Make, Counter)> = vec![
             (
                 "header short",
                 Box::new(|g| {

@@ -141,7 +141,9 @@ pub trait NetBackend: Send {
     /// `num_buffers` itself.
     fn recv(&mut self, bufs: &mut RxBuffers<'_>) -> io::Result<usize>;
 
-    /// What is waiting to be received.
+    /// What is waiting to be received. After it returns [`RxPeek::Empty`] (or
+    /// `recv` returns `WouldBlock`), [`rx_readiness`](Self::rx_readiness) must
+    /// fire when a frame arrives: the device stops reading until then.
     fn peek(&mut self) -> RxPeek {
         RxPeek::Unknown
     }
