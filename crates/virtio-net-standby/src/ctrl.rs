@@ -246,7 +246,7 @@ where
                     ERR
                 } else {
                     self.cmd.resize(s.readable_len, 0);
-                    copy_from_iovecs(&self.buf.iov[..s.readable_segments], 0, &mut self.cmd);
+                    copy_from_iovecs(&self.buf.iovecs()[..s.readable_segments], 0, &mut self.cmd);
                     let cmd = std::mem::take(&mut self.cmd);
                     let status = self.execute(&cmd);
                     self.cmd = cmd;
@@ -258,10 +258,10 @@ where
                     c.ctrl_err += 1;
                 }
                 let a = self.active.as_mut().expect("active");
-                let ack = &self.buf.iov[s.readable_segments..];
+                let ack = &self.buf.iovecs()[s.readable_segments..];
                 copy_to_iovecs(ack, 0, &[status]);
                 a.ram.mark_dirty(
-                    self.buf.regions[s.readable_segments],
+                    self.buf.regions()[s.readable_segments],
                     ack[0].iov_base as *const u8,
                     1,
                 );

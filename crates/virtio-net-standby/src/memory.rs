@@ -210,6 +210,49 @@ impl<M: GuestMemoryBackend> GuestRam<M> {
     }
 }
 
+/// The device's writes of one batch, coalesced into few ranges and reported to
+/// the dirty bitmap at the end of the batch.
+///
+/// Reporting after the writes is what live migration needs (a page is copied
+/// again if its bit is set after the copy), and the device reports before it
+/// returns from the batch, so a VMM that pauses the device before the final
+/// dirty-log pass misses nothing. Coalescing spares one atomic read-modify-write
+/// per page per frame: consecutive receive buffers usually share pages. Ranges
+/// less than a page apart are merged, which can mark a page between two buffers
+/// that was not written (a false positive costs a page copy, never correctness).
+#[derive(Debug, Default)]
+pub(crate) struct DirtyLog {
+    ranges: Vec<(u32, usize, usize)>,
+}
+
+impl DirtyLog {
+    const MERGE_GAP: usize = 4096;
+
+    /// Records `len` bytes written at `ptr` in region `region`.
+    #[inline]
+    pub fn add(&mut self, region: u32, ptr: *const u8, len: usize) {
+        let start = ptr as usize;
+        let end = start.saturating_add(len);
+        if let Some(last) = self.ranges.last_mut() {
+            if last.0 == region
+                && start >= last.1
+                && start <= last.2.saturating_add(Self::MERGE_GAP)
+            {
+                last.2 = last.2.max(end);
+                return;
+            }
+        }
+        self.ranges.push((region, start, end));
+    }
+
+    /// Reports every recorded range to `ram`'s bitmaps and forgets them.
+    pub fn flush<M: GuestMemoryBackend>(&mut self, ram: &GuestRam<M>) {
+        for (region, start, end) in self.ranges.drain(..) {
+            ram.mark_dirty(region, start as *const u8, end - start);
+        }
+    }
+}
+
 /// Follows a VMM's `GuestMemoryAtomic` and rebuilds the [`GuestRam`] view when the
 /// VMM installs a new memory map (memory hotplug, balloon, ...). Checking costs one
 /// atomic load per batch.
@@ -321,6 +364,34 @@ mod tests {
         assert!(!region.bitmap().dirty_at(0x7000));
         // Bad region index: ignored.
         ram.mark_dirty(9, s.ptr, 1);
+    }
+
+    #[test]
+    fn dirty_log_coalesces_and_reports_after_the_fact() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let ram = GuestRam::new(mem.clone()).unwrap();
+        let mut log = DirtyLog::default();
+        // Buffers 1536 bytes apart: one range. A far one: a second range.
+        for i in 0..8u64 {
+            let s = ram.translate(0x10000 + i * 1536, 100).unwrap();
+            log.add(s.region, s.ptr, s.len);
+        }
+        let far = ram.translate(0x80000, 10).unwrap();
+        log.add(far.region, far.ptr, far.len);
+        assert_eq!(log.ranges.len(), 2);
+        let region = mem.iter().next().unwrap();
+        assert!(
+            !region.bitmap().dirty_at(0x10000),
+            "nothing reported before flush"
+        );
+        log.flush(&ram);
+        assert!(log.ranges.is_empty());
+        for a in [0x10000, 0x10000 + 7 * 1536, 0x80000] {
+            assert!(region.bitmap().dirty_at(a), "{a:#x}");
+        }
+        assert!(!region.bitmap().dirty_at(0x40000));
     }
 
     #[test]

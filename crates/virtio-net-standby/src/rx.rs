@@ -29,9 +29,14 @@ use crate::chain::{Access, ChainBuf, ChainError, MAX_SEGMENTS, walk};
 use crate::counters::NetCounters;
 use crate::filter::FilterView;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
-use crate::memory::GuestRam;
+use crate::memory::{DirtyLog, GuestRam};
 use crate::ring::{self, SplitRing};
 use crate::tx::Processed;
+
+/// The most iovecs a `readv` takes without the kernel allocating a copy of the
+/// array (`UIO_FASTIOV`). Measured on a tap: 43 iovecs cost 70 ns more per read
+/// than 8.
+const FAST_IOVECS: usize = 8;
 
 /// Frames the device holds for the guest: taken from the backend (at snapshot
 /// time) or restored from a snapshot, delivered before anything else.
@@ -116,6 +121,7 @@ pub(crate) struct RxQueue {
     /// A frame every guest buffer set must be able to take (MTU-sized).
     small_frame: usize,
     scratch: Vec<u8>,
+    dirty: DirtyLog,
 }
 
 impl RxQueue {
@@ -128,10 +134,8 @@ impl RxQueue {
         small_frame: usize,
         staged: Vec<u16>,
     ) -> Self {
-        let mut buf = ChainBuf::default();
         // Room for a full window of MAX_SEGMENTS after a not-yet-compacted prefix.
-        buf.iov.reserve(MAX_SEGMENTS);
-        buf.regions.reserve(MAX_SEGMENTS);
+        let buf = ChainBuf::with_capacity(2 * MAX_SEGMENTS);
         RxQueue {
             ring,
             buf,
@@ -143,6 +147,7 @@ impl RxQueue {
             max_frame: max_frame.min(MAX_BUFFER_LEN),
             small_frame: small_frame.min(max_frame),
             scratch: Vec::new(),
+            dirty: DirtyLog::default(),
         }
     }
 
@@ -167,13 +172,12 @@ impl RxQueue {
     }
 
     fn window(&self) -> &[libc::iovec] {
-        &self.buf.iov[self.start..]
+        &self.buf.iovecs()[self.start..]
     }
 
     fn compact(&mut self) {
         if self.start > 0 {
-            self.buf.iov.drain(..self.start);
-            self.buf.regions.drain(..self.start);
+            self.buf.drain_front(self.start);
             self.start = 0;
         }
     }
@@ -267,6 +271,7 @@ impl RxQueue {
         let mut out = Processed::default();
         self.ring.disable_kicks(ram);
         let result = self.run(ram, backend, filter, pending, link_up, budget, c, &mut out);
+        self.dirty.flush(ram);
         let published = self.ring.next_used() != old;
         if published {
             self.ring.publish_used(ram, old);
@@ -403,13 +408,19 @@ impl RxQueue {
         } else {
             self.staged[0].segs
         };
-        let iov = &self.window()[..segs];
-        // SAFETY: the staged iovecs were produced by the walker from device-writable
-        // descriptors over memory `ram` keeps mapped; the guest has handed those
-        // buffers to the device and no Rust reference aliases them.
-        let mut bufs = unsafe { RxBuffers::new(iov, room) };
-        match backend.recv(&mut bufs) {
-            Ok(n) => Ok(self.complete(ram, filter, n, c)),
+        let result = if peek == RxPeek::Unknown && segs > FAST_IOVECS {
+            self.read_with_overflow(backend, segs, room)
+        } else {
+            let iov = &self.window()[..segs];
+            // SAFETY: the staged iovecs were produced by the walker from
+            // device-writable descriptors over memory `ram` keeps mapped; the guest
+            // has handed those buffers to the device and no Rust reference aliases
+            // them.
+            let mut bufs = unsafe { RxBuffers::new(iov, room) };
+            backend.recv(&mut bufs)
+        };
+        match result {
+            Ok(n) => Ok(self.complete(filter, n, c)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Empty),
             Err(e) => {
                 log::debug!("backend lost an RX frame: {e}");
@@ -417,6 +428,47 @@ impl RxQueue {
                 Ok(Step::Frame)
             }
         }
+    }
+
+    /// Reads a frame of unknown size into `segs` staged iovecs of `room` bytes
+    /// with at most [`FAST_IOVECS`] iovecs: the first ones straight into guest
+    /// buffers, the last into the scratch buffer, whose bytes (only a frame
+    /// larger than those first buffers has any) are then copied into the guest
+    /// buffers that follow.
+    fn read_with_overflow<B: NetBackend>(
+        &mut self,
+        backend: &mut B,
+        segs: usize,
+        room: usize,
+    ) -> io::Result<usize> {
+        let window = &self.buf.iovecs()[self.start..self.start + segs];
+        let direct = &window[..FAST_IOVECS - 1];
+        let direct_len: usize = direct.iter().map(|v| v.iov_len).sum();
+        let overflow = room - direct_len;
+        if self.scratch.len() < overflow {
+            self.scratch.resize(overflow, 0);
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; FAST_IOVECS];
+        iov[..FAST_IOVECS - 1].copy_from_slice(direct);
+        iov[FAST_IOVECS - 1] = libc::iovec {
+            iov_base: self.scratch.as_mut_ptr().cast(),
+            iov_len: overflow,
+        };
+        // SAFETY: the first iovecs are staged guest buffers (see `receive`), the
+        // last covers `scratch`, which nothing else touches meanwhile.
+        let mut bufs = unsafe { RxBuffers::new(&iov, room) };
+        let n = backend.recv(&mut bufs)?;
+        if n > direct_len {
+            copy_to_iovecs(
+                &window[FAST_IOVECS - 1..],
+                0,
+                &self.scratch[..n - direct_len],
+            );
+        }
+        Ok(n)
     }
 
     fn deliver_pending<M: GuestMemoryBackend>(
@@ -443,19 +495,13 @@ impl RxQueue {
         copy_to_iovecs(self.window(), 0, frame);
         pending.pop();
         c.rx_pending_delivered += 1;
-        Ok(self.complete(ram, filter, len, c))
+        Ok(self.complete(filter, len, c))
     }
 
     /// A frame of `n` bytes sits in the staged buffers: filter it, return the
     /// chains it filled, set `num_buffers`.
     #[inline]
-    fn complete<M: GuestMemoryBackend>(
-        &mut self,
-        ram: &GuestRam<M>,
-        filter: &FilterView,
-        n: usize,
-        c: &mut NetCounters,
-    ) -> Step {
+    fn complete(&mut self, filter: &FilterView, n: usize, c: &mut NetCounters) -> Step {
         if n < HDR_LEN {
             c.rx_dropped_backend += 1;
             return Step::Frame;
@@ -479,9 +525,10 @@ impl RxQueue {
                 if left == 0 {
                     break;
                 }
-                let v = &self.buf.iov[s];
+                let v = &self.buf.iovecs()[s];
                 let l = left.min(v.iov_len);
-                ram.mark_dirty(self.buf.regions[s], v.iov_base as *const u8, l);
+                self.dirty
+                    .add(self.buf.regions()[s], v.iov_base as *const u8, l);
                 left -= l;
             }
             self.ring.push_used(st.head, take as u32);

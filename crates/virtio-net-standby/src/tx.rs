@@ -161,7 +161,8 @@ impl TxQueue {
             return Sent::Done;
         }
         let mut raw = [0u8; HDR_LEN];
-        let first = &self.buf.iov[0];
+        let iov = self.buf.iovecs();
+        let first = &iov[0];
         if first.iov_len >= HDR_LEN {
             // SAFETY: the first iovec covers at least HDR_LEN readable bytes of guest
             // memory that `ram` keeps mapped.
@@ -169,7 +170,7 @@ impl TxQueue {
                 ptr::copy_nonoverlapping(first.iov_base as *const u8, raw.as_mut_ptr(), HDR_LEN)
             };
         } else {
-            copy_from_iovecs(&self.buf.iov, 0, &mut raw);
+            copy_from_iovecs(iov, 0, &mut raw);
         }
         // Most frames carry no offload request: skip the checks for them.
         if raw[0] != 0 || raw[1] != 0 {
@@ -186,7 +187,7 @@ impl TxQueue {
         }
         // SAFETY: the iovecs were just produced by the walker over memory `ram`
         // keeps mapped, and their total length is `len`.
-        let frame = unsafe { TxFrame::new(&self.buf.iov, len) };
+        let frame = unsafe { TxFrame::new(iov, len) };
         match backend.send(&frame) {
             Ok(()) => {
                 c.tx_frames += 1;

@@ -137,6 +137,9 @@ impl Drop for Channel {
 pub struct PairBackend {
     out: Arc<Channel>,
     inb: Arc<Channel>,
+    /// `out`'s buffer and size, cached to spare the packet path a pointer chase.
+    out_base: *mut u8,
+    out_mask: usize,
     /// Producer state on `out`.
     tail: usize,
     cached_head: usize,
@@ -170,6 +173,8 @@ pub fn pair(config: PairConfig) -> io::Result<(PairBackend, PairBackend)> {
     let end = |out: &Arc<Channel>, inb: &Arc<Channel>| PairBackend {
         out: Arc::clone(out),
         inb: Arc::clone(inb),
+        out_base: out.base.as_ptr(),
+        out_mask: out.cap - 1,
         tail: 0,
         cached_head: 0,
         head: 0,
@@ -178,6 +183,10 @@ pub fn pair(config: PairConfig) -> io::Result<(PairBackend, PairBackend)> {
     };
     Ok((end(&a_to_b, &b_to_a), end(&b_to_a, &a_to_b)))
 }
+
+// SAFETY: `out_base` points into the allocation `out` keeps alive; everything
+// else is `Send`. One end is used by one thread at a time (`&mut self` methods).
+unsafe impl Send for PairBackend {}
 
 #[inline]
 fn round8(n: usize) -> usize {
@@ -208,11 +217,12 @@ impl PairBackend {
 
     #[inline]
     fn room(&mut self, need: usize) -> bool {
-        if self.out.cap - (self.tail - self.cached_head) >= need {
+        let cap = self.out_mask + 1;
+        if cap - (self.tail - self.cached_head) >= need {
             return true;
         }
         self.cached_head = self.out.head.0.load(Ordering::Acquire);
-        self.out.cap - (self.tail - self.cached_head) >= need
+        cap - (self.tail - self.cached_head) >= need
     }
 
     /// The next frame record's offset, skipping padding, or `None` if empty.
@@ -314,8 +324,8 @@ impl NetBackend for PairBackend {
             ));
         }
         let rec = REC_HDR + round8(len);
-        let mut idx = self.tail & (self.out.cap - 1);
-        let to_end = self.out.cap - idx;
+        let mut idx = self.tail & self.out_mask;
+        let to_end = self.out_mask + 1 - idx;
         let pad = if rec > to_end { to_end } else { 0 };
         if !self.room(pad + rec) {
             // Arm, then look again, so that a consumer draining meanwhile either
@@ -333,10 +343,14 @@ impl NetBackend for PairBackend {
             self.tail += pad;
             idx = 0;
         }
-        self.out.write_rec_hdr(idx, len, KIND_FRAME);
-        // SAFETY: the record's `len` bytes after its header lie before the end of
-        // the ring (checked above) and in the free part the producer owns.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.out.at(idx + REC_HDR), len) };
+        // SAFETY: `idx` is 8-aligned with a whole record (header and `len` bytes)
+        // before the end of the ring (checked above), in the free part the
+        // producer owns.
+        let dst = unsafe {
+            let rec_at = self.out_base.add(idx);
+            ptr::write(rec_at as *mut u64, len as u64 | KIND_FRAME << 32);
+            std::slice::from_raw_parts_mut(rec_at.add(REC_HDR), len)
+        };
         frame.copy_to(dst);
         self.tail += rec;
         self.out.tail.0.store(self.tail, Ordering::Release);
