@@ -308,6 +308,30 @@ fn timed<S: FnMut(), F: FnMut()>(iters: u64, mut setup: S, mut f: F) -> Duration
     t
 }
 
+/// Runs `iters` rounds of one device batch and one floor batch, in alternating
+/// order, and returns the time of the device batches (`device`) or of the floor
+/// batches. Both benchmarks of a pair use it, so both see the same kernel
+/// conditions: measuring them minutes apart made their ratio drift by 10%.
+fn interleaved(
+    iters: u64,
+    device: bool,
+    mut dev: impl FnMut() -> Duration,
+    mut floor: impl FnMut() -> Duration,
+) -> Duration {
+    let mut t = Duration::ZERO;
+    for i in 0..iters {
+        let (d, f) = if i % 2 == 0 {
+            let d = dev();
+            (d, floor())
+        } else {
+            let f = floor();
+            (dev(), f)
+        };
+        t += if device { d } else { f };
+    }
+    t
+}
+
 fn bench_tap(c: &mut Criterion) {
     for &size in &SIZES {
         // A fresh tap per size; the device owns it, the floors use its fd.
@@ -315,15 +339,10 @@ fn bench_tap(c: &mut Criterion) {
         let injector = Injector::new(&tap);
         let frame = make_frame(size);
         let rig = std::cell::RefCell::new(Rig::new(tap, &frame, 1536));
-        let fd = rig
-            .borrow()
-            .dev
-            .queue_pair(0)
-            .unwrap()
-            .lock()
-            .backend()
-            .as_raw_fd();
+        let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
+        let fd = qp.lock().backend().as_raw_fd();
 
+        // TX: the device's batch against raw writev of the same guest buffers.
         let iovs: Vec<libc::iovec> = {
             let r = rig.borrow();
             r.tx_addrs
@@ -334,34 +353,30 @@ fn bench_tap(c: &mut Criterion) {
                 })
                 .collect()
         };
-        let mut g = c.benchmark_group("tap_writev");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter(|| {
-                for v in &iovs {
-                    // SAFETY: each iovec covers a live frame in guest memory.
-                    let n = unsafe { libc::writev(fd, v, 1) };
-                    assert!(n > 0, "writev: {}", std::io::Error::last_os_error());
-                }
-            })
-        });
-        g.finish();
-
-        let mut g = c.benchmark_group("tap_tx");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter_custom(|iters| {
-                let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
-                timed(
-                    iters,
-                    || rig.borrow_mut().refill_tx(),
-                    || {
-                        assert_eq!(qp.lock().process_tx().chains, BATCH);
-                    },
-                )
-            })
-        });
-        g.finish();
+        let dev_tx = || {
+            rig.borrow_mut().refill_tx();
+            let mut q = qp.lock();
+            let start = Instant::now();
+            assert_eq!(q.process_tx().chains, BATCH);
+            start.elapsed()
+        };
+        let raw_tx = || {
+            let start = Instant::now();
+            for v in &iovs {
+                // SAFETY: each iovec covers a live frame in guest memory.
+                let n = unsafe { libc::writev(fd, v, 1) };
+                assert!(n > 0, "writev: {}", std::io::Error::last_os_error());
+            }
+            start.elapsed()
+        };
+        for (group, device) in [("tap_writev", false), ("tap_tx", true)] {
+            let mut g = c.benchmark_group(group);
+            g.throughput(Throughput::Elements(BATCH as u64));
+            g.bench_function(BenchmarkId::from_parameter(size), |b| {
+                b.iter_custom(|iters| interleaved(iters, device, dev_tx, raw_tx))
+            });
+            g.finish();
+        }
         assert_eq!(rig.borrow().dev.counters().tx_dropped_backend, 0);
 
         // RX: frames up to the MTU can be injected through the interface.
@@ -373,48 +388,41 @@ fn bench_tap(c: &mut Criterion) {
                 injector.send(&frame[12..]);
             }
         };
-        let mut buf = vec![0u8; 65_562];
-        let mut g = c.benchmark_group("tap_readv");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter_custom(|iters| {
-                timed(iters, inject, || {
-                    for _ in 0..BATCH {
-                        let v = libc::iovec {
-                            iov_base: buf.as_mut_ptr().cast(),
-                            iov_len: buf.len(),
-                        };
-                        // SAFETY: reading into a live buffer of its stated size.
-                        let n = unsafe { libc::readv(fd, &v, 1) };
-                        assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
-                    }
-                })
-            })
-        });
-        g.finish();
-
-        let mut g = c.benchmark_group("tap_rx");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter_custom(|iters| {
-                let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
-                timed(
-                    iters,
-                    || {
-                        rig.borrow_mut().refill_rx();
-                        inject();
-                    },
-                    || {
-                        let mut qp = qp.lock();
-                        let mut done = 0;
-                        while done < BATCH {
-                            done += qp.process_rx().chains;
-                        }
-                    },
-                )
-            })
-        });
-        g.finish();
+        let buf = std::cell::RefCell::new(vec![0u8; 65_562]);
+        let raw_rx = || {
+            inject();
+            let mut buf = buf.borrow_mut();
+            let start = Instant::now();
+            for _ in 0..BATCH {
+                let v = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
+                // SAFETY: reading into a live buffer of its stated size.
+                let n = unsafe { libc::readv(fd, &v, 1) };
+                assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
+            }
+            start.elapsed()
+        };
+        let dev_rx = || {
+            rig.borrow_mut().refill_rx();
+            inject();
+            let mut q = qp.lock();
+            let mut done = 0;
+            let start = Instant::now();
+            while done < BATCH {
+                done += q.process_rx().chains;
+            }
+            start.elapsed()
+        };
+        for (group, device) in [("tap_readv", false), ("tap_rx", true)] {
+            let mut g = c.benchmark_group(group);
+            g.throughput(Throughput::Elements(BATCH as u64));
+            g.bench_function(BenchmarkId::from_parameter(size), |b| {
+                b.iter_custom(|iters| interleaved(iters, device, dev_rx, raw_rx))
+            });
+            g.finish();
+        }
     }
 }
 

@@ -379,11 +379,21 @@ impl DriverQueue {
         self.mem.u16_at(self.used + 2)
     }
 
-    /// Takes the next used element `(id, len)`, freeing its descriptors.
+    /// Takes the next used element `(id, len)`, freeing its descriptors. With
+    /// EVENT_IDX it then asks for an interrupt at the next used element, as
+    /// Linux's `virtqueue_get_buf` does while callbacks are enabled.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         if self.used_idx() == self.last_used {
             return None;
         }
+        let popped = self.take_used();
+        if self.event_idx {
+            self.set_used_event(self.last_used);
+        }
+        Some(popped)
+    }
+
+    fn take_used(&mut self) -> (u16, u32) {
         let slot = u64::from(self.last_used % self.size);
         let id = self.mem.u32_at(self.used + 4 + 8 * slot);
         let len = self.mem.u32_at(self.used + 8 + 8 * slot);
@@ -399,7 +409,7 @@ impl DriverQueue {
             }
             self.chain_len[usize::from(id16)] = 0;
         }
-        Some((id16, len))
+        (id16, len)
     }
 
     /// Chains published and not yet returned by the device.

@@ -19,7 +19,7 @@ use std::ptr;
 use vm_memory::GuestMemoryBackend;
 
 use crate::backend::{NetBackend, TxFrame, copy_from_iovecs};
-use crate::chain::{Access, ChainBuf, walk};
+use crate::chain::{Access, ChainBuf, ChainError, MAX_SEGMENTS, walk};
 use crate::counters::NetCounters;
 use crate::features::Features;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, VirtioNetHdr};
@@ -41,22 +41,48 @@ pub struct Processed {
     pub notified: bool,
 }
 
+/// Chains taken from the ring in one burst before the first of them is sent:
+/// the ring is then read and written in short sequential bursts rather than
+/// between two system calls that evict it from the cache (measured on a tap:
+/// ~20 ns per frame less).
+const BURST: usize = 32;
+
+/// What became of one chain of a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Valid: send iovecs `first..first + count`, `len` bytes.
+    Send {
+        first: usize,
+        count: usize,
+        len: usize,
+    },
+    /// Broke a ring rule.
+    Malformed(ChainError),
+    /// Shorter than the virtio-net header.
+    HeaderShort,
+    /// Longer than the largest frame.
+    TooLong,
+    /// Asks for an offload the driver did not negotiate.
+    Offload,
+    /// The link is down.
+    LinkDown,
+}
+
 /// A transmit queue.
 pub(crate) struct TxQueue {
     pub ring: SplitRing,
     buf: ChainBuf,
-}
-
-enum Sent {
-    Done,
-    Blocked,
+    burst: Vec<(u16, Outcome)>,
 }
 
 impl TxQueue {
     pub fn new(ring: SplitRing) -> Self {
         TxQueue {
             ring,
-            buf: ChainBuf::default(),
+            // A burst gathers up to MAX_SEGMENTS iovecs, and the last walk may add
+            // up to MAX_SEGMENTS more.
+            buf: ChainBuf::with_capacity(2 * MAX_SEGMENTS),
+            burst: Vec::with_capacity(BURST),
         }
     }
 
@@ -100,107 +126,156 @@ impl TxQueue {
         out: &mut Processed,
     ) -> ring::Result<()> {
         loop {
-            let mut avail = self.ring.available()?;
+            let avail = usize::from(self.ring.available()?);
             if avail == 0 {
                 if self.ring.enable_kicks(ram)? {
                     continue;
                 }
                 return Ok(());
             }
-            while avail > 0 {
-                if out.chains >= budget {
-                    out.more = true;
-                    return Ok(());
-                }
-                avail -= 1;
-                let head = self.ring.pop_head();
-                match self.one(head, ram, backend, features, link_up, c) {
-                    Sent::Done => {
-                        out.chains += 1;
-                        self.ring.push_used(head, 0);
-                    }
-                    Sent::Blocked => {
-                        self.ring.unpop(1);
-                        c.tx_backpressure += 1;
-                        out.blocked = true;
-                        return Ok(());
-                    }
-                }
+            if out.chains >= budget {
+                out.more = true;
+                return Ok(());
+            }
+            let n = avail.min(BURST).min(budget - out.chains);
+            self.gather(n, ram, features, link_up);
+            if !self.send(backend, c, out) {
+                return Ok(());
             }
         }
     }
 
+    /// Takes `n` chains from the ring and judges each, without sending any.
     #[inline]
-    fn one<M: GuestMemoryBackend, B: NetBackend>(
+    fn gather<M: GuestMemoryBackend>(
         &mut self,
-        head: u16,
+        n: usize,
         ram: &GuestRam<M>,
-        backend: &mut B,
         features: Features,
         link_up: bool,
-        c: &mut NetCounters,
-    ) -> Sent {
+    ) {
         self.buf.clear();
+        self.burst.clear();
+        for _ in 0..n {
+            // Keep room for a whole chain of MAX_SEGMENTS after what is gathered.
+            if self.buf.len() > MAX_SEGMENTS {
+                break;
+            }
+            let head = self.ring.pop_head();
+            let first = self.buf.len();
+            self.buf.limit = first + MAX_SEGMENTS;
+            let outcome = self.judge(head, first, ram, features, link_up);
+            if !matches!(outcome, Outcome::Send { .. }) {
+                self.buf.truncate(first);
+            }
+            self.burst.push((head, outcome));
+        }
+    }
+
+    #[inline]
+    fn judge<M: GuestMemoryBackend>(
+        &mut self,
+        head: u16,
+        first: usize,
+        ram: &GuestRam<M>,
+        features: Features,
+        link_up: bool,
+    ) -> Outcome {
         let s = match walk(&self.ring, ram, head, Access::ReadOnly, &mut self.buf) {
             Ok(s) => s,
-            Err(e) => {
-                c.tx_malformed += 1;
-                c.count_malformed(&e);
-                return Sent::Done;
-            }
+            Err(e) => return Outcome::Malformed(e),
         };
         let len = s.readable_len;
         if len < HDR_LEN {
-            c.tx_malformed += 1;
-            c.malformed_header_short += 1;
-            return Sent::Done;
+            return Outcome::HeaderShort;
         }
         if len > MAX_BUFFER_LEN {
-            c.tx_malformed += 1;
-            c.malformed_too_long += 1;
-            return Sent::Done;
+            return Outcome::TooLong;
         }
-        let mut raw = [0u8; HDR_LEN];
-        let iov = self.buf.iovecs();
-        let first = &iov[0];
-        if first.iov_len >= HDR_LEN {
-            // SAFETY: the first iovec covers at least HDR_LEN readable bytes of guest
+        let iov = &self.buf.iovecs()[first..];
+        // Most frames carry no offload request (`flags` and `gso_type`, the first
+        // two bytes, are zero): skip the checks for them.
+        let offload = if iov[0].iov_len >= 2 {
+            // SAFETY: the first iovec covers at least 2 readable bytes of guest
             // memory that `ram` keeps mapped.
-            unsafe {
-                ptr::copy_nonoverlapping(first.iov_base as *const u8, raw.as_mut_ptr(), HDR_LEN)
-            };
+            let first_two = unsafe { ptr::read_unaligned(iov[0].iov_base as *const u16) };
+            first_two != 0
         } else {
+            true
+        };
+        if offload {
+            let mut raw = [0u8; HDR_LEN];
             copy_from_iovecs(iov, 0, &mut raw);
-        }
-        // Most frames carry no offload request: skip the checks for them.
-        if raw[0] != 0 || raw[1] != 0 {
             let hdr = VirtioNetHdr::from_bytes(&raw);
             if let Err(e) = hdr.check_tx(features, len - HDR_LEN) {
                 log::debug!("dropping TX frame: {e}");
-                c.tx_dropped_offload += 1;
-                return Sent::Done;
+                return Outcome::Offload;
             }
         }
         if !link_up {
-            c.tx_dropped_link_down += 1;
-            return Sent::Done;
+            return Outcome::LinkDown;
         }
-        // SAFETY: the iovecs were just produced by the walker over memory `ram`
-        // keeps mapped, and their total length is `len`.
-        let frame = unsafe { TxFrame::new(iov, len) };
-        match backend.send(&frame) {
-            Ok(()) => {
-                c.tx_frames += 1;
-                c.tx_bytes += (len - HDR_LEN) as u64;
-                Sent::Done
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Blocked,
-            Err(e) => {
-                log::debug!("backend dropped a TX frame: {e}");
-                c.tx_dropped_backend += 1;
-                Sent::Done
-            }
+        Outcome::Send {
+            first,
+            count: s.segments,
+            len,
         }
+    }
+
+    /// Sends and returns the burst's chains in ring order, counting each. Returns
+    /// false if the backend filled up: the chains from there on go back to the
+    /// ring, untouched, for the next call.
+    #[inline]
+    fn send<B: NetBackend>(
+        &mut self,
+        backend: &mut B,
+        c: &mut NetCounters,
+        out: &mut Processed,
+    ) -> bool {
+        for i in 0..self.burst.len() {
+            let (head, outcome) = self.burst[i];
+            match outcome {
+                Outcome::Send { first, count, len } => {
+                    let iov = &self.buf.iovecs()[first..first + count];
+                    // SAFETY: the iovecs were produced by the walker over memory the
+                    // caller's `GuestRam` keeps mapped, and total `len` bytes.
+                    let frame = unsafe { TxFrame::new(iov, len) };
+                    match backend.send(&frame) {
+                        Ok(()) => {
+                            c.tx_frames += 1;
+                            c.tx_bytes += (len - HDR_LEN) as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.ring.unpop((self.burst.len() - i) as u16);
+                            c.tx_backpressure += 1;
+                            out.blocked = true;
+                            return false;
+                        }
+                        Err(e) => {
+                            log::debug!("backend dropped a TX frame: {e}");
+                            c.tx_dropped_backend += 1;
+                        }
+                    }
+                }
+                Outcome::Malformed(e) => {
+                    c.tx_malformed += 1;
+                    c.count_malformed(&e);
+                }
+                Outcome::HeaderShort => {
+                    c.tx_malformed += 1;
+                    c.malformed_header_short += 1;
+                }
+                Outcome::TooLong => {
+                    c.tx_malformed += 1;
+                    c.malformed_too_long += 1;
+                }
+                Outcome::Offload => c.tx_dropped_offload += 1,
+                Outcome::LinkDown => c.tx_dropped_link_down += 1,
+            }
+            self.ring.push_used(head, 0);
+            out.chains += 1;
+        }
+        true
     }
 }
 

@@ -250,15 +250,21 @@ pub(crate) unsafe fn copy_bytes(dst: *mut u8, src: *const u8, n: usize) {
 }
 
 /// Copies from byte `offset` of the memory `iov` describes into `dst`.
-#[inline]
-pub(crate) fn copy_from_iovecs(iov: &[libc::iovec], mut offset: usize, dst: &mut [u8]) -> usize {
+#[inline(always)]
+pub(crate) fn copy_from_iovecs(iov: &[libc::iovec], offset: usize, dst: &mut [u8]) -> usize {
     if let [v] = iov {
-        // One buffer: the common case.
+        // One buffer: the common case, inlined.
         let n = v.iov_len.saturating_sub(offset).min(dst.len());
-        // SAFETY: as below, for the single iovec.
+        // SAFETY: the iovec is readable for `iov_len` bytes (constructor contract
+        // of the frame types); `offset + n <= iov_len` and `n <= dst.len()`.
         unsafe { copy_bytes(dst.as_mut_ptr(), (v.iov_base as *const u8).add(offset), n) };
         return n;
     }
+    copy_from_iovecs_slow(iov, offset, dst)
+}
+
+#[inline(never)]
+fn copy_from_iovecs_slow(iov: &[libc::iovec], mut offset: usize, dst: &mut [u8]) -> usize {
     let mut done = 0;
     for v in iov {
         if done == dst.len() {
@@ -286,14 +292,20 @@ pub(crate) fn copy_from_iovecs(iov: &[libc::iovec], mut offset: usize, dst: &mut
 }
 
 /// Copies `src` to byte `offset` of the memory `iov` describes.
-#[inline]
-pub(crate) fn copy_to_iovecs(iov: &[libc::iovec], mut offset: usize, src: &[u8]) -> usize {
+#[inline(always)]
+pub(crate) fn copy_to_iovecs(iov: &[libc::iovec], offset: usize, src: &[u8]) -> usize {
     if let [v] = iov {
         let n = v.iov_len.saturating_sub(offset).min(src.len());
-        // SAFETY: as below, for the single iovec.
+        // SAFETY: the iovec is writable for `iov_len` bytes (constructor contract
+        // of `RxBuffers` and of the staged buffers); `offset + n <= iov_len`.
         unsafe { copy_bytes((v.iov_base as *mut u8).add(offset), src.as_ptr(), n) };
         return n;
     }
+    copy_to_iovecs_slow(iov, offset, src)
+}
+
+#[inline(never)]
+fn copy_to_iovecs_slow(iov: &[libc::iovec], mut offset: usize, src: &[u8]) -> usize {
     let mut done = 0;
     for v in iov {
         if done == src.len() {
