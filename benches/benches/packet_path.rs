@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use virtio_net_standby::features::DEFAULT_OFFER;
 use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, pair_send};
+use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, pair_send, tcp4_frame};
 use virtio_net_standby::{NetBackend, PairConfig, StandbyNet, StandbyNetBuilder, Tap, pair};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -46,30 +46,12 @@ fn make_frame(len: usize) -> Vec<u8> {
         };
         f.copy_from_slice(&h.to_bytes());
     }
-    f.extend_from_slice(&DST);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     // IPv4/TCP, so that a kernel taking the frame can parse it.
-    let total = (len - 14) as u16;
-    f.extend_from_slice(&[
-        0x08,
-        0x00,
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0x40,
-        0,
-        64,
-        6,
-        0,
-        0,
-    ]);
-    f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
-    f.extend_from_slice(&[
-        0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
-    ]);
+    f.extend(tcp4_frame(
+        DST,
+        [0x02, 0, 0, 0, 0, 1],
+        len.saturating_sub(54),
+    ));
     f.resize(12 + len, 0xab);
     f
 }

@@ -471,6 +471,62 @@ pub fn frame(dst: [u8; 6], payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A minimal IPv4/TCP Ethernet frame (no virtio-net header) carrying `payload`
+/// bytes `0, 1, 2, ...`: what a kernel on the other side of a tap can parse. The
+/// TCP checksum is left zero (partial), as a guest using checksum offload leaves it.
+pub fn tcp4_frame(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(54 + payload);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 20 + payload) as u16;
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        6,
+        0,
+        0,
+    ]);
+    f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    // Ports 12345 -> 80, seq 1, data offset 5, ACK|PSH, window 65535.
+    f.extend_from_slice(&[
+        0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
+    f.extend((0..payload).map(|i| i as u8));
+    f
+}
+
+/// xorshift64*: a small deterministic generator for randomized tests.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits. The seed must not be zero.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
 /// A minimal virtio-net driver over [`DriverQueue`]s: negotiates, activates,
 /// sends frames and posts receive buffers.
 pub struct GuestDriver {

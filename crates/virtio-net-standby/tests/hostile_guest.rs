@@ -6,27 +6,11 @@
 //! keeps serving or flags NEEDS_RESET.
 
 use virtio_net_standby::features::{DEFAULT_OFFER, Features, prune};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, pair_send};
+use virtio_net_standby::testing::{GuestDriver, GuestMem, Rng, TestMemory, pair_send};
 use virtio_net_standby::{
     NetState, PairBackend, PairConfig, StandbyNet, StandbyNetBuilder, VirtioDevice, pair,
 };
 use virtio_queue::QueueT;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 const MEM: u64 = 4 << 20;
 const QSIZE: u16 = 16;
@@ -37,7 +21,7 @@ fn addr(r: &mut Rng) -> u64 {
     match r.below(10) {
         0 => u64::MAX - r.below(64),
         1 => MEM - r.below(64),
-        2 => r.next(),
+        2 => r.next_u64(),
         _ => r.below(MEM),
     }
 }
@@ -66,7 +50,7 @@ fn bring_up(r: &mut Rng) -> Option<Guest> {
         .unwrap();
     let mem = TestMemory::new(MEM);
     // A random but acceptable subset of the offer.
-    let features = prune(Features::from_bits(DEFAULT_OFFER.bits() & r.next()))
+    let features = prune(Features::from_bits(DEFAULT_OFFER.bits() & r.next_u64()))
         .with(virtio_net_standby::features::F_VERSION_1);
     let g = GuestDriver::bring_up(&mut dev, &mem, features, QSIZE).ok()?;
     Some(Guest { dev, peer, g, mem })
@@ -95,7 +79,7 @@ fn scribble(r: &mut Rng, s: &mut Guest) {
             let next = if r.chance(80) {
                 r.below(u64::from(QSIZE))
             } else {
-                r.next()
+                r.next_u64()
             } as u16;
             s.mem
                 .write_descriptor(desc + 16 * i, addr(r), len(r), flags, next);
@@ -106,12 +90,12 @@ fn scribble(r: &mut Rng, s: &mut Guest) {
             let head = if r.chance(85) {
                 r.below(u64::from(QSIZE))
             } else {
-                r.next()
+                r.next_u64()
             } as u16;
             s.mem
                 .write(avail + 4 + 2 * u64::from(idx % QSIZE), &head.to_le_bytes());
             let step = match r.below(20) {
-                0 => r.next() as u16,
+                0 => r.next_u64() as u16,
                 1 => 0,
                 _ => 1 + r.below(3) as u16,
             };
@@ -123,7 +107,7 @@ fn scribble(r: &mut Rng, s: &mut Guest) {
             s.mem.write(avail, &(r.below(4) as u16).to_le_bytes());
             s.mem.write(
                 avail + 4 + 2 * u64::from(QSIZE),
-                &(r.next() as u16).to_le_bytes(),
+                &(r.next_u64() as u16).to_le_bytes(),
             );
         }
         // Random bytes over a whole descriptor: indirect tables included.
@@ -147,7 +131,7 @@ fn scribble(r: &mut Rng, s: &mut Guest) {
         // Raw noise anywhere in a ring.
         _ => {
             let at = [desc, avail][r.below(2) as usize] + r.below(64);
-            let noise: Vec<u8> = (0..1 + r.below(16)).map(|_| r.next() as u8).collect();
+            let noise: Vec<u8> = (0..1 + r.below(16)).map(|_| r.next_u64() as u8).collect();
             s.mem.write(at, &noise);
         }
     }
@@ -181,7 +165,7 @@ fn random_rings_never_break_the_device() {
                 0..=4 => scribble(&mut r, &mut s),
                 5 => {
                     let n = 14 + r.below(3000) as usize;
-                    let mut f: Vec<u8> = (0..n).map(|_| r.next() as u8).collect();
+                    let mut f: Vec<u8> = (0..n).map(|_| r.next_u64() as u8).collect();
                     f[12] = 0x52; // mostly unicast-to-us, sometimes not
                     let _ = pair_send(&mut s.peer, &f);
                 }
@@ -191,7 +175,7 @@ fn random_rings_never_break_the_device() {
                         s.g.post_rx(0, 1);
                     }
                     if s.g.tx[0].free_descriptors() > 0 {
-                        let f = vec![r.next() as u8; 12 + r.below(1500) as usize];
+                        let f = vec![r.next_u64() as u8; 12 + r.below(1500) as usize];
                         s.g.queue_tx(0, &f);
                         s.g.tx[0].publish();
                     }

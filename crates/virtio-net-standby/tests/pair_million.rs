@@ -3,7 +3,7 @@
 //! every byte of every frame arrives, in order.
 
 use virtio_net_standby::features::DEFAULT_OFFER;
-use virtio_net_standby::testing::{DriverQueue, GuestDriver, GuestMem, TestMemory};
+use virtio_net_standby::testing::{DriverQueue, GuestDriver, GuestMem, Rng, TestMemory};
 use virtio_net_standby::{PairBackend, PairConfig, StandbyNet, StandbyNetBuilder, pair};
 
 const FRAMES: u64 = 1_000_000;
@@ -11,25 +11,14 @@ const QSIZE: u16 = 256;
 const TX_SLOT: u64 = 65_562;
 const RX_BUF: u32 = 4096;
 
-/// xorshift64*: deterministic and cheap.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Length of frame `i` (Ethernet frame, without the 12-byte header): mostly
 /// small and MTU-sized, sometimes jumbo, now and then 64 KiB.
 fn frame_len(rng: &mut Rng) -> usize {
-    match rng.next() % 100 {
-        0..=44 => 60 + (rng.next() % 200) as usize,
-        45..=84 => 1000 + (rng.next() % 515) as usize,
-        85..=98 => 1515 + (rng.next() % 7500) as usize,
-        _ => 9000 + (rng.next() % 56_550) as usize,
+    match rng.next_u64() % 100 {
+        0..=44 => 60 + (rng.next_u64() % 200) as usize,
+        45..=84 => 1000 + (rng.next_u64() % 515) as usize,
+        85..=98 => 1515 + (rng.next_u64() % 7500) as usize,
+        _ => 9000 + (rng.next_u64() % 56_550) as usize,
     }
 }
 
@@ -38,7 +27,7 @@ fn frame_len(rng: &mut Rng) -> usize {
 /// misordered, duplicated or corrupted frame cannot go unnoticed.
 fn pattern() -> Vec<u8> {
     let mut r = Rng(42);
-    (0..3 * 65536).map(|_| r.next() as u8).collect()
+    (0..3 * 65536).map(|_| r.next_u64() as u8).collect()
 }
 
 fn payload(pattern: &[u8], frame: u64, len: usize) -> &[u8] {

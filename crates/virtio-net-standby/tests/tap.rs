@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
-use virtio_net_standby::features::{DEFAULT_OFFER, Features};
+use virtio_net_standby::features::DEFAULT_OFFER;
 use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory};
+use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, tcp4_frame};
 use virtio_net_standby::{NetBackend, StandbyNet, StandbyNetBuilder, Tap};
 
 const ETH_P_ALL: u16 = 0x0003;
@@ -248,36 +248,6 @@ fn guest_frames_go_into_the_tap_and_tap_frames_into_the_guest() {
     }
 }
 
-/// A minimal IPv4/TCP frame of `payload` bytes, checksum left partial.
-fn tcp4_frame(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 20 + payload) as u16;
-    f.extend_from_slice(&[
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0x40,
-        0,
-        64,
-        6,
-        0,
-        0,
-    ]);
-    f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
-    // TCP: ports, seq, ack, data offset 5, ACK|PSH, window, checksum 0, urgent.
-    f.extend_from_slice(&[
-        0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
-    ]);
-    f.extend((0..payload).map(|i| i as u8));
-    f
-}
-
 #[test]
 fn tso_frames_cross_the_tap_in_both_directions() {
     let Some(tap) = open_tap() else { return };
@@ -383,7 +353,6 @@ fn without_guest_tso_the_kernel_segments_for_the_guest() {
         assert_eq!(s[1], 0, "no GSO type towards a guest without GUEST_TSO4");
         assert_eq!(s.len(), 12 + 14 + 40 + 1000);
     }
-    let _ = Features::empty();
 }
 
 #[test]
