@@ -377,7 +377,7 @@ fn walk_inner<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::SplitRing;
+    use crate::ring::{RingFeatures, SplitRing};
     use crate::testing::GuestMem as GuestMemoryMmap;
     use crate::testing::{DriverQueue, TestMemory};
     use std::sync::Arc;
@@ -401,7 +401,15 @@ mod tests {
 
     impl Fixture {
         fn ring(&self, indirect: bool) -> SplitRing {
-            SplitRing::new(&self.dq.queue(), &self.ram, indirect).unwrap()
+            SplitRing::new(
+                &self.dq.queue(),
+                &self.ram,
+                RingFeatures {
+                    indirect,
+                    event_idx: false,
+                },
+            )
+            .unwrap()
         }
         fn walk(
             &self,
@@ -605,9 +613,9 @@ mod tests {
         mock.add_desc_chains(&descs, 0).unwrap();
         let q: virtio_queue::Queue = mock.create_queue().unwrap();
         let ram = GuestRam::new(Arc::clone(m)).unwrap();
-        let mut ring = SplitRing::new(&q, &ram, false).unwrap();
+        let mut ring = SplitRing::new(&q, &ram, RingFeatures::default()).unwrap();
         assert_eq!(ring.available().unwrap(), 1);
-        let head = ring.pop_head();
+        let head = ring.pop_head().unwrap();
         let mut buf = ChainBuf::default();
         let s = walk(&ring, &ram, head, Access::ReadThenWrite, &mut buf).unwrap();
         assert_eq!((s.readable_len, s.writable_len, s.segments), (312, 64, 3));

@@ -17,18 +17,54 @@ use crate::backend::{NetBackend, copy_from_iovecs, copy_to_iovecs};
 use crate::chain::{Access, ChainBuf, walk};
 use crate::config::STATUS_ANNOUNCE;
 use crate::counters::NetCounters;
-use crate::features::{F_RING_INDIRECT_DESC, Features, GUEST_OFFLOADS};
+use crate::features::{Features, GUEST_OFFLOADS};
 use crate::filter::{MAC_TABLE_ENTRIES, MacAddr, RxFilter};
 use crate::memory::{GuestRam, MemoryWatch};
 use crate::queue_pair::QueuePairHandle;
-use crate::ring::{self, SplitRing};
+use crate::ring::{self, RingFeatures, SplitRing};
 use crate::shared::Shared;
 use crate::tx::Processed;
 use crate::virtio::{self, ActivateQueue, VirtioInterrupt, VirtioInterruptType};
 
-/// The longest command the device reads: two MAC tables of 64 entries with
-/// headroom. Longer commands are answered `VIRTIO_NET_ERR`.
+/// How much of a command the device copies out of guest memory: every command
+/// but a long MAC table fits. A MAC table of any length is read in place (only
+/// its counts once it overflows), so no command makes the device copy more.
 pub const MAX_COMMAND_LEN: usize = 4096;
+
+/// Commands handled per call before it returns with `more`, so a driver that
+/// keeps queueing commands cannot hold the control queue (and, through MQ and
+/// offload commands, the queue pairs) forever.
+pub const CTRL_BUDGET: usize = 256;
+
+/// A command's device-readable bytes: a copied prefix, and the iovecs to read
+/// the rest in place.
+struct Command<'a> {
+    prefix: &'a [u8],
+    iov: &'a [libc::iovec],
+    len: usize,
+}
+
+impl Command<'_> {
+    /// The bytes after class and command, if the whole command was copied.
+    fn data(&self) -> Option<&[u8]> {
+        (self.prefix.len() == self.len).then(|| &self.prefix[2..])
+    }
+
+    /// `N` bytes at `offset`, wherever they lie.
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let end = offset.checked_add(N)?;
+        if end > self.len {
+            return None;
+        }
+        let mut out = [0u8; N];
+        if end <= self.prefix.len() {
+            out.copy_from_slice(&self.prefix[offset..end]);
+        } else if copy_from_iovecs(self.iov, offset, &mut out) != N {
+            return None;
+        }
+        Some(out)
+    }
+}
 
 const OK: u8 = VIRTIO_NET_OK as u8;
 const ERR: u8 = VIRTIO_NET_ERR as u8;
@@ -129,7 +165,7 @@ where
         q: ActivateQueue,
     ) -> virtio::Result<()> {
         let ram = GuestRam::new(watch.current())?;
-        let ring = SplitRing::new(&q.queue, &ram, self.features.has(F_RING_INDIRECT_DESC))
+        let ring = SplitRing::new(&q.queue, &ram, RingFeatures::from_features(self.features))
             .map_err(|source| virtio::Error::Queue {
                 index: q.index,
                 source,
@@ -144,6 +180,10 @@ where
             broken: false,
         });
         Ok(())
+    }
+
+    pub(crate) fn deactivate(&mut self) {
+        self.active = None;
     }
 
     pub(crate) fn reset(&mut self) {
@@ -223,8 +263,12 @@ where
                 return Ok(());
             }
             for _ in 0..avail {
+                if out.chains >= CTRL_BUDGET {
+                    out.more = true;
+                    return Ok(());
+                }
                 let a = self.active.as_mut().expect("active");
-                let head = a.ring.pop_head();
+                let head = a.ring.pop_head()?;
                 out.chains += 1;
                 self.buf.clear();
                 let s = match walk(&a.ring, &a.ram, head, Access::ReadThenWrite, &mut self.buf) {
@@ -242,16 +286,20 @@ where
                         continue;
                     }
                 };
-                let status = if s.readable_len > MAX_COMMAND_LEN {
-                    ERR
-                } else {
-                    self.cmd.resize(s.readable_len, 0);
-                    copy_from_iovecs(&self.buf.iovecs()[..s.readable_segments], 0, &mut self.cmd);
-                    let cmd = std::mem::take(&mut self.cmd);
-                    let status = self.execute(&cmd);
-                    self.cmd = cmd;
-                    status
-                };
+                // Executing needs `&mut self`: lend the buffers out meanwhile (an
+                // empty ChainBuf allocates nothing).
+                let buf = std::mem::replace(&mut self.buf, ChainBuf::with_capacity(0));
+                let mut prefix = std::mem::take(&mut self.cmd);
+                let readable = &buf.iovecs()[..s.readable_segments];
+                prefix.resize(s.readable_len.min(MAX_COMMAND_LEN), 0);
+                copy_from_iovecs(readable, 0, &mut prefix);
+                let status = self.execute(&Command {
+                    prefix: &prefix,
+                    iov: readable,
+                    len: s.readable_len,
+                });
+                self.cmd = prefix;
+                self.buf = buf;
                 if status == OK {
                     c.ctrl_ok += 1;
                 } else {
@@ -271,16 +319,23 @@ where
     }
 
     /// Runs one command; returns the ack byte.
-    fn execute(&mut self, cmd: &[u8]) -> u8 {
-        let [class, command, data @ ..] = cmd else {
+    fn execute(&mut self, cmd: &Command<'_>) -> u8 {
+        let [class, command, ..] = cmd.prefix else {
             return ERR;
         };
         let (class, command) = (u32::from(*class), u32::from(*command));
+        if class == VIRTIO_NET_CTRL_MAC && command == VIRTIO_NET_CTRL_MAC_TABLE_SET {
+            let ok = self.features.has(VIRTIO_NET_F_CTRL_RX) && self.mac_tables(cmd);
+            return if ok { OK } else { ERR };
+        }
+        // Every other command is short: one longer than the copied prefix is wrong.
+        let Some(data) = cmd.data() else {
+            return ERR;
+        };
         let has = |bit| self.features.has(bit);
         let ok = match class {
             VIRTIO_NET_CTRL_RX if has(VIRTIO_NET_F_CTRL_RX) => self.rx_mode(command, data),
             VIRTIO_NET_CTRL_MAC => match command {
-                VIRTIO_NET_CTRL_MAC_TABLE_SET if has(VIRTIO_NET_F_CTRL_RX) => self.mac_tables(data),
                 VIRTIO_NET_CTRL_MAC_ADDR_SET if has(VIRTIO_NET_F_CTRL_MAC_ADDR) => {
                     self.mac_addr(data)
                 }
@@ -318,31 +373,33 @@ where
         true
     }
 
-    fn mac_tables(&mut self, data: &[u8]) -> bool {
-        fn table(data: &[u8]) -> Option<(Vec<MacAddr>, bool, &[u8])> {
-            let (count, rest) = data.split_first_chunk::<4>()?;
-            let count = u32::from_le_bytes(*count) as usize;
-            let bytes = count.checked_mul(6)?;
-            if rest.len() < bytes {
+    /// `VIRTIO_NET_CTRL_MAC_TABLE_SET`: a unicast and a multicast table, each a
+    /// little-endian entry count followed by that many addresses, and nothing
+    /// after. A table of more than [`MAC_TABLE_ENTRIES`] overflows: every address
+    /// of its kind is accepted (as QEMU does), and its entries are not read.
+    fn mac_tables(&mut self, cmd: &Command<'_>) -> bool {
+        let table = |offset: usize| -> Option<(Vec<MacAddr>, bool, usize)> {
+            let count = u32::from_le_bytes(cmd.read::<4>(offset)?) as usize;
+            let start = offset + 4;
+            let end = count.checked_mul(6)?.checked_add(start)?;
+            if end > cmd.len {
                 return None;
             }
-            let (macs, rest) = rest.split_at(bytes);
             if count > MAC_TABLE_ENTRIES {
-                return Some((Vec::new(), true, rest));
+                return Some((Vec::new(), true, end));
             }
-            let macs = macs
-                .chunks_exact(6)
-                .map(|m| m.try_into().expect("6 bytes"))
-                .collect();
-            Some((macs, false, rest))
-        }
-        let Some((uni, uni_over, rest)) = table(data) else {
+            let macs = (0..count)
+                .map(|i| cmd.read::<6>(start + 6 * i))
+                .collect::<Option<Vec<MacAddr>>>()?;
+            Some((macs, false, end))
+        };
+        let Some((uni, uni_over, next)) = table(2) else {
             return false;
         };
-        let Some((multi, multi_over, rest)) = table(rest) else {
+        let Some((multi, multi_over, end)) = table(next) else {
             return false;
         };
-        if !rest.is_empty() {
+        if end != cmd.len {
             return false;
         }
         self.shared.filter.update(|f| {
@@ -441,6 +498,7 @@ mod tests {
     use crate::device::StandbyNet;
     use crate::features::DEFAULT_OFFER;
     use crate::testing::{GuestDriver, GuestMem, RecordingBackend, TestMemory};
+    use crate::tx::Processed;
 
     const C_OK: u8 = VIRTIO_NET_OK as u8;
     const C_ERR: u8 = VIRTIO_NET_ERR as u8;
@@ -548,6 +606,21 @@ mod tests {
             (fl.unicast.as_slice(), fl.multicast.as_slice()),
             (&uni[..], &multi[..])
         );
+        // A table far longer than the copied prefix: read in place.
+        let huge: Vec<[u8; 6]> = (0..1000u32)
+            .map(|i| [2, 0, 0, 0, (i >> 8) as u8, i as u8])
+            .collect();
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MAC,
+                VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                &mac_table(&huge, &multi)
+            ),
+            C_OK
+        );
+        let fl = f.dev.rx_filter();
+        assert!(fl.unicast_overflow && fl.unicast.is_empty());
+        assert_eq!(fl.multicast.as_slice(), &multi[..]);
         // Overflow: more than 64 entries accept all of that kind.
         let many: Vec<[u8; 6]> = (0..65u8).map(|i| [1, 0, 0x5e, 0, 0, i]).collect();
         assert_eq!(
@@ -715,6 +788,69 @@ mod tests {
     }
 
     #[test]
+    fn disabled_pairs_receive_nothing() {
+        let mut f = fx_pairs(DEFAULT_OFFER, 2);
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &2u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        f.g.post_rx(1, 4);
+        f.be[1]
+            .incoming
+            .lock()
+            .unwrap()
+            .push_back(crate::testing::frame([0xff; 6], &[1; 20]));
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &1u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        // A detached tap queue fails every read: a disabled pair must not try.
+        assert_eq!(
+            f.dev.queue_pair(1).unwrap().process_rx(),
+            Processed::default()
+        );
+        assert_eq!(f.be[1].incoming.lock().unwrap().len(), 1);
+        assert_eq!(
+            f.cmd(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &2u16.to_le_bytes()
+            ),
+            C_OK
+        );
+        assert_eq!(f.dev.queue_pair(1).unwrap().process_rx().chains, 1);
+    }
+
+    #[test]
+    fn a_flood_of_commands_is_served_in_budgeted_rounds() {
+        let be = vec![RecordingBackend::default()];
+        let mut dev: StandbyNet<GuestMem, _> =
+            StandbyNetBuilder::new().queue_size(1024).build(be).unwrap();
+        let mut g = GuestDriver::bring_up(&mut dev, &TestMemory::new(8 << 20), DEFAULT_OFFER, 1024)
+            .unwrap();
+        for _ in 0..300 {
+            g.queue_ctrl(
+                VIRTIO_NET_CTRL_RX as u8,
+                VIRTIO_NET_CTRL_RX_PROMISC as u8,
+                &[1],
+            );
+        }
+        let p = dev.process_ctrl();
+        assert_eq!((p.chains, p.more), (CTRL_BUDGET, true));
+        let p = dev.process_ctrl();
+        assert_eq!((p.chains, p.more), (300 - CTRL_BUDGET, false));
+        assert_eq!(dev.counters().ctrl_ok, 300);
+    }
+
+    #[test]
     fn guest_offloads_set_reaches_every_backend() {
         let mut f = fx_pairs(DEFAULT_OFFER, 2);
         let negotiated = f.be[0]
@@ -782,7 +918,7 @@ mod tests {
         ctrl.add_chain(&[(a, 1, false), (a + 1, 1, true)]);
         // No writable byte for the ack: returned with length 0.
         ctrl.add_chain(&[(a, 2, false)]);
-        // Longer than the device reads: ERR.
+        // Longer than the device copies, and not a MAC table: ERR.
         let big = f.g.mem.alloc(MAX_COMMAND_LEN as u64 + 10, 1);
         let ack = f.g.mem.alloc(1, 1);
         let ctrl = f.g.ctrl.as_mut().unwrap();

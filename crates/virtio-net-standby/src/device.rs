@@ -680,12 +680,12 @@ where
             Ok(())
         })();
         if let Err(e) = result {
+            // Keep the negotiation and any restored state: the transport may
+            // retry activation.
             for p in &self.pairs {
-                p.lock().reset();
+                p.lock().deactivate();
             }
-            lock(&self.ctrl).reset();
-            // Keep the negotiation: the transport may retry activation.
-            let _ = self.accept_features(acked);
+            lock(&self.ctrl).deactivate();
             return Err(e);
         }
         self.shared.set_interrupt(Some(interrupt));
@@ -938,6 +938,83 @@ mod tests {
             d.activate(mem.atomic(), irq, vec![]),
             Err(virtio::Error::AlreadyActive)
         ));
+    }
+
+    #[test]
+    fn event_idx_follows_the_negotiation_not_the_transport() {
+        // A transport that never calls Queue::set_event_idx: the device still
+        // honours the EVENT_IDX the driver negotiated (and writes avail_event).
+        let mem = TestMemory::new(4 << 20);
+        let mut d = dev();
+        d.ack_features(d.offered_features().bits()).unwrap();
+        let qs: Vec<DriverQueue> = (0..3).map(|_| DriverQueue::new(&mem, 64)).collect();
+        let queues = qs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| ActivateQueue {
+                index: i as u16,
+                queue: q.queue(), // event_idx left false
+                kick: None,
+            })
+            .collect();
+        d.activate(
+            mem.atomic(),
+            Arc::new(RecordingInterrupt::default()),
+            queues,
+        )
+        .unwrap();
+        let mut tx = qs.into_iter().nth(1).unwrap();
+        let a = mem.alloc(64, 8);
+        mem.write(a, &frame([2, 0, 0, 0, 0, 1], &[0; 30]));
+        tx.add_readable(&[a], &[56]);
+        tx.publish();
+        d.queue_pair(0).unwrap().process_tx();
+        assert_eq!(
+            tx.avail_event(),
+            1,
+            "avail_event written: EVENT_IDX in force"
+        );
+        assert_eq!(tx.used_flags(), 0, "no VRING_USED_F_NO_NOTIFY games");
+    }
+
+    #[test]
+    fn a_failed_activation_keeps_restored_state() {
+        let mem = TestMemory::new(16 << 20);
+        let be = RecordingBackend::default();
+        let mut src: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        let mut g = GuestDriver::bring_up(&mut src, &mem, DEFAULT_OFFER, 64).unwrap();
+        g.post_rx(0, 4);
+        for i in 0..2u8 {
+            be.incoming
+                .lock()
+                .unwrap()
+                .push_back(frame([2, 0, 0, 0, 0, 1], &[i; 60]));
+        }
+        let state = src.snapshot();
+        assert_eq!(state.pairs[0].pending_rx.len(), 2);
+        let mut dst = dev();
+        dst.restore(&state).unwrap();
+        let irq = Arc::new(RecordingInterrupt::default());
+        let queues = |bad: bool| -> Vec<ActivateQueue> {
+            state
+                .queues
+                .iter()
+                .filter(|q| !(bad && q.index == 2))
+                .map(|q| ActivateQueue {
+                    index: q.index,
+                    queue: virtio_queue::Queue::try_from(q.state).unwrap(),
+                    kick: None,
+                })
+                .collect()
+        };
+        assert!(
+            dst.activate(mem.atomic(), irq.clone(), queues(true))
+                .is_err()
+        );
+        dst.activate(mem.atomic(), irq, queues(false)).unwrap();
+        dst.queue_pair(0).unwrap().process_rx();
+        assert_eq!(g.recv(0).unwrap()[26], 0);
+        assert_eq!(g.recv(0).unwrap()[26], 1);
     }
 
     #[test]

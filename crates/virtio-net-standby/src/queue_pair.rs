@@ -20,11 +20,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{NetBackend, Readiness, RxBuffers, RxPeek};
 use crate::counters::{AtomicCounters, NetCounters};
-use crate::features::{F_RING_INDIRECT_DESC, Features};
+use crate::features::Features;
 use crate::filter::FilterView;
 use crate::header::MAX_BUFFER_LEN;
 use crate::memory::{GuestRam, MemoryWatch};
-use crate::ring::SplitRing;
+use crate::ring::{RingFeatures, SplitRing};
 use crate::rx::{PendingRx, RxQueue};
 use crate::shared::Shared;
 use crate::tx::{Processed, TxQueue};
@@ -61,6 +61,8 @@ pub struct QueuePair<M: GuestMemoryBackend, B: NetBackend> {
     staged: Vec<u16>,
     active: Option<Active<M>>,
     budget: usize,
+    /// The driver enabled this pair (`VIRTIO_NET_CTRL_MQ`); pair 0 always is.
+    enabled: bool,
 }
 
 /// The state of a queue pair a snapshot records.
@@ -88,6 +90,7 @@ where
             staged: Vec::new(),
             active: None,
             budget: 1024,
+            enabled: index == 0,
         }
     }
 
@@ -109,9 +112,9 @@ where
         tx: ActivateQueue,
     ) -> virtio::Result<()> {
         let ram = GuestRam::new(watch.current())?;
-        let indirect = features.has(F_RING_INDIRECT_DESC);
+        let ring_features = RingFeatures::from_features(features);
         let ring = |q: &ActivateQueue| {
-            SplitRing::new(&q.queue, &ram, indirect).map_err(|source| virtio::Error::Queue {
+            SplitRing::new(&q.queue, &ram, ring_features).map_err(|source| virtio::Error::Queue {
                 index: q.index,
                 source,
             })
@@ -140,11 +143,21 @@ where
         Ok(())
     }
 
+    /// Stops processing but keeps what the guest will want back: the receive
+    /// chains the device holds and the frames pending for it (a failed activation
+    /// after a restore must not lose them).
+    pub(crate) fn deactivate(&mut self) {
+        if let Some(a) = self.active.take() {
+            self.staged = a.rx.staged_heads();
+        }
+    }
+
     /// Stops processing and forgets the queues and held frames (device reset).
     pub(crate) fn reset(&mut self) {
         self.active = None;
         self.pending = PendingRx::default();
         self.staged.clear();
+        self.enabled = self.index == 0;
         if let Err(e) = self.backend.set_offloads(Features::empty()) {
             log::warn!("{}: resetting backend offloads failed: {e}", self.shared.id);
         }
@@ -162,6 +175,7 @@ where
     }
 
     pub(crate) fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.enabled = enabled;
         self.backend.set_enabled(enabled)
     }
 
@@ -249,9 +263,10 @@ where
         out
     }
 
-    /// Processes the RX queue. See [`QueuePairHandle::process_rx`].
+    /// Processes the RX queue. See [`QueuePairHandle::process_rx`]. A pair the
+    /// driver disabled (`VIRTIO_NET_CTRL_MQ`) receives nothing.
     pub fn process_rx(&mut self) -> Processed {
-        if !self.refresh_memory() {
+        if !self.enabled || !self.refresh_memory() {
             return Processed::default();
         }
         let link_up = self.shared.link_up();
@@ -396,9 +411,10 @@ where
         self.active.as_ref().is_some_and(|a| !a.broken)
     }
 
-    /// Sets how many chains one processing call handles at most before it returns
-    /// with [`Processed::more`] (default 1024), so one busy queue cannot starve
-    /// the others served by the same thread.
+    /// Sets how many chains (TX) or frames (RX, delivered or dropped) one
+    /// processing call handles at most before it returns with
+    /// [`Processed::more`] (default 1024), so one busy queue cannot starve the
+    /// others served by the same thread.
     pub fn set_budget(&mut self, budget: usize) {
         self.budget = budget.max(1);
     }

@@ -7,9 +7,12 @@
 //! virtio memory model needs and nothing else. `virtio_queue::QueueState` remains
 //! the state format: [`SplitRing::state`] produces one for snapshots.
 //!
-//! Everything the driver wrote is read with volatile or atomic loads: the guest may
-//! change it at any moment, and a hostile value can only ever produce a defined
-//! outcome (a malformed chain, or [`Error::AvailIndexRunaway`]).
+//! Every ring field the driver writes (indices, entries, descriptors, suppression
+//! fields) is read once, with a volatile or atomic load, into a local before it is
+//! checked and used: the guest may change it at any moment, and a hostile value can
+//! only ever produce a defined outcome (a malformed chain, or an [`Error`] that makes
+//! the device need a reset). Packet data is copied with plain copies, as `vm-memory`
+//! does: the guest racing its own buffers only garbles its own frames.
 
 use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering, fence};
@@ -68,6 +71,35 @@ pub enum Error {
         /// The queue size.
         size: u16,
     },
+    /// The available ring names a descriptor the table does not have: no used
+    /// element could return it, so (as QEMU does) the device needs a reset.
+    #[error("the available ring names descriptor {head} of a {size}-entry table")]
+    InvalidHead {
+        /// The head index.
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
+}
+
+/// The ring features a driver negotiated (not what the transport's queue object
+/// says: the device knows what was acknowledged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingFeatures {
+    /// `VIRTIO_RING_F_INDIRECT_DESC`.
+    pub indirect: bool,
+    /// `VIRTIO_RING_F_EVENT_IDX`.
+    pub event_idx: bool,
+}
+
+impl RingFeatures {
+    /// The ring features in a negotiated set.
+    pub fn from_features(f: crate::features::Features) -> Self {
+        RingFeatures {
+            indirect: f.has(crate::features::F_RING_INDIRECT_DESC),
+            event_idx: f.has(crate::features::F_RING_EVENT_IDX),
+        }
+    }
 }
 
 /// Result of ring operations.
@@ -185,21 +217,22 @@ fn translate_areas<M: GuestMemoryBackend>(
 }
 
 impl SplitRing {
-    /// Builds a ring from a queue the transport configured. `indirect` says
-    /// whether `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+    /// Builds a ring from a queue the transport configured, with the ring
+    /// features the driver negotiated.
     pub fn new<M: GuestMemoryBackend>(
         queue: &Queue,
         ram: &GuestRam<M>,
-        indirect: bool,
+        features: RingFeatures,
     ) -> Result<Self> {
-        Self::from_state(&queue.state(), ram, indirect)
+        Self::from_state(&queue.state(), ram, features)
     }
 
-    /// Builds a ring from a saved queue state.
+    /// Builds a ring from a queue state (its `event_idx_enabled` is ignored in
+    /// favour of `features`).
     pub fn from_state<M: GuestMemoryBackend>(
         state: &QueueState,
         ram: &GuestRam<M>,
-        indirect: bool,
+        features: RingFeatures,
     ) -> Result<Self> {
         if !state.ready {
             return Err(Error::NotReady);
@@ -227,8 +260,8 @@ impl SplitRing {
             used_region: areas.used_region,
             next_avail: u32::from(state.next_avail),
             next_used: u32::from(state.next_used),
-            event_idx: state.event_idx_enabled,
-            indirect,
+            event_idx: features.event_idx,
+            indirect: features.indirect,
         })
     }
 
@@ -310,15 +343,23 @@ impl SplitRing {
     }
 
     /// Takes the next available head index. The caller has checked with
-    /// [`available`](Self::available) that one is there.
+    /// [`available`](Self::available) that one is there. A head outside the
+    /// descriptor table is [`Error::InvalidHead`].
     #[inline]
-    pub fn pop_head(&mut self) -> u16 {
+    pub fn pop_head(&mut self) -> Result<u16> {
         let slot = usize::from(self.next_avail() & (self.size - 1));
         // SAFETY: slot < size, and the avail ring holds 2*size bytes of entries at
         // offset 4, 2-aligned.
-        let head = unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) };
+        let head =
+            u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) });
         self.next_avail = u32::from(self.next_avail().wrapping_add(1));
-        u16::from_le(head)
+        if head >= self.size {
+            return Err(Error::InvalidHead {
+                head,
+                size: self.size,
+            });
+        }
+        Ok(head)
     }
 
     /// Gives back the last `n` heads taken and not used (a backend could not
@@ -463,7 +504,15 @@ mod tests {
         let mut dq = DriverQueue::new(&mem, size);
         dq.set_event_idx(event_idx);
         let ram = GuestRam::new(Arc::clone(mem.arc())).unwrap();
-        let ring = SplitRing::new(&dq.queue(), &ram, true).unwrap();
+        let ring = SplitRing::new(
+            &dq.queue(),
+            &ram,
+            RingFeatures {
+                indirect: true,
+                event_idx,
+            },
+        )
+        .unwrap();
         (mem, dq, ring, ram)
     }
 
@@ -475,19 +524,19 @@ mod tests {
         let mut st = dq.queue().state();
         st.ready = false;
         assert_eq!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::NotReady
         );
         st.ready = true;
         st.size = 6;
         assert_eq!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::InvalidSize(6)
         );
         st.size = 8;
         st.desc_table += 8;
         assert!(matches!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::Misaligned {
                 area: "descriptor table",
                 ..
@@ -495,7 +544,7 @@ mod tests {
         ));
         st.desc_table = 1 << 20;
         assert!(matches!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::OutsideMemory {
                 area: "descriptor table",
                 ..
@@ -504,7 +553,7 @@ mod tests {
         let mut st = dq.queue().state();
         st.used_ring = (1 << 16) - 8;
         assert!(matches!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::OutsideMemory {
                 area: "used ring",
                 ..
@@ -513,7 +562,7 @@ mod tests {
         let mut st = dq.queue().state();
         st.avail_ring += 1;
         assert!(matches!(
-            SplitRing::from_state(&st, &ram, false).unwrap_err(),
+            SplitRing::from_state(&st, &ram, RingFeatures::default()).unwrap_err(),
             Error::Misaligned {
                 area: "available ring",
                 ..
@@ -528,10 +577,10 @@ mod tests {
         let b = dq.add_readable(&[0x2000], &[32]);
         dq.publish();
         assert_eq!(ring.available().unwrap(), 2);
-        assert_eq!(ring.pop_head(), a);
+        assert_eq!(ring.pop_head().unwrap(), a);
         let d = ring.descriptor(a);
         assert_eq!((d.addr, d.len, d.flags), (0x1000, 16, 0));
-        assert_eq!(ring.pop_head(), b);
+        assert_eq!(ring.pop_head().unwrap(), b);
         assert_eq!(ring.available().unwrap(), 0);
         let old = ring.next_used();
         ring.push_used(a, 0);
@@ -568,7 +617,7 @@ mod tests {
         dq.set_no_interrupt(true);
         let h = dq.add_readable(&[0x1000], &[16]);
         dq.publish();
-        ring.pop_head();
+        ring.pop_head().unwrap();
         let old = ring.next_used();
         ring.push_used(h, 0);
         ring.publish_used(&ram, old);
@@ -590,20 +639,20 @@ mod tests {
         dq.set_used_event(2);
         let old = ring.next_used();
         for _ in 0..2 {
-            let h = ring.pop_head();
+            let h = ring.pop_head().unwrap();
             ring.push_used(h, 0);
         }
         ring.publish_used(&ram, old);
         // Published 0..2: the entry at index 2 is not there yet.
         assert!(!ring.needs_interrupt(old));
         let old = ring.next_used();
-        let h = ring.pop_head();
+        let h = ring.pop_head().unwrap();
         ring.push_used(h, 0);
         ring.publish_used(&ram, old);
         assert!(ring.needs_interrupt(old));
         // used_event behind the window: no interrupt.
         let old = ring.next_used();
-        let h = ring.pop_head();
+        let h = ring.pop_head().unwrap();
         ring.push_used(h, 0);
         ring.publish_used(&ram, old);
         assert!(!ring.needs_interrupt(old));
@@ -623,7 +672,7 @@ mod tests {
         let (_mem, mut dq, mut ring, ram) = setup(8, true);
         dq.add_readable(&[0x1000], &[16]);
         dq.publish();
-        ring.pop_head();
+        ring.pop_head().unwrap();
         assert!(!ring.enable_kicks(&ram).unwrap());
         assert_eq!(dq.avail_event(), 1);
     }
@@ -641,7 +690,7 @@ mod tests {
             assert_eq!(ring.available().unwrap(), 3);
             let old = ring.next_used();
             for _ in 0..3 {
-                let h = ring.pop_head();
+                let h = ring.pop_head().unwrap();
                 ring.push_used(h, 1);
             }
             ring.publish_used(&ram, old);

@@ -102,7 +102,24 @@ enum Step {
     Empty,
     /// Frames wait but the guest posted too few buffers.
     NoBuffers,
+    /// The backend failed; a frame may have been lost.
+    Failed,
 }
+
+/// Why staging stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// There is room for the frame (without MRG: a chain is staged).
+    Enough,
+    /// The guest has no more buffers available right now.
+    RingEmpty,
+    /// The iovec window is full: the room cannot grow until frames use it.
+    WindowFull,
+}
+
+/// A backend failing this many times in a row ends the batch (a broken or
+/// detached tap fails every read; retrying would only spin).
+const MAX_BACKEND_ERRORS: u32 = 8;
 
 /// A receive queue.
 pub(crate) struct RxQueue {
@@ -182,7 +199,8 @@ impl RxQueue {
         }
     }
 
-    /// Whether the staged room suffices for a frame of `need` bytes.
+    /// The room staged for the next frame: every staged chain with MRG, the first
+    /// one without.
     fn room(&self) -> usize {
         if self.mrg {
             self.staged_capacity
@@ -191,29 +209,29 @@ impl RxQueue {
         }
     }
 
-    /// Stages chains until there is room for `need` bytes, the ring is empty, or
-    /// the iovec window is full.
+    /// Stages chains until there is room for `need` bytes (without MRG: until one
+    /// chain is staged), the ring is empty, or the iovec window is full.
     fn stage<M: GuestMemoryBackend>(
         &mut self,
         ram: &GuestRam<M>,
         need: usize,
         c: &mut NetCounters,
-    ) -> ring::Result<()> {
+    ) -> ring::Result<Stop> {
         loop {
             if self.mrg {
                 if self.staged_capacity >= need {
-                    return Ok(());
+                    return Ok(Stop::Enough);
                 }
             } else if !self.staged.is_empty() {
-                return Ok(());
+                return Ok(Stop::Enough);
             }
             let (head, from_ring) = match self.restage.pop_front() {
                 Some(h) => (h, false),
                 None => {
                     if self.ring.available()? == 0 {
-                        return Ok(());
+                        return Ok(Stop::RingEmpty);
                     }
-                    (self.ring.pop_head(), true)
+                    (self.ring.pop_head()?, true)
                 }
             };
             if self.buf.len() >= MAX_SEGMENTS {
@@ -244,7 +262,7 @@ impl RxQueue {
                     } else {
                         self.restage.push_front(head);
                     }
-                    return Ok(());
+                    return Ok(Stop::WindowFull);
                 }
                 Err(e) => {
                     c.rx_malformed += 1;
@@ -253,6 +271,13 @@ impl RxQueue {
                 }
             }
         }
+    }
+
+    /// Whether the staged room may still grow to `need`: only with MRG, and only if
+    /// staging stopped because the guest has posted nothing more yet (a full
+    /// window, or a ring entirely staged, never grows).
+    fn can_grow(&self, stop: Stop) -> bool {
+        self.mrg && stop == Stop::RingEmpty && self.staged.len() < usize::from(self.ring.size())
     }
 
     /// Processes up to `budget` frames. `pending` is delivered first.
@@ -297,7 +322,10 @@ impl RxQueue {
         out: &mut Processed,
     ) -> ring::Result<()> {
         let mut stalled = false;
-        loop {
+        let mut errors = 0;
+        // Every pass handles a frame or stages buffers; the bound only matters for
+        // a driver that keeps moving its index without posting usable buffers.
+        for _ in 0..budget.saturating_mul(4).max(64) {
             if out.chains >= budget {
                 out.more = true;
                 return Ok(());
@@ -310,7 +338,17 @@ impl RxQueue {
                 self.receive(ram, backend, filter, c)?
             };
             match step {
-                Step::Frame => out.chains += 1,
+                Step::Frame => {
+                    out.chains += 1;
+                    errors = 0;
+                }
+                Step::Failed => {
+                    out.chains += 1;
+                    errors += 1;
+                    if errors >= MAX_BACKEND_ERRORS {
+                        return Ok(());
+                    }
+                }
                 Step::Empty => return Ok(()),
                 Step::NoBuffers => {
                     if !stalled {
@@ -325,22 +363,44 @@ impl RxQueue {
                 }
             }
         }
+        out.more = true;
+        Ok(())
     }
 
-    /// Reads one frame into scratch memory and forgets it. Returns whether a
-    /// frame was there; a backend error counts as a frame lost.
-    fn discard_one<B: NetBackend>(&mut self, backend: &mut B) -> ring::Result<bool> {
-        self.scratch.resize(MAX_BUFFER_LEN, 0);
+    /// Reads one frame into scratch memory and forgets it. `Ok(false)` if there
+    /// was none.
+    fn discard_one<B: NetBackend>(&mut self, backend: &mut B) -> io::Result<bool> {
+        self.scratch
+            .resize(self.scratch.len().max(MAX_BUFFER_LEN), 0);
         let iov = [libc::iovec {
             iov_base: self.scratch.as_mut_ptr().cast(),
-            iov_len: self.scratch.len(),
+            iov_len: MAX_BUFFER_LEN,
         }];
         // SAFETY: the iovec covers `scratch`, which nothing else touches meanwhile.
         let mut bufs = unsafe { RxBuffers::new(&iov, MAX_BUFFER_LEN) };
-        Ok(match backend.recv(&mut bufs) {
-            Ok(_) => true,
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-        })
+        match backend.recv(&mut bufs) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops the next frame as too big for the guest's buffers.
+    fn drop_too_big<B: NetBackend>(&mut self, backend: &mut B, c: &mut NetCounters) -> Step {
+        match self.discard_one(backend) {
+            Ok(true) => {
+                c.rx_dropped_too_big += 1;
+                Step::Frame
+            }
+            Ok(false) => Step::Empty,
+            Err(e) => self.backend_failed(e, c),
+        }
+    }
+
+    fn backend_failed(&self, e: io::Error, c: &mut NetCounters) -> Step {
+        log::debug!("backend lost an RX frame: {e}");
+        c.rx_dropped_backend += 1;
+        Step::Failed
     }
 
     /// Link down: the frame is read and dropped.
@@ -349,19 +409,17 @@ impl RxQueue {
         backend: &mut B,
         c: &mut NetCounters,
     ) -> ring::Result<Step> {
-        if backend.peek() == RxPeek::Empty || !self.discard_one(backend)? {
+        if backend.peek() == RxPeek::Empty {
             return Ok(Step::Empty);
         }
-        c.rx_dropped_link_down += 1;
-        Ok(Step::Frame)
-    }
-
-    /// With MRG and a frame of unknown size: whether `room` (less than the largest
-    /// frame) may be offered anyway. Yes when the guest has nothing more posted and
-    /// the room takes an MTU-sized frame: waiting could deadlock against a guest
-    /// that posts more only after it gets these back.
-    fn mrg_fallback(&self, room: usize) -> ring::Result<bool> {
-        Ok(room >= self.small_frame && self.ring.available()? == 0 && self.restage.is_empty())
+        Ok(match self.discard_one(backend) {
+            Ok(true) => {
+                c.rx_dropped_link_down += 1;
+                Step::Frame
+            }
+            Ok(false) => Step::Empty,
+            Err(e) => self.backend_failed(e, c),
+        })
     }
 
     fn receive<M: GuestMemoryBackend, B: NetBackend>(
@@ -377,30 +435,27 @@ impl RxQueue {
             RxPeek::Frame(len) => len,
             RxPeek::Unknown => self.max_frame,
         };
-        self.stage(ram, need, c)?;
+        let stop = self.stage(ram, need, c)?;
         if self.staged.is_empty() {
             return Ok(Step::NoBuffers);
         }
-        let room = self.room();
+        // The guest's room may be far larger than any frame (descriptors can
+        // overlap): offer the backend no more than the largest frame.
+        let room = self.room().min(MAX_BUFFER_LEN);
         if room < need {
-            match peek {
-                RxPeek::Frame(len) => {
-                    // Without MRG a frame must fit the one chain it gets; with it,
-                    // all the chains the ring can hold at once.
-                    let ring_full = self.staged.len() == usize::from(self.ring.size());
-                    if !self.mrg || ring_full {
-                        c.rx_dropped_too_big += 1;
-                        log::debug!("dropping a {len}-byte frame: the guest's buffers hold {room}");
-                        self.discard_one(backend)?;
-                        return Ok(Step::Frame);
-                    }
+            // A frame of known size that does not fit, or (size unknown) room for
+            // less than an MTU-sized frame with MRG: wait for buffers if more may
+            // come, otherwise the frame can never be delivered. Without MRG and
+            // size unknown, the chain is all the frame can ever get: go ahead (an
+            // oversized frame is lost in the backend). With MRG, an MTU's worth of
+            // room goes ahead too, rather than wait for buffers that the guest may
+            // post only after it gets these back.
+            let take = peek == RxPeek::Unknown && (!self.mrg || room >= self.small_frame);
+            if !take {
+                if self.can_grow(stop) {
                     return Ok(Step::NoBuffers);
                 }
-                // Unknown size without MRG: the chain is all the frame can ever
-                // get, so go ahead (an oversized frame is lost in the backend).
-                _ if !self.mrg => {}
-                _ if self.mrg_fallback(room)? => {}
-                _ => return Ok(Step::NoBuffers),
+                return Ok(self.drop_too_big(backend, c));
             }
         }
         let segs = if self.mrg {
@@ -420,21 +475,23 @@ impl RxQueue {
             backend.recv(&mut bufs)
         };
         match result {
-            Ok(n) => Ok(self.complete(filter, n, c)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Empty),
-            Err(e) => {
-                log::debug!("backend lost an RX frame: {e}");
-                c.rx_dropped_backend += 1;
+            // A backend may report the length of a frame it truncated (a tap does):
+            // what reached the guest is incomplete.
+            Ok(n) if n > room => {
+                c.rx_dropped_too_big += 1;
                 Ok(Step::Frame)
             }
+            Ok(n) => Ok(self.complete(filter, n, c)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Empty),
+            Err(e) => Ok(self.backend_failed(e, c)),
         }
     }
 
-    /// Reads a frame of unknown size into `segs` staged iovecs of `room` bytes
-    /// with at most [`FAST_IOVECS`] iovecs: the first ones straight into guest
-    /// buffers, the last into the scratch buffer, whose bytes (only a frame
-    /// larger than those first buffers has any) are then copied into the guest
-    /// buffers that follow.
+    /// Reads a frame of unknown size into `segs` staged iovecs with at most
+    /// [`FAST_IOVECS`] iovecs: the first ones straight into guest buffers, the last
+    /// into the scratch buffer, whose bytes (only a frame larger than those first
+    /// buffers has any) are then copied into the guest buffers that follow. `room`
+    /// (at most [`MAX_BUFFER_LEN`]) bounds the scratch buffer.
     fn read_with_overflow<B: NetBackend>(
         &mut self,
         backend: &mut B,
@@ -444,7 +501,7 @@ impl RxQueue {
         let window = &self.buf.iovecs()[self.start..self.start + segs];
         let direct = &window[..FAST_IOVECS - 1];
         let direct_len: usize = direct.iter().map(|v| v.iov_len).sum();
-        let overflow = room - direct_len;
+        let overflow = room.saturating_sub(direct_len);
         if self.scratch.len() < overflow {
             self.scratch.resize(overflow, 0);
         }
@@ -458,15 +515,13 @@ impl RxQueue {
             iov_len: overflow,
         };
         // SAFETY: the first iovecs are staged guest buffers (see `receive`), the
-        // last covers `scratch`, which nothing else touches meanwhile.
+        // last covers `overflow` bytes of `scratch`, which nothing else touches
+        // meanwhile.
         let mut bufs = unsafe { RxBuffers::new(&iov, room) };
         let n = backend.recv(&mut bufs)?;
-        if n > direct_len {
-            copy_to_iovecs(
-                &window[FAST_IOVECS - 1..],
-                0,
-                &self.scratch[..n - direct_len],
-            );
+        let spilled = n.min(direct_len + overflow).saturating_sub(direct_len);
+        if spilled > 0 {
+            copy_to_iovecs(&window[FAST_IOVECS - 1..], 0, &self.scratch[..spilled]);
         }
         Ok(n)
     }
@@ -479,17 +534,15 @@ impl RxQueue {
         len: usize,
         c: &mut NetCounters,
     ) -> ring::Result<Step> {
-        self.stage(ram, len, c)?;
+        let stop = self.stage(ram, len, c)?;
         let room = self.room();
         if room < len {
-            let never_fits = !self.staged.is_empty()
-                && (!self.mrg || self.staged.len() == usize::from(self.ring.size()));
-            if never_fits {
-                c.rx_dropped_too_big += 1;
-                pending.pop();
-                return Ok(Step::Frame);
+            if self.staged.is_empty() || self.can_grow(stop) {
+                return Ok(Step::NoBuffers);
             }
-            return Ok(Step::NoBuffers);
+            c.rx_dropped_too_big += 1;
+            pending.pop();
+            return Ok(Step::Frame);
         }
         let frame = pending.front().unwrap_or_default();
         copy_to_iovecs(self.window(), 0, frame);
@@ -578,10 +631,16 @@ mod tests {
     }
 
     fn fx_with(features: Features, be: RecordingBackend) -> Fx {
-        let mut dev: StandbyNet<GuestMem, _> =
-            StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        fx_sized(features, be, 256)
+    }
+
+    fn fx_sized(features: Features, be: RecordingBackend, qsize: u16) -> Fx {
+        let mut dev: StandbyNet<GuestMem, _> = StandbyNetBuilder::new()
+            .queue_size(qsize)
+            .build(vec![be.clone()])
+            .unwrap();
         let mem = TestMemory::new(32 << 20);
-        let g = GuestDriver::bring_up(&mut dev, &mem, features, 256).unwrap();
+        let g = GuestDriver::bring_up(&mut dev, &mem, features, qsize).unwrap();
         Fx { dev, be, g }
     }
 
@@ -851,6 +910,98 @@ mod tests {
         }
         assert!(f.process().notified);
         assert_eq!(f.g.interrupt.queue_count(0), 1);
+    }
+
+    fn opaque() -> RecordingBackend {
+        RecordingBackend {
+            opaque: true,
+            ..Default::default()
+        }
+    }
+
+    /// Audit finding: the room a guest posts is unbounded (descriptors may all
+    /// cover the same memory); it must not size any allocation.
+    #[test]
+    fn huge_overlapping_buffers_do_not_size_allocations() {
+        for features in [DEFAULT_OFFER, DEFAULT_OFFER.without(VIRTIO_NET_F_MRG_RXBUF)] {
+            let mut f = fx_with(features, opaque());
+            // One chain of 256 descriptors each covering (almost) all of guest
+            // memory: 8 GiB of "room" in 32 MiB.
+            let addrs = vec![0u64; 256];
+            let lens = vec![(32u32 << 20) - 4096; 256];
+            f.g.rx[0].add_writable(&addrs, &lens);
+            f.g.rx[0].publish();
+            let fr = frame(OWN, &[7; 1000]);
+            f.inject(&fr);
+            f.process();
+            let (_, len) = f.g.rx[0].pop_used().unwrap();
+            assert_eq!(len as usize, fr.len());
+            assert_eq!(f.g.mem.read(12, fr.len() - 12), fr[12..]);
+        }
+    }
+
+    /// Audit finding: a tap reports the full length of a frame it truncated.
+    #[test]
+    fn a_backend_reporting_more_than_fits_is_a_drop_not_a_panic() {
+        let be = RecordingBackend {
+            opaque: true,
+            truncating: true,
+            ..Default::default()
+        };
+        let mut f = fx_with(DEFAULT_OFFER.without(VIRTIO_NET_F_MRG_RXBUF), be);
+        // One chain of 9 descriptors of 2 bytes: 18 bytes of room.
+        let a = f.g.mem.alloc(64, 8);
+        let addrs: Vec<u64> = (0..9).map(|i| a + 2 * i).collect();
+        f.g.rx[0].add_writable(&addrs, &[2; 9]);
+        f.g.rx[0].publish();
+        f.inject(&frame(OWN, &[1; 46]));
+        f.process();
+        assert_eq!(f.counters().rx_dropped_too_big, 1);
+        assert_eq!(f.g.rx[0].pop_used(), None, "nothing delivered");
+    }
+
+    /// Audit finding: a full iovec window with too little room must not loop.
+    #[test]
+    fn a_full_iovec_window_ends_the_batch() {
+        let mut f = fx_sized(DEFAULT_OFFER, opaque(), 4096);
+        // 200 chains of 12 one-byte descriptors: the 1024-iovec window fills with
+        // 1020 bytes of room, less than an MTU frame.
+        let a = f.g.mem.alloc(4096, 8);
+        for _ in 0..200 {
+            let addrs: Vec<u64> = (0..12).map(|i| a + i).collect();
+            f.g.rx[0].add_writable(&addrs, &[1; 12]);
+        }
+        f.g.rx[0].publish();
+        for _ in 0..3 {
+            f.inject(&frame(OWN, &[1; 1400]));
+        }
+        let p = f.process();
+        assert_eq!(p.chains, 3);
+        assert_eq!(f.counters().rx_dropped_too_big, 3);
+        // The backend cannot say a frame is small, and less than an MTU frame's
+        // room is all this guest offers: small frames are dropped too, counted.
+        f.inject(&frame(OWN, &[2; 50]));
+        f.process();
+        assert_eq!(f.counters().rx_dropped_too_big, 4);
+        assert_eq!(f.counters().rx_frames, 0);
+    }
+
+    /// Audit finding: a backend failing every read must not spin.
+    #[test]
+    fn a_failing_backend_ends_the_batch() {
+        let be = RecordingBackend {
+            opaque: true,
+            failing: true,
+            ..Default::default()
+        };
+        let mut f = fx_with(DEFAULT_OFFER, be);
+        f.g.post_rx(0, 64);
+        let p = f.process();
+        assert_eq!((p.chains, p.more), (MAX_BACKEND_ERRORS as usize, false));
+        assert_eq!(
+            f.counters().rx_dropped_backend,
+            u64::from(MAX_BACKEND_ERRORS)
+        );
     }
 
     #[test]

@@ -770,6 +770,11 @@ pub struct BackendLog {
 pub struct RecordingBackend {
     /// Behave like a tap: never tell the length of the next frame.
     pub opaque: bool,
+    /// Behave like a tap given too little room: copy what fits and report the
+    /// frame's full length (instead of failing with `EFAULT`).
+    pub truncating: bool,
+    /// Fail every receive with `EBADFD`, as a detached tap queue does.
+    pub failing: bool,
     /// What the device did.
     pub log: Arc<Mutex<BackendLog>>,
     /// Frames to deliver, header included, oldest first.
@@ -790,6 +795,9 @@ impl NetBackend for RecordingBackend {
     }
 
     fn recv(&mut self, bufs: &mut crate::RxBuffers<'_>) -> std::io::Result<usize> {
+        if self.failing {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADFD));
+        }
         let f = self
             .incoming
             .lock()
@@ -797,7 +805,11 @@ impl NetBackend for RecordingBackend {
             .pop_front()
             .ok_or(std::io::ErrorKind::WouldBlock)?;
         if f.len() > bufs.capacity() {
-            // What a tap does: the frame is lost, EFAULT.
+            if self.truncating {
+                bufs.write_at(0, &f[..bufs.capacity()]);
+                return Ok(f.len());
+            }
+            // The frame is lost, EFAULT.
             return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
         }
         bufs.write_at(0, &f);

@@ -12,6 +12,13 @@
 //! - backend error: dropped, returned;
 //! - backend full (`WouldBlock`): left in the ring; TX resumes when the backend's
 //!   [`tx_readiness`](crate::NetBackend::tx_readiness) fires.
+//!
+//! The header is checked where it lies in guest memory and not copied: a guest
+//! that rewrites it between the check and the send only obtains offloads it could
+//! have negotiated, and whoever receives the frame validates it on its own (the
+//! kernel behind a tap parses every header; the pair's receiving end checks it
+//! against its own guest's offloads). Copying it would cost the common single-
+//! descriptor frame a second iovec.
 
 use std::io;
 use std::ptr;
@@ -138,7 +145,7 @@ impl TxQueue {
                 return Ok(());
             }
             let n = avail.min(BURST).min(budget - out.chains);
-            self.gather(n, ram, features, link_up);
+            self.gather(n, ram, features, link_up)?;
             if !self.send(backend, c, out) {
                 return Ok(());
             }
@@ -153,7 +160,7 @@ impl TxQueue {
         ram: &GuestRam<M>,
         features: Features,
         link_up: bool,
-    ) {
+    ) -> ring::Result<()> {
         self.buf.clear();
         self.burst.clear();
         for _ in 0..n {
@@ -161,7 +168,7 @@ impl TxQueue {
             if self.buf.len() > MAX_SEGMENTS {
                 break;
             }
-            let head = self.ring.pop_head();
+            let head = self.ring.pop_head()?;
             let first = self.buf.len();
             self.buf.limit = first + MAX_SEGMENTS;
             let outcome = self.judge(head, first, ram, features, link_up);
@@ -170,6 +177,7 @@ impl TxQueue {
             }
             self.burst.push((head, outcome));
         }
+        Ok(())
     }
 
     #[inline]
@@ -455,16 +463,6 @@ mod tests {
                 |c| c.malformed_loop,
             ),
             (
-                "head index out of range",
-                Box::new(|g| {
-                    let a = g.mem.alloc(100, 8);
-                    g.tx[0].add_readable(&[a], &[100]);
-                    // The first available entry names a descriptor that does not exist.
-                    g.tx[0].set_avail_entry(0, 4000);
-                }),
-                |c| c.malformed_head_out_of_range,
-            ),
-            (
                 "next index out of range",
                 Box::new(|g| {
                     let a = g.mem.alloc(100, 8);
@@ -501,6 +499,21 @@ mod tests {
             assert_eq!(f.g.tx[0].used_idx(), 2, "{name}");
             assert!(!f.dev.needs_reset(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_head_outside_the_table_needs_reset() {
+        // No used element can return a descriptor that does not exist: like QEMU,
+        // the device flags NEEDS_RESET and tells the driver.
+        let mut f = fx(DEFAULT_OFFER);
+        let a = f.g.mem.alloc(100, 8);
+        f.g.tx[0].add_readable(&[a], &[100]);
+        f.g.tx[0].set_avail_entry(0, 4000);
+        f.g.tx[0].publish();
+        f.process();
+        assert!(f.dev.needs_reset());
+        assert_eq!(f.g.interrupt.config_count(), 1);
+        assert!(f.sent().is_empty());
     }
 
     #[test]

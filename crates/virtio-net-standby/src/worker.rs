@@ -224,9 +224,13 @@ fn serve<M, B>(
 {
     let _keep_open = &src.fds;
     let mut events = vec![EpollEvent::default(); 8];
-    let (mut tx_more, mut rx_more) = (true, true);
+    let (mut tx_more, mut rx_more, mut ctl_more) = (true, true, ctrl.is_some());
     loop {
-        let timeout = if tx_more || rx_more { 0 } else { -1 };
+        let timeout = if tx_more || rx_more || ctl_more {
+            0
+        } else {
+            -1
+        };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -238,7 +242,7 @@ fn serve<M, B>(
                 return;
             }
         };
-        let (mut tx, mut rx, mut ctl) = (tx_more, rx_more, false);
+        let (mut tx, mut rx, mut ctl) = (tx_more, rx_more, ctl_more);
         for ev in &events[..n] {
             match ev.data() {
                 STOP => return,
@@ -266,9 +270,10 @@ fn serve<M, B>(
         }
         tx_more = false;
         rx_more = false;
+        ctl_more = false;
         if ctl {
             if let Some(c) = &ctrl {
-                c.lock().unwrap_or_else(|p| p.into_inner()).process();
+                ctl_more = c.lock().unwrap_or_else(|p| p.into_inner()).process().more;
             }
         }
         if tx {
