@@ -3,7 +3,7 @@
 //! every byte of every frame arrives, in order.
 
 use virtio_net_standby::features::DEFAULT_OFFER;
-use virtio_net_standby::testing::{DriverQueue, GuestDriver, GuestMem, Rng, TestMemory};
+use virtio_net_standby::testing::{DriverQueue, Entropy, GuestDriver, GuestMem, Rng, TestMemory};
 use virtio_net_standby::{PairBackend, PairConfig, StandbyNet, StandbyNetBuilder, pair};
 
 const FRAMES: u64 = 1_000_000;
