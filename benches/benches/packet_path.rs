@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use virtio_net_standby::features::DEFAULT_OFFER;
 use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, pair_send, tcp4_frame};
+use virtio_net_standby::testing::{
+    GuestDriver, GuestMem, PacketSocket, TestMemory, pair_send, tcp4_frame,
+};
 use virtio_net_standby::{NetBackend, PairConfig, StandbyNet, StandbyNetBuilder, Tap, pair};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -239,45 +241,6 @@ fn open_tap() -> Option<Tap> {
     Some(tap)
 }
 
-/// A packet socket on the tap's interface, to inject frames the tap then
-/// delivers to its reader.
-struct Injector {
-    fd: i32,
-    ifindex: i32,
-}
-
-impl Injector {
-    fn new(tap: &Tap) -> Injector {
-        // SAFETY: plain socket(2); checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        assert!(fd >= 0);
-        Injector {
-            fd,
-            ifindex: tap.if_index().unwrap() as i32,
-        }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: sockaddr_ll is plain data.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        // SAFETY: a live buffer and a correctly sized address.
-        let n = unsafe {
-            libc::sendto(
-                self.fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(n, frame.len() as isize);
-    }
-}
-
 /// Times `f` once per iteration after `setup`, summing only `f`'s time.
 fn timed<S: FnMut(), F: FnMut()>(iters: u64, mut setup: S, mut f: F) -> Duration {
     let mut t = Duration::ZERO;
@@ -318,7 +281,7 @@ fn bench_tap(c: &mut Criterion) {
     for &size in &SIZES {
         // A fresh tap per size; the device owns it, the floors use its fd.
         let Some(tap) = open_tap() else { return };
-        let injector = Injector::new(&tap);
+        let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
         let frame = make_frame(size);
         let rig = std::cell::RefCell::new(Rig::new(tap, &frame, 1536));
         let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
@@ -367,7 +330,7 @@ fn bench_tap(c: &mut Criterion) {
         }
         let inject = || {
             for _ in 0..BATCH {
-                injector.send(&frame[12..]);
+                injector.send(&frame[12..]).unwrap();
             }
         };
         let buf = std::cell::RefCell::new(vec![0u8; 65_562]);

@@ -3,7 +3,6 @@
 //! on that socket come out in the guest's buffers. Needs `/dev/net/tun` and
 //! CAP_NET_ADMIN: where the machine has neither, each test prints why and passes.
 
-use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -12,10 +11,9 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_net_standby::features::DEFAULT_OFFER;
 use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, tcp4_frame};
+use virtio_net_standby::testing::{GuestDriver, GuestMem, PacketSocket, TestMemory, tcp4_frame};
 use virtio_net_standby::{NetBackend, StandbyNet, StandbyNetBuilder, Tap};
 
-const ETH_P_ALL: u16 = 0x0003;
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -45,130 +43,13 @@ fn open_tap() -> Option<Tap> {
     Some(tap)
 }
 
-/// A raw packet socket on the tap's interface: the host side of the wire.
-struct Wire {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl Wire {
-    fn new(tap: &Tap, vnet_hdr: bool) -> Wire {
-        // SAFETY: plain socket(2); checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(ETH_P_ALL.to_be()),
-            )
-        };
-        assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let ifindex = tap.if_index().unwrap() as i32;
-        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex;
-        // SAFETY: binding with a correctly sized sockaddr_ll.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "bind: {}", io::Error::last_os_error());
-        if vnet_hdr {
-            let one: libc::c_int = 1;
-            // SAFETY: PACKET_VNET_HDR takes an int.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_PACKET,
-                    libc::PACKET_VNET_HDR,
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                )
-            };
-            assert_eq!(r, 0, "PACKET_VNET_HDR: {}", io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: SO_RCVTIMEO takes a timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        Wire { fd, ifindex }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        // SAFETY: sending from a live buffer with a correctly sized address.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "sendto: {}",
-            io::Error::last_os_error()
-        );
-    }
-
-    /// The next incoming frame (not our own outgoing ones) with the test
-    /// EtherType, skipping `skip` leading bytes (a vnet header) before the
-    /// Ethernet header. None after 5 s.
-    fn recv_test_frame(&self, skip: usize) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = vec![0u8; 70_000];
-        while Instant::now() < deadline {
-            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut fl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: receiving into a live buffer of its stated size.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut fl,
-                )
-            };
-            if n < 0 {
-                continue;
-            }
-            if from.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            let f = &buf[skip..n as usize];
-            if f.len() >= 14 && (f[12..14] == ETHERTYPE_TEST || f[12..14] == [0x08, 0x00]) {
-                return Some(buf[..n as usize].to_vec());
-            }
-        }
-        None
-    }
+/// The next incoming frame with the test or IPv4 EtherType, after `skip` leading
+/// bytes (a vnet header); None after 5 s.
+fn recv_test_frame(wire: &PacketSocket, skip: usize) -> Option<Vec<u8>> {
+    wire.recv_matching(Duration::from_secs(5), |f| {
+        let e = f.get(skip..).unwrap_or_default();
+        e.len() >= 14 && (e[12..14] == ETHERTYPE_TEST || e[12..14] == [0x08, 0x00])
+    })
 }
 
 fn standby(tap: Tap) -> StandbyNet<GuestMem, Tap> {
@@ -190,7 +71,7 @@ fn test_frame(dst: [u8; 6], src: [u8; 6], i: usize, len: usize) -> Vec<u8> {
 #[test]
 fn guest_frames_go_into_the_tap_and_tap_frames_into_the_guest() {
     let Some(tap) = open_tap() else { return };
-    let wire = Wire::new(&tap, false);
+    let wire = PacketSocket::open(&tap, false).unwrap();
     let mut dev = standby(tap);
     let mem = TestMemory::new(64 << 20);
     let mut g = GuestDriver::bring_up(&mut dev, &mem, DEFAULT_OFFER, 256).unwrap();
@@ -209,9 +90,7 @@ fn guest_frames_go_into_the_tap_and_tap_frames_into_the_guest() {
     let p = dev.queue_pair(0).unwrap().process_tx();
     assert_eq!(p.chains, frames.len());
     for f in &frames {
-        let got = wire
-            .recv_test_frame(0)
-            .expect("frame seen on the tap's interface");
+        let got = recv_test_frame(&wire, 0).expect("frame seen on the tap's interface");
         assert_eq!(
             got,
             f[12..],
@@ -228,7 +107,7 @@ fn guest_frames_go_into_the_tap_and_tap_frames_into_the_guest() {
         .map(|(i, &l)| test_frame(GUEST_MAC, HOST_MAC, i + 100, l))
         .collect();
     for f in &frames {
-        wire.send(&f[12..]);
+        wire.send(&f[12..]).unwrap();
     }
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -251,8 +130,8 @@ fn guest_frames_go_into_the_tap_and_tap_frames_into_the_guest() {
 #[test]
 fn tso_frames_cross_the_tap_in_both_directions() {
     let Some(tap) = open_tap() else { return };
-    let plain = Wire::new(&tap, false);
-    let wire = Wire::new(&tap, true);
+    let plain = PacketSocket::open(&tap, false).unwrap();
+    let wire = PacketSocket::open(&tap, true).unwrap();
     let mut dev = standby(tap);
     let mem = TestMemory::new(64 << 20);
     let mut g = GuestDriver::bring_up(&mut dev, &mem, DEFAULT_OFFER, 256).unwrap();
@@ -275,9 +154,7 @@ fn tso_frames_cross_the_tap_in_both_directions() {
     dev.queue_pair(0).unwrap().process_tx();
     let c = dev.counters();
     assert_eq!((c.tx_frames, c.tx_dropped_backend), (1, 0), "{c:?}");
-    let seen = plain
-        .recv_test_frame(0)
-        .expect("the TSO frame reached the interface");
+    let seen = recv_test_frame(&plain, 0).expect("the TSO frame reached the interface");
     assert_eq!(
         seen.len(),
         20_054,
@@ -291,7 +168,7 @@ fn tso_frames_cross_the_tap_in_both_directions() {
     // struct virtio_net_hdr for the packet socket (10 bytes).
     f.extend_from_slice(&hdr.to_bytes()[..10]);
     f.extend(tcp4_frame(GUEST_MAC, HOST_MAC, 30_000));
-    wire.send(&f);
+    wire.send(&f).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut got = None;
     while got.is_none() && Instant::now() < deadline {
@@ -315,7 +192,7 @@ fn tso_frames_cross_the_tap_in_both_directions() {
 #[test]
 fn without_guest_tso_the_kernel_segments_for_the_guest() {
     let Some(tap) = open_tap() else { return };
-    let wire = Wire::new(&tap, true);
+    let wire = PacketSocket::open(&tap, true).unwrap();
     let mut dev = standby(tap);
     let mem = TestMemory::new(64 << 20);
     let no_gso = DEFAULT_OFFER
@@ -336,7 +213,7 @@ fn without_guest_tso_the_kernel_segments_for_the_guest() {
     };
     let mut f = hdr.to_bytes()[..10].to_vec();
     f.extend(tcp4_frame(GUEST_MAC, HOST_MAC, 5000));
-    wire.send(&f);
+    wire.send(&f).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut segments = Vec::new();
     while segments.len() < 5 && Instant::now() < deadline {
