@@ -25,6 +25,10 @@ use crate::standby::{StandbyListener, StandbyNegotiated};
 use crate::tx::Processed;
 use crate::virtio::{self, ActivateQueue, VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt};
 
+/// The most queue pairs a device can have: 2N + 1 queues (the control queue
+/// last) must fit a 16-bit queue index. (The control command allows 32768.)
+pub const MAX_QUEUE_PAIRS: u16 = 32767;
+
 /// Errors building or operating the device.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,8 +43,9 @@ pub enum Error {
     /// Split queue sizes are powers of two.
     #[error("queue size {0} is not a power of two between 2 and 32768")]
     QueueSize(u16),
-    /// Queue pairs must be between 1 and 32768 (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX`).
-    #[error("the device needs between 1 and 32768 queue pairs, not {0}")]
+    /// Queue pairs must be between 1 and 32767: with the control queue, 2N + 1
+    /// queues must be numbered by a 16-bit queue index.
+    #[error("the device needs between 1 and 32767 queue pairs, not {0}")]
     QueuePairs(u16),
     /// The MTU is too small for IPv4.
     #[error("MTU {0} is below the IPv4 minimum of 68")]
@@ -176,7 +181,7 @@ impl StandbyNetBuilder {
         M::R: Sync,
         B: NetBackend,
     {
-        if self.queue_pairs == 0 || u32::from(self.queue_pairs) > VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX {
+        if self.queue_pairs == 0 || self.queue_pairs > MAX_QUEUE_PAIRS {
             return Err(Error::QueuePairs(self.queue_pairs));
         }
         if backends.len() != usize::from(self.queue_pairs) {
@@ -736,7 +741,12 @@ mod tests {
         let e = |r: Result<Dev>| r.unwrap_err().to_string();
         assert!(e(b().build(vec![])).contains("1 backends are needed"));
         assert!(e(b().queue_size(100).build(one())).contains("queue size 100"));
-        assert!(e(b().queue_pairs(0).build(vec![])).contains("between 1 and 32768"));
+        assert!(e(b().queue_pairs(0).build(vec![])).contains("between 1 and 32767"));
+        assert!(matches!(
+            b().queue_pairs(32768)
+                .build::<GuestMem, RecordingBackend>(vec![]),
+            Err(Error::QueuePairs(32768))
+        ));
         assert!(e(b().mtu(67).build(one())).contains("MTU 67"));
         assert!(e(b().mac([1, 0, 0, 0, 0, 0]).build(one())).contains("multicast"));
         assert!(matches!(
