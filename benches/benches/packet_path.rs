@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use virtio_net_standby::features::DEFAULT_OFFER;
-use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
 use virtio_net_standby::testing::{
-    GuestDriver, GuestMem, PacketSocket, TestMemory, pair_send, tcp4_frame,
+    GuestDriver, GuestMem, PacketSocket, TestMemory, pair_send, tcp4_frame, tso4_header,
 };
 use virtio_net_standby::{NetBackend, PairConfig, StandbyNet, StandbyNetBuilder, Tap, pair};
 use virtio_queue::QueueT;
@@ -37,15 +36,7 @@ const DST: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 fn make_frame(len: usize) -> Vec<u8> {
     let mut f = vec![0u8; 12];
     if len > 1514 {
-        let h = VirtioNetHdr {
-            flags: FLAG_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            hdr_len: 54,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            num_buffers: 0,
-        };
+        let h = tso4_header(1448);
         f.copy_from_slice(&h.to_bytes());
     }
     // IPv4/TCP, so that a kernel taking the frame can parse it.

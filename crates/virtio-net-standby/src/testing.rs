@@ -520,6 +520,20 @@ pub trait Entropy {
     }
 }
 
+/// The header of a TCP/IPv4 TSO frame built by [`tcp4_frame`]: partial checksum
+/// at the TCP checksum field, segments of `gso_size` bytes.
+pub fn tso4_header(gso_size: u16) -> crate::VirtioNetHdr {
+    crate::VirtioNetHdr {
+        flags: crate::header::FLAG_NEEDS_CSUM,
+        gso_type: crate::header::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    }
+}
+
 /// xorshift64*: a small deterministic generator for randomized tests.
 #[derive(Debug, Clone)]
 pub struct Rng(pub u64);

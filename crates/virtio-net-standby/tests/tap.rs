@@ -10,8 +10,10 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
 use virtio_net_standby::features::DEFAULT_OFFER;
-use virtio_net_standby::header::{FLAG_NEEDS_CSUM, GSO_TCPV4, VirtioNetHdr};
-use virtio_net_standby::testing::{GuestDriver, GuestMem, PacketSocket, TestMemory, tcp4_frame};
+use virtio_net_standby::header::{GSO_TCPV4, VirtioNetHdr};
+use virtio_net_standby::testing::{
+    GuestDriver, GuestMem, PacketSocket, TestMemory, tcp4_frame, tso4_header,
+};
 use virtio_net_standby::{NetBackend, StandbyNet, StandbyNetBuilder, Tap};
 
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
@@ -138,15 +140,7 @@ fn tso_frames_cross_the_tap_in_both_directions() {
     assert!(g.features.has(VIRTIO_NET_F_GUEST_TSO4));
 
     // Guest TX of a 20 000-byte TSO frame: the tap must accept our header.
-    let hdr = VirtioNetHdr {
-        flags: FLAG_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-        num_buffers: 0,
-    };
+    let hdr = tso4_header(1448);
     let mut f = hdr.to_bytes().to_vec();
     f.extend(tcp4_frame(HOST_MAC, GUEST_MAC, 20_000));
     g.queue_tx(0, &f);
@@ -202,15 +196,7 @@ fn without_guest_tso_the_kernel_segments_for_the_guest() {
     let no_gso = virtio_net_standby::features::prune(no_gso);
     let mut g = GuestDriver::bring_up(&mut dev, &mem, no_gso, 256).unwrap();
     g.post_rx(0, 256);
-    let hdr = VirtioNetHdr {
-        flags: FLAG_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
-        hdr_len: 54,
-        gso_size: 1000,
-        csum_start: 34,
-        csum_offset: 16,
-        num_buffers: 0,
-    };
+    let hdr = tso4_header(1000);
     let mut f = hdr.to_bytes()[..10].to_vec();
     f.extend(tcp4_frame(GUEST_MAC, HOST_MAC, 5000));
     wire.send(&f).unwrap();
