@@ -1,0 +1,31 @@
+//! A PCI Express root port with one native hot-plug slot.
+//!
+//! [`RootPort`] is a type 1 bridge (class 0x0604) whose PCI Express capability
+//! reports a Root Port with a slot: attention button, power controller, attention
+//! and power indicators, electromechanical interlock, hot-plug capable, optional
+//! hot-plug surprise, and Data Link Layer Link Active reporting. Its Slot Control
+//! and Slot Status registers behave as the specification says and as Linux pciehp
+//! expects, and its hot-plug events interrupt through MSI (INTx as fallback).
+//!
+//! The VMM drives the slot through [`HotplugSlot`]:
+//! - [`HotplugSlot::cold_plug`] before the guest runs (no event);
+//! - [`HotplugSlot::plug`] (presence, link, events; the guest powers the slot);
+//! - [`HotplugSlot::request_unplug`] (guest-cooperative: the attention button;
+//!   the device leaves the moment the guest turns slot power off);
+//! - [`HotplugSlot::cancel_unplug`] (a second button press inside the guest's
+//!   5-second window);
+//! - [`HotplugSlot::surprise_remove`] (for ports built with hot-plug surprise).
+//!
+//! Plug and unplug return a [`Completion`] that resolves the moment the guest's
+//! register write finishes the operation: wait on it, poll its eventfd, `.await`
+//! it, or register a callback. There is no polling interval.
+
+#![deny(missing_docs)]
+
+mod completion;
+mod root_port;
+mod slot;
+
+pub use completion::{Completion, HotplugOutcome};
+pub use root_port::{PortCounters, RootPort, RootPortBuilder};
+pub use slot::{Error, HotplugSlot, Operation, Result, SlotState};

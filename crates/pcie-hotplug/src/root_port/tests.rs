@@ -1,0 +1,569 @@
+//! Register-level tests of the root port. Linux-like flows with timings are in
+//! the `test-guest` crate's scenarios.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pci::config::{
+    BAR0, CLASS_PROG_IF, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
+    HEADER_TYPE, INTERRUPT_PIN, PRIMARY_BUS, STATUS, STATUS_INTERRUPT,
+};
+use pci::pcie::*;
+use pci::{
+    BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, MsiMessage, MsiSink,
+    PciFunction, PciIds,
+};
+
+use super::*;
+
+#[derive(Default)]
+struct Msis(Mutex<Vec<MsiMessage>>);
+impl MsiSink for Msis {
+    fn deliver(&self, _v: u16, m: MsiMessage) {
+        self.0.lock().unwrap().push(m);
+    }
+}
+impl Msis {
+    fn take(&self) -> usize {
+        std::mem::take(&mut *self.0.lock().unwrap()).len()
+    }
+}
+
+#[derive(Default)]
+struct Line(AtomicBool);
+impl IntxSink for Line {
+    fn set_level(&self, asserted: bool) {
+        self.0.store(asserted, Ordering::SeqCst);
+    }
+}
+
+struct Nic(ConfigSpace);
+impl PciFunction for Nic {
+    fn read_config(&mut self, o: u16, d: &mut [u8]) {
+        self.0.read(o, d)
+    }
+    fn write_config(&mut self, o: u16, d: &[u8]) -> Option<BarMove> {
+        self.0.write(o, d)
+    }
+    fn bar_regions(&self) -> BarRegions {
+        self.0.bar_regions()
+    }
+    fn read_bar(&mut self, _: u8, _: u64, d: &mut [u8]) {
+        d.fill(0)
+    }
+    fn write_bar(&mut self, _: u8, _: u64, _: &[u8]) {}
+}
+
+fn nic() -> PciHandle {
+    let ids = PciIds {
+        vendor_id: 0x8086,
+        device_id: 0x154c,
+        subsystem_vendor_id: 0,
+        subsystem_id: 0,
+        revision: 1,
+        class: ClassCode::ETHERNET,
+    };
+    let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
+    cs.add_bar(0, BarKind::Memory64 { prefetchable: true }, 0x4000)
+        .unwrap();
+    Arc::new(Mutex::new(Nic(cs)))
+}
+
+struct Rig {
+    port: RootPort,
+    msis: Arc<Msis>,
+    line: Arc<Line>,
+    cap: u16,
+}
+
+impl Rig {
+    fn new(b: RootPortBuilder) -> Rig {
+        let msis = Arc::new(Msis::default());
+        let line = Arc::new(Line::default());
+        let port = b.intx(line.clone()).build(msis.clone());
+        let cap = port.pcie_cap_offset();
+        Rig {
+            port,
+            msis,
+            line,
+            cap,
+        }
+    }
+    fn hp() -> Rig {
+        Rig::new(RootPortBuilder::new("rp0", 5))
+    }
+    fn r16(&mut self, off: u16) -> u16 {
+        let mut b = [0; 2];
+        self.port.read_config(off, &mut b);
+        u16::from_le_bytes(b)
+    }
+    fn r32(&mut self, off: u16) -> u32 {
+        let mut b = [0; 4];
+        self.port.read_config(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn w16(&mut self, off: u16, v: u16) {
+        self.port.write_config(off, &v.to_le_bytes());
+    }
+    fn w32(&mut self, off: u16, v: u32) {
+        self.port.write_config(off, &v.to_le_bytes());
+    }
+    fn ctl(&mut self) -> u16 {
+        self.r16(self.cap + SLTCTL)
+    }
+    fn sta(&mut self) -> u16 {
+        self.r16(self.cap + SLTSTA)
+    }
+    /// A Linux-style masked Slot Control command.
+    fn cmd(&mut self, value: u16, mask: u16) {
+        let ctl = self.ctl();
+        self.w16(self.cap + SLTCTL, (ctl & !mask) | value);
+    }
+    fn ack(&mut self, bits: u16) {
+        self.w16(self.cap + SLTSTA, bits);
+    }
+    /// MSI on at 0xfee00000, bus master on, then pciehp's notification enables.
+    fn enable_msi(&mut self) {
+        let msi = self.port.msi.unwrap().offset();
+        self.w32(msi + 4, 0xfee0_0000);
+        self.w16(msi + 0xc, 0x30);
+        self.w16(msi + 2, 1);
+        self.w16(COMMAND, COMMAND_BUS_MASTER | COMMAND_MEMORY);
+    }
+    fn enable_notifications(&mut self) {
+        self.cmd(
+            SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_HPIE | SLTCTL_CCIE,
+            SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_PDCE | SLTCTL_HPIE | SLTCTL_CCIE,
+        );
+        let sta = self.sta();
+        self.ack(sta & SLTSTA_EVENTS);
+        self.msis.take();
+    }
+}
+
+#[test]
+fn identity_and_capabilities() {
+    let mut r = Rig::hp();
+    assert_eq!(r.r32(0), 0x000c_1b36);
+    assert_eq!(r.r32(CLASS_PROG_IF - 1) >> 8, 0x06_04_00);
+    assert_eq!(r.port.config().get_u8(HEADER_TYPE), 1);
+    assert_eq!(r.port.config().get_u8(INTERRUPT_PIN), 1);
+    assert_eq!(
+        r.r16(r.cap + FLAGS),
+        0x0142,
+        "v2, root port, slot implemented"
+    );
+    let sltcap = r.r32(r.cap + SLTCAP);
+    assert_eq!(
+        sltcap,
+        SLTCAP_ABP
+            | SLTCAP_PCP
+            | SLTCAP_AIP
+            | SLTCAP_PIP
+            | SLTCAP_EIP
+            | SLTCAP_HPC
+            | 5 << SLTCAP_PSN_SHIFT
+    );
+    assert_eq!(sltcap & (SLTCAP_NCCS | SLTCAP_HPS | SLTCAP_MRLSP), 0);
+    assert_ne!(r.r32(r.cap + LNKCAP) & LNKCAP_DLLLARC, 0);
+    assert!(
+        r.port
+            .config()
+            .find_capability(pci::config::CAP_ID_MSI)
+            .is_some()
+    );
+
+    let mut s = Rig::new(RootPortBuilder::new("rp1", 9).surprise(true));
+    assert_ne!(s.r32(s.cap + SLTCAP) & SLTCAP_HPS, 0);
+    let mut n = Rig::new(RootPortBuilder::new("rp2", 1).hotplug(false).surprise(true));
+    assert_eq!(n.r32(n.cap + SLTCAP) & (SLTCAP_HPC | SLTCAP_HPS), 0);
+}
+
+#[test]
+fn empty_slot_resets_powered_off() {
+    let mut r = Rig::hp();
+    assert_eq!(r.ctl(), SLTCTL_AIC_OFF | SLTCTL_PIC_OFF | SLTCTL_PCC);
+    assert_eq!(r.sta(), 0);
+    assert_eq!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
+    assert!(r.port.children().is_empty());
+    let st = r.port.slot_state();
+    assert!(!st.present && !st.powered && !st.link_active && st.pending.is_none());
+}
+
+#[test]
+fn cold_plug_is_present_powered_and_silent() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.enable_notifications();
+    r.port.cold_plug(nic()).unwrap();
+    assert_eq!(r.sta(), SLTSTA_PDS);
+    assert_ne!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
+    assert_eq!(r.ctl() & (SLTCTL_PCC | SLTCTL_PIC), SLTCTL_PIC_ON);
+    assert_eq!(r.port.children().len(), 1);
+    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.port.cold_plug(nic()), Err(Error::Occupied("rp0".into())));
+    // A port reset keeps a populated slot powered.
+    r.port.reset();
+    assert_eq!(r.sta(), SLTSTA_PDS);
+    assert_eq!(r.ctl() & (SLTCTL_PCC | SLTCTL_PIC), SLTCTL_PIC_ON);
+}
+
+#[test]
+fn command_completed_on_every_slot_control_write() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.cmd(SLTCTL_AIC_OFF, SLTCTL_AIC);
+    assert_eq!(
+        r.sta() & SLTSTA_CC,
+        SLTSTA_CC,
+        "even a write that changes nothing"
+    );
+    assert_eq!(r.msis.take(), 0, "no CCIE/HPIE: no interrupt");
+    r.ack(SLTSTA_CC);
+    assert_eq!(r.sta() & SLTSTA_CC, 0);
+    // A dword write covering control and status is one command, and its status
+    // half clears what it writes 1 to first.
+    let ctl = r.ctl() | SLTCTL_CCIE | SLTCTL_HPIE;
+    r.w32(r.cap + SLTCTL, (SLTSTA_CC as u32) << 16 | ctl as u32);
+    assert_eq!(r.sta() & SLTSTA_CC, SLTSTA_CC);
+    assert_eq!(r.msis.take(), 1);
+    // Status-only writes are not commands.
+    r.ack(SLTSTA_CC);
+    r.ack(0);
+    assert_eq!(r.sta() & SLTSTA_CC, 0);
+    assert_eq!(r.port.counters().slot_control_writes, 2);
+}
+
+#[test]
+fn interrupts_need_hpie_and_the_event_enable() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    // Events with nothing enabled: no interrupt.
+    r.port.plug(nic()).unwrap();
+    assert_eq!(r.msis.take(), 0);
+    // HPIE alone: still none (CC raised by this write, CCIE off).
+    r.cmd(SLTCTL_HPIE, SLTCTL_HPIE);
+    assert_eq!(r.msis.take(), 0);
+    // ABPE with ABP already set: rising edge, one MSI.
+    r.cmd(SLTCTL_ABPE, SLTCTL_ABPE);
+    assert_eq!(r.msis.take(), 1);
+    // More events while the condition holds: no new edge.
+    r.cmd(SLTCTL_PDCE, SLTCTL_PDCE);
+    assert_eq!(r.msis.take(), 0);
+    // Ack everything: condition drops; the next event is a new edge.
+    r.ack(SLTSTA_EVENTS);
+    assert_eq!(r.msis.take(), 0);
+    r.cmd(SLTCTL_CCIE, SLTCTL_CCIE);
+    assert_eq!(r.msis.take(), 1);
+    r.ack(SLTSTA_EVENTS);
+    // A masked MSI vector holds the interrupt pending, released on unmask.
+    let msi = r.port.msi.unwrap().offset();
+    r.w32(msi + 0x10, 1);
+    r.cmd(0, 0);
+    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.port.counters().msi_masked, 1);
+    r.w32(msi + 0x10, 0);
+    assert_eq!(r.msis.take(), 1);
+}
+
+#[test]
+fn intx_fallback_follows_the_level() {
+    let mut r = Rig::hp();
+    r.cmd(SLTCTL_HPIE | SLTCTL_CCIE, SLTCTL_HPIE | SLTCTL_CCIE);
+    assert!(r.line.0.load(Ordering::SeqCst));
+    assert_ne!(r.r16(STATUS) & STATUS_INTERRUPT, 0);
+    r.ack(SLTSTA_CC);
+    assert!(!r.line.0.load(Ordering::SeqCst));
+    assert_eq!(r.r16(STATUS) & STATUS_INTERRUPT, 0);
+    // INTx Disable in the command register keeps the line low.
+    r.w16(COMMAND, COMMAND_INTX_DISABLE);
+    r.cmd(0, 0);
+    assert!(!r.line.0.load(Ordering::SeqCst));
+    r.w16(COMMAND, 0);
+    assert!(r.line.0.load(Ordering::SeqCst));
+    assert_eq!(r.port.counters().intx_assertions, 2);
+    assert_eq!(r.msis.take(), 0);
+}
+
+#[test]
+fn hot_plug_raises_presence_link_and_button_then_completes_on_indicator_on() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.enable_notifications();
+    let done = r.port.plug(nic()).unwrap();
+    assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_PDC | SLTSTA_ABP | SLTSTA_DLLSC);
+    assert_ne!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
+    assert_eq!(r.msis.take(), 1);
+    assert!(
+        r.port.children().is_empty(),
+        "unpowered: no config cycles reach it"
+    );
+    assert_eq!(
+        r.port.plug(nic()).unwrap_err(),
+        Error::Occupied("rp0".into())
+    );
+    r.ack(SLTSTA_EVENTS);
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    r.cmd(0, SLTCTL_PCC);
+    assert_eq!(r.port.children().len(), 1);
+    assert_eq!(
+        done.outcome(),
+        None,
+        "enumerating: not done until the indicator is on"
+    );
+    assert_eq!(r.port.request_unplug().unwrap_err(), Error::GuestBusy);
+    r.cmd(SLTCTL_PIC_ON | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    assert_eq!(done.outcome(), Some(HotplugOutcome::Plugged));
+    assert_eq!(r.port.slot_state().pending, None);
+}
+
+#[test]
+fn plug_refusals() {
+    let mut n = Rig::new(RootPortBuilder::new("fixed", 1).hotplug(false));
+    assert_eq!(
+        n.port.plug(nic()).unwrap_err().to_string(),
+        "Hot-plug failed: unsupported by the port device 'fixed'"
+    );
+    n.port.cold_plug(nic()).unwrap();
+    assert_eq!(
+        n.port.request_unplug().unwrap_err().to_string(),
+        "Hot-unplug failed: unsupported by the port device 'fixed'"
+    );
+    let mut r = Rig::hp();
+    r.port.set_interlock(true);
+    assert_eq!(
+        r.port.plug(nic()).unwrap_err().to_string(),
+        "slot is electromechanically locked"
+    );
+    assert_eq!(r.port.cold_plug(nic()).unwrap_err(), Error::Locked);
+}
+
+#[test]
+fn unplug_refusals_in_qemu_order() {
+    let mut r = Rig::hp();
+    assert_eq!(
+        r.port.request_unplug().unwrap_err().to_string(),
+        "Hot-unplug failed: the slot of port 'rp0' is empty"
+    );
+    r.port.cold_plug(nic()).unwrap();
+    // The guest engages the interlock by writing EIC (which reads back 0).
+    r.cmd(SLTCTL_EIC, SLTCTL_EIC);
+    assert_ne!(r.sta() & SLTSTA_EIS, 0);
+    assert_eq!(r.ctl() & SLTCTL_EIC, 0);
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    // Locked wins over busy, as in QEMU.
+    assert_eq!(r.port.request_unplug().unwrap_err(), Error::Locked);
+    r.cmd(SLTCTL_EIC, SLTCTL_EIC);
+    assert_eq!(r.sta() & SLTSTA_EIS, 0);
+    assert_eq!(
+        r.port.request_unplug().unwrap_err().to_string(),
+        "Hot-unplug failed: guest is busy (power indicator blinking)"
+    );
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    let c = r.port.request_unplug().unwrap();
+    assert_eq!(
+        r.port.request_unplug().unwrap_err().to_string(),
+        "a hot unplug is already pending on port 'rp0'; wait for its completion or cancel it"
+    );
+    assert_eq!(
+        r.port.plug(nic()).unwrap_err(),
+        Error::Occupied("rp0".into())
+    );
+    assert_eq!(c.outcome(), None);
+}
+
+#[test]
+fn unplug_of_a_powered_off_slot_is_immediate() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.enable_notifications();
+    // A plug the guest never acts on (no pciehp): the VMM takes it back.
+    let plug = r.port.plug(nic()).unwrap();
+    r.ack(SLTSTA_EVENTS);
+    r.msis.take();
+    let c = r.port.request_unplug().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(r.sta(), SLTSTA_PDC | SLTSTA_DLLSC, "no button press");
+    assert_eq!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
+    assert_eq!(r.msis.take(), 1, "DLLSC is enabled");
+    assert!(r.port.device().is_none());
+}
+
+#[test]
+fn cooperative_unplug_detaches_at_power_off() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.port.cold_plug(nic()).unwrap();
+    r.enable_notifications();
+    let c = r.port.request_unplug().unwrap();
+    assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_ABP);
+    assert_eq!(r.msis.take(), 1);
+    r.ack(SLTSTA_ABP);
+    r.cmd(SLTCTL_PIC_BLINK | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    r.ack(SLTSTA_CC);
+    assert_eq!(c.outcome(), None);
+    assert_eq!(r.port.slot_state().pending, Some(Operation::Unplug));
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    // Done at power off, with the indicator still blinking.
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(r.ctl() & SLTCTL_PIC, SLTCTL_PIC_BLINK);
+    assert_eq!(r.sta(), SLTSTA_PDC | SLTSTA_DLLSC | SLTSTA_CC);
+    assert_eq!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
+    assert!(r.port.children().is_empty() && r.port.device().is_none());
+    r.ack(SLTSTA_EVENTS);
+    r.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+    assert_eq!(r.sta(), SLTSTA_CC);
+}
+
+#[test]
+fn cancel_before_the_guest_reads_the_press() {
+    let mut r = Rig::hp();
+    r.port.cold_plug(nic()).unwrap();
+    let c = r.port.request_unplug().unwrap();
+    r.port.cancel_unplug().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(r.sta() & SLTSTA_ABP, 0);
+    assert!(r.port.device().is_some());
+    assert_eq!(
+        r.port.cancel_unplug().unwrap_err().to_string(),
+        "no unplug is pending on port 'rp0'"
+    );
+}
+
+#[test]
+fn cancel_inside_the_window_is_a_second_press() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.port.cold_plug(nic()).unwrap();
+    r.enable_notifications();
+    let c = r.port.request_unplug().unwrap();
+    r.ack(SLTSTA_ABP);
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    r.ack(SLTSTA_CC);
+    r.msis.take();
+    r.port.cancel_unplug().unwrap();
+    assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
+    assert_eq!(r.msis.take(), 1);
+    assert_eq!(c.outcome(), None, "the guest decides");
+    r.ack(SLTSTA_ABP);
+    r.cmd(SLTCTL_PIC_ON | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert!(r.port.device().is_some() && r.port.slot_state().powered);
+    assert_eq!(r.port.counters().button_presses, 2);
+}
+
+#[test]
+fn cancel_between_ack_and_blink_presses_when_the_window_opens() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.port.cold_plug(nic()).unwrap();
+    r.enable_notifications();
+    let c = r.port.request_unplug().unwrap();
+    r.ack(SLTSTA_ABP);
+    r.msis.take();
+    r.port.cancel_unplug().unwrap();
+    assert_eq!(
+        r.sta() & SLTSTA_ABP,
+        0,
+        "not yet: it would merge with the first"
+    );
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
+    assert_eq!(r.msis.take(), 1);
+    r.ack(SLTSTA_ABP | SLTSTA_CC);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+}
+
+#[test]
+fn surprise_removal() {
+    let mut r = Rig::hp();
+    r.port.cold_plug(nic()).unwrap();
+    assert_eq!(
+        r.port.surprise_remove().err().unwrap().to_string(),
+        "surprise removal needs a port built with hot-plug surprise; port 'rp0' is not"
+    );
+    let mut s = Rig::new(RootPortBuilder::new("rp-s", 2).surprise(true));
+    s.enable_msi();
+    s.port.cold_plug(nic()).unwrap();
+    s.enable_notifications();
+    s.cmd(SLTCTL_PDCE, SLTCTL_PDCE);
+    s.ack(SLTSTA_CC);
+    s.msis.take();
+    let c = s.port.request_unplug().unwrap();
+    s.port.surprise_remove().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(
+        s.sta() & (SLTSTA_PDS | SLTSTA_PDC | SLTSTA_DLLSC),
+        SLTSTA_PDC | SLTSTA_DLLSC
+    );
+    assert_eq!(s.msis.take(), 1);
+    assert_eq!(
+        s.port.surprise_remove().err().unwrap(),
+        Error::Empty("rp-s".into())
+    );
+}
+
+#[test]
+fn guest_powering_off_during_plug_aborts_it() {
+    let mut r = Rig::hp();
+    let c = r.port.plug(nic()).unwrap();
+    r.cmd(0, SLTCTL_PCC);
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    // Link training "failed": Linux powers off and lights the attention indicator.
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Aborted));
+    assert!(r.port.device().is_none());
+}
+
+#[test]
+fn secondary_bus_routing_follows_power() {
+    let mut root = pci::PciRoot::new();
+    let msis = Arc::new(Msis::default());
+    let port = Arc::new(Mutex::new(RootPortBuilder::new("rp0", 1).build(msis)));
+    root.add(1, 0, port.clone()).unwrap();
+    let p = pci::Bdf::new(0, 1, 0);
+    root.config_write(p, PRIMARY_BUS, &0x0001_0100u32.to_le_bytes());
+    let child = pci::Bdf::new(1, 0, 0);
+    let read = |root: &pci::PciRoot| {
+        let mut b = [0; 4];
+        root.config_read(child, 0, &mut b);
+        u32::from_le_bytes(b)
+    };
+    port.lock().unwrap().plug(nic()).unwrap();
+    assert_eq!(read(&root), u32::MAX, "present but unpowered");
+    let cap = port.lock().unwrap().pcie_cap_offset();
+    let ctl = port.lock().unwrap().ctl();
+    root.config_write(p, cap + SLTCTL, &(ctl & !SLTCTL_PCC).to_le_bytes());
+    assert_eq!(read(&root), 0x154c_8086);
+    // BAR assignment through the port reaches the device.
+    root.config_write(child, BAR0, &0xfe00_0000u32.to_le_bytes());
+    let mut b = [0; 4];
+    root.config_read(child, BAR0, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0xfe00_000c);
+}
+
+#[test]
+fn hostile_config_writes_never_panic() {
+    let mut r = Rig::hp();
+    r.port.cold_plug(nic()).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..200_000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = [1usize, 2, 4, 3][(x & 3) as usize];
+        let off = ((x >> 8) % 4200) as u16;
+        let data = (x >> 20).to_le_bytes();
+        r.port.write_config(off, &data[..len]);
+        if i % 1000 == 0 {
+            let _ = r.port.request_unplug();
+            let _ = r.port.cancel_unplug();
+            let _ = r.port.plug(nic());
+        }
+        let mut b = [0u8; 4];
+        r.port.read_config(off, &mut b[..len]);
+    }
+    assert!(r.port.config().ignored_accesses() > 0);
+}
