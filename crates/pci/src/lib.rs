@@ -24,8 +24,8 @@ mod bus;
 pub mod config;
 mod function;
 mod interrupt;
-mod msi;
-mod msix;
+pub mod msi;
+pub mod msix;
 pub mod pcie;
 
 pub use address::{Bdf, ecam_offset};

@@ -1,0 +1,332 @@
+//! Register-level tests of the transport. The Linux-like probe sequence over a
+//! bus is in the `test-guest` crate's scenarios.
+
+use std::sync::Mutex;
+
+use pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use pci::msix::MSIX_CTRL_ENABLE;
+use pci::{MsiMessage, PciFunction};
+use virtio_net_standby::StandbyNet;
+use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
+
+use super::*;
+use crate::caps::*;
+use crate::common::*;
+
+#[derive(Default)]
+struct Msis(Mutex<Vec<u16>>);
+impl MsiSink for Msis {
+    fn deliver(&self, vector: u16, _m: MsiMessage) {
+        self.0.lock().unwrap().push(vector);
+    }
+}
+
+type Net = StandbyNet<GuestMem, RecordingBackend>;
+type Dev = VirtioPciDevice<GuestMem, Net>;
+
+fn dev() -> (Dev, Arc<Msis>, TestMemory) {
+    let mem = TestMemory::new(1 << 20);
+    let net: Net = virtio_net_standby::StandbyNetBuilder::new()
+        .build(vec![RecordingBackend::default()])
+        .unwrap();
+    let msis = Arc::new(Msis::default());
+    let d = VirtioPciBuilder::new()
+        .build(net, mem.atomic(), msis.clone())
+        .unwrap();
+    (d, msis, mem)
+}
+
+fn rc(d: &mut Dev, off: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    d.read_bar(VIRTIO_BAR, COMMON_CFG_OFFSET + off, &mut b[..len]);
+    u64::from_le_bytes(b)
+}
+
+fn wc(d: &mut Dev, off: u64, v: u64, len: usize) {
+    d.write_bar(VIRTIO_BAR, COMMON_CFG_OFFSET + off, &v.to_le_bytes()[..len]);
+}
+
+fn features(d: &mut Dev) -> u64 {
+    wc(d, DEVICE_FEATURE_SELECT as u64, 0, 4);
+    let lo = rc(d, DEVICE_FEATURE as u64, 4);
+    wc(d, DEVICE_FEATURE_SELECT as u64, 1, 4);
+    lo | rc(d, DEVICE_FEATURE as u64, 4) << 32
+}
+
+fn set_driver_features(d: &mut Dev, f: u64) {
+    wc(d, DRIVER_FEATURE_SELECT as u64, 0, 4);
+    wc(d, DRIVER_FEATURE as u64, f & 0xffff_ffff, 4);
+    wc(d, DRIVER_FEATURE_SELECT as u64, 1, 4);
+    wc(d, DRIVER_FEATURE as u64, f >> 32, 4);
+}
+
+fn status(d: &mut Dev) -> u8 {
+    rc(d, DEVICE_STATUS as u64, 1) as u8
+}
+
+#[test]
+fn identity_capabilities_and_bars() {
+    let (mut d, _, _) = dev();
+    let cs = d.config();
+    assert_eq!(cs.get_u32(0), 0x1041_1af4);
+    assert_eq!(cs.get_u32(0x08), 0x0200_0001);
+    assert_eq!(cs.get_u32(0x2c), 0x1100_1af4);
+    assert!(cs.find_capability(pci::config::CAP_ID_PCIE).is_some());
+    // The vendor capabilities, in order, with their BAR windows.
+    let mut found = Vec::new();
+    let mut p = cs.get_u8(0x34) as u16;
+    while p != 0 {
+        if cs.get_u8(p) == pci::config::CAP_ID_VENDOR {
+            found.push((
+                cs.get_u8(p + 3),
+                cs.get_u8(p + 4),
+                cs.get_u32(p + 8),
+                cs.get_u32(p + 12),
+            ));
+            if cs.get_u8(p + 3) == VIRTIO_PCI_CAP_NOTIFY_CFG {
+                assert_eq!(cs.get_u32(p + 16), NOTIFY_OFF_MULTIPLIER);
+            }
+        }
+        p = cs.get_u8(p + 1) as u16;
+    }
+    assert_eq!(
+        found,
+        [
+            (VIRTIO_PCI_CAP_COMMON_CFG, 4, 0, 0x38),
+            (VIRTIO_PCI_CAP_ISR_CFG, 4, 0x1000, 1),
+            (VIRTIO_PCI_CAP_DEVICE_CFG, 4, 0x2000, 0x1000),
+            (VIRTIO_PCI_CAP_NOTIFY_CFG, 4, 0x3000, 12),
+            (VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0),
+        ]
+    );
+    let msix = cs.find_capability(pci::config::CAP_ID_MSIX).unwrap();
+    assert_eq!(cs.get_u16(msix + 2) & 0x7ff, 3, "config + 3 queues");
+    assert_eq!(d.config().bar_size(1), Some(0x1000));
+    assert_eq!(d.config().bar_size(4), Some(0x4000));
+    assert_eq!(rc(&mut d, NUM_QUEUES as u64, 2), 3);
+}
+
+#[test]
+fn standby_is_word_1_bit_30() {
+    let (mut d, _, _) = dev();
+    let f = features(&mut d);
+    wc(&mut d, DEVICE_FEATURE_SELECT as u64, 1, 4);
+    assert_ne!(rc(&mut d, DEVICE_FEATURE as u64, 4) & 1 << 30, 0);
+    assert_eq!(f, d.device().offered_features().bits());
+    wc(&mut d, DEVICE_FEATURE_SELECT as u64, 2, 4);
+    assert_eq!(rc(&mut d, DEVICE_FEATURE as u64, 4), 0);
+}
+
+#[test]
+fn features_ok_reads_back_clear_when_refused() {
+    let (mut d, _, _) = dev();
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u64,
+        1,
+    );
+    // STANDBY without VERSION_1 is refused by the device.
+    set_driver_features(&mut d, 1 << 62);
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64,
+        1,
+    );
+    assert_eq!(status(&mut d), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    assert_eq!(d.counters().features_refused, 1);
+    // DRIVER_OK without FEATURES_OK is ignored.
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK) as u64,
+        1,
+    );
+    assert_eq!(status(&mut d), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    let f = features(&mut d);
+    set_driver_features(&mut d, f);
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64,
+        1,
+    );
+    assert_eq!(
+        status(&mut d),
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    );
+    assert!(d.device().standby_negotiated());
+    // Driver features are frozen once accepted; status bits cannot be cleared.
+    set_driver_features(&mut d, 0);
+    assert_eq!(d.driver_features(), f);
+    wc(&mut d, DEVICE_STATUS as u64, STATUS_ACKNOWLEDGE as u64, 1);
+    assert_eq!(
+        status(&mut d),
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    );
+}
+
+fn setup_queue(d: &mut Dev, mem: &TestMemory, q: u16, vector: u16) {
+    let _ = mem;
+    wc(d, QUEUE_SELECT as u64, q as u64, 2);
+    wc(d, QUEUE_SIZE as u64, 64, 2);
+    wc(d, QUEUE_MSIX_VECTOR as u64, vector as u64, 2);
+    let base = 0x10000 * (q as u64 + 1);
+    wc(d, QUEUE_DESC as u64, base, 4);
+    wc(d, QUEUE_DESC as u64 + 4, 0, 4);
+    wc(d, QUEUE_DRIVER as u64, base + 0x1000, 8);
+    wc(d, QUEUE_DEVICE as u64, base + 0x2000, 8);
+    wc(d, QUEUE_ENABLE as u64, 1, 2);
+}
+
+#[test]
+fn driver_ok_activates_and_zero_resets_everything() {
+    let (mut d, msis, mem) = dev();
+    // MSI-X on, bus master on, vectors unmasked.
+    d.write_config(
+        COMMAND,
+        &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+    );
+    let msix = d
+        .config()
+        .find_capability(pci::config::CAP_ID_MSIX)
+        .unwrap();
+    d.write_config(msix + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
+    for v in 0..4u64 {
+        d.write_bar(MSIX_BAR, v * 16, &0xfee0_0000u64.to_le_bytes());
+        d.write_bar(MSIX_BAR, v * 16 + 12, &0u32.to_le_bytes());
+    }
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u64,
+        1,
+    );
+    let f = features(&mut d);
+    set_driver_features(&mut d, f);
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64,
+        1,
+    );
+    wc(&mut d, CONFIG_MSIX_VECTOR as u64, 0, 2);
+    assert_eq!(rc(&mut d, CONFIG_MSIX_VECTOR as u64, 2), 0);
+    // A vector past the table reads back NO_VECTOR (the driver then falls back).
+    wc(&mut d, QUEUE_SELECT as u64, 0, 2);
+    wc(&mut d, QUEUE_MSIX_VECTOR as u64, 9, 2);
+    assert_eq!(rc(&mut d, QUEUE_MSIX_VECTOR as u64, 2), NO_VECTOR as u64);
+    // Invalid sizes are refused; the maximum stays.
+    wc(&mut d, QUEUE_SIZE as u64, 100, 2);
+    assert_eq!(rc(&mut d, QUEUE_SIZE as u64, 2), 256);
+    for q in 0..3 {
+        setup_queue(&mut d, &mem, q, q + 1);
+    }
+    assert_eq!(rc(&mut d, QUEUE_DRIVER as u64, 8), 0x31000);
+    assert_eq!(rc(&mut d, QUEUE_NOTIFY_OFF as u64, 2), 2);
+    // Enabled queues are frozen.
+    wc(&mut d, QUEUE_SIZE as u64, 32, 2);
+    assert_eq!(rc(&mut d, QUEUE_SIZE as u64, 2), 64);
+    wc(&mut d, DEVICE_STATUS as u64, 0xf, 1);
+    assert_eq!(status(&mut d), 0xf);
+    assert!(d.device().is_active());
+    // Link change: config interrupt on vector 0 and a new generation.
+    let g = rc(&mut d, CONFIG_GENERATION as u64, 1);
+    d.device().set_link_up(false);
+    assert_eq!(rc(&mut d, CONFIG_GENERATION as u64, 1), g + 1);
+    assert_eq!(msis.0.lock().unwrap().last(), Some(&0));
+    // A notification through the BAR reaches the queue's eventfd.
+    d.write_bar(VIRTIO_BAR, NOTIFY_CFG_OFFSET + 8, &2u16.to_le_bytes());
+    assert_eq!(d.queue_eventfd(2).unwrap().read().unwrap(), 1);
+    d.write_bar(VIRTIO_BAR, NOTIFY_CFG_OFFSET + 12, &3u16.to_le_bytes());
+    assert_eq!(d.counters().notifications, 1);
+
+    wc(&mut d, DEVICE_STATUS as u64, 0, 1);
+    assert_eq!(status(&mut d), 0);
+    assert!(!d.device().is_active());
+    assert_eq!(rc(&mut d, CONFIG_MSIX_VECTOR as u64, 2), NO_VECTOR as u64);
+    wc(&mut d, QUEUE_SELECT as u64, 1, 2);
+    assert_eq!(rc(&mut d, QUEUE_MSIX_VECTOR as u64, 2), NO_VECTOR as u64);
+    assert_eq!(rc(&mut d, QUEUE_ENABLE as u64, 2), 0);
+    assert_eq!(rc(&mut d, QUEUE_SIZE as u64, 2), 256);
+    assert_eq!(rc(&mut d, QUEUE_DESC as u64, 8), 0);
+    assert_eq!(d.counters().resets, 1);
+}
+
+#[test]
+fn isr_and_intx_without_msix() {
+    #[derive(Default)]
+    struct Line(Mutex<bool>);
+    impl IntxSink for Line {
+        fn set_level(&self, a: bool) {
+            *self.0.lock().unwrap() = a;
+        }
+    }
+    let mem = TestMemory::new(1 << 20);
+    let net: Net = virtio_net_standby::StandbyNetBuilder::new()
+        .build(vec![RecordingBackend::default()])
+        .unwrap();
+    let line = Arc::new(Line::default());
+    let d = VirtioPciBuilder::new()
+        .intx(line.clone())
+        .build(net, mem.atomic(), Arc::new(Msis::default()))
+        .unwrap();
+    let mut d: Dev = d;
+    d.interrupt()
+        .trigger(virtio_net_standby::VirtioInterruptType::Config)
+        .unwrap();
+    assert!(*line.0.lock().unwrap());
+    let mut st = [0u8; 2];
+    d.read_config(pci::config::STATUS, &mut st);
+    assert_ne!(u16::from_le_bytes(st) & STATUS_INTERRUPT, 0);
+    let mut isr = [0u8];
+    d.read_bar(VIRTIO_BAR, ISR_CFG_OFFSET, &mut isr);
+    assert_eq!(isr, [2]);
+    assert!(!*line.0.lock().unwrap());
+    d.read_bar(VIRTIO_BAR, ISR_CFG_OFFSET, &mut isr);
+    assert_eq!(isr, [0], "read clears");
+}
+
+#[test]
+fn pci_cfg_window_reaches_the_bars() {
+    let (mut d, _, _) = dev();
+    let cap = d.pci_cfg_cap;
+    d.write_config(cap + PCI_CFG_BAR, &[VIRTIO_BAR]);
+    d.write_config(cap + PCI_CFG_OFFSET, &(NUM_QUEUES as u32).to_le_bytes());
+    d.write_config(cap + PCI_CFG_LENGTH, &2u32.to_le_bytes());
+    let mut b = [0u8; 4];
+    d.read_config(cap + PCI_CFG_DATA, &mut b);
+    assert_eq!(u16::from_le_bytes([b[0], b[1]]), 3);
+    // A write through the window sets the status.
+    d.write_config(cap + PCI_CFG_OFFSET, &(DEVICE_STATUS as u32).to_le_bytes());
+    d.write_config(cap + PCI_CFG_LENGTH, &1u32.to_le_bytes());
+    d.write_config(cap + PCI_CFG_DATA, &[STATUS_ACKNOWLEDGE, 0, 0, 0]);
+    assert_eq!(status(&mut d), STATUS_ACKNOWLEDGE);
+}
+
+#[test]
+fn hostile_bar_and_config_traffic_never_panics() {
+    let (mut d, _, _) = dev();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..100_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = [1usize, 2, 4, 8][(x & 3) as usize];
+        let data = (x >> 16).to_le_bytes();
+        let off = (x >> 24) % 0x4100;
+        match (x >> 8) % 4 {
+            0 => d.write_bar(VIRTIO_BAR, off, &data[..len]),
+            1 => d.write_bar(MSIX_BAR, off % 0x1000, &data[..len]),
+            2 => {
+                let off = (off % 0x1004) as u16;
+                d.write_config(off, &data[..len.min(4)]);
+            }
+            _ => {
+                let mut b = [0u8; 8];
+                d.read_bar(VIRTIO_BAR, off, &mut b[..len]);
+            }
+        }
+    }
+}
