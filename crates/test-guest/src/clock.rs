@@ -1,0 +1,34 @@
+//! Virtual time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A clock that only moves when the guest waits. Clones share the time, so a
+/// completion callback can note when something happened.
+#[derive(Debug, Clone, Default)]
+pub struct VirtualClock {
+    ns: Arc<AtomicU64>,
+}
+
+impl VirtualClock {
+    /// A clock at time zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time since the guest booted.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.ns.load(Ordering::Acquire))
+    }
+
+    /// Advances time by `d` (a guest `msleep`).
+    pub fn sleep(&self, d: Duration) {
+        self.ns.fetch_add(d.as_nanos() as u64, Ordering::AcqRel);
+    }
+
+    /// Moves time forward to `t` (never backwards).
+    pub fn advance_to(&self, t: Duration) {
+        self.ns.fetch_max(t.as_nanos() as u64, Ordering::AcqRel);
+    }
+}

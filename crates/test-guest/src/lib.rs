@@ -1,0 +1,29 @@
+//! A scripted guest for tests and benches: Linux's PCI, virtio-pci and pciehp
+//! sequences over the register interface only, on a virtual clock.
+//!
+//! - [`VirtualClock`]: time the guest's waits advance without real sleeping, so
+//!   pciehp's 5-second button window costs nothing.
+//! - [`Enumerator`]: an ECAM walk that numbers buses, sizes and assigns BARs,
+//!   programs bridge windows (with Linux's 2 MiB hot-plug reserve) and parses
+//!   capability lists.
+//! - [`virtio`]: the `virtio_pci_modern` probe sequence, including re-reading
+//!   `FEATURES_OK` and MSI-X vector read-back.
+//! - [`Pciehp`]: Linux pciehp's state machine (`OFF`, `ON`, `BLINKINGON`,
+//!   `BLINKINGOFF`, `POWERON`, `POWEROFF`), its interrupt handler and thread, the
+//!   command-completed handshake, the 5 s button delay, link wait and 100 ms
+//!   settle, and the 1 s wait after power off.
+//! - [`Guest`]: all of it wired together with an interrupt queue that stands in
+//!   for the local APIC.
+
+#![deny(missing_docs)]
+
+mod clock;
+mod enumerate;
+mod guest;
+mod pciehp;
+pub mod virtio;
+
+pub use clock::VirtualClock;
+pub use enumerate::{Enumerator, Found, FoundBar};
+pub use guest::{Env, Guest, IrqQueue};
+pub use pciehp::{Pciehp, PciehpState, Timings};
