@@ -152,11 +152,16 @@ impl PciRoot {
                 .get(bdf.device as usize * 8 + bdf.function as usize)?
                 .clone();
         }
-        let mut level: Vec<PciHandle> = self.bus0().cloned().collect();
         // Each step goes one bus deeper; 256 steps bound a malformed topology.
+        // The first level is bus 0 itself, walked without copying.
+        let mut level: Option<Vec<PciHandle>> = None;
         for _ in 0..256 {
             let mut next = None;
-            for h in &level {
+            let candidates: Box<dyn Iterator<Item = &PciHandle>> = match &level {
+                None => Box::new(self.bus0()),
+                Some(v) => Box::new(v.iter()),
+            };
+            for h in candidates {
                 let g = lock(h);
                 let Some(range) = g.bus_range() else { continue };
                 if !range.contains(bdf.bus) {
@@ -173,7 +178,7 @@ impl PciRoot {
                 next = Some(children.into_iter().map(|(_, _, h)| h).collect());
                 break;
             }
-            level = next?;
+            level = Some(next?);
         }
         None
     }

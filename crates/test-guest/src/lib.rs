@@ -18,12 +18,20 @@
 #![deny(missing_docs)]
 
 mod clock;
+mod endpoint;
 mod enumerate;
 mod guest;
 mod pciehp;
 pub mod virtio;
 
+/// The workspace README's embedding examples, compiled as doctests here (this
+/// crate's dev-dependencies cover every crate they use) so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use clock::VirtualClock;
+pub use endpoint::StubEndpoint;
 pub use enumerate::{Enumerator, Found, FoundBar};
 pub use guest::{Env, Guest, IrqQueue};
 pub use pciehp::{Pciehp, PciehpState, Timings};

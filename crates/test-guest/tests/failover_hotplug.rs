@@ -7,55 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pci::config::{CAP_ID_MSI, COMMAND, HeaderType};
+use pci::config::{CAP_ID_MSI, COMMAND};
 use pci::pcie::{SLTCTL, SLTCTL_PIC, SLTCTL_PIC_OFF, SLTCTL_PIC_ON};
-use pci::{
-    BarKind, BarMove, BarRegions, Bdf, ClassCode, ConfigSpace, PciFunction, PciHandle, PciIds,
-    PciRoot,
-};
+use pci::{Bdf, PciRoot};
 use pcie_hotplug::{Error, HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder};
-use test_guest::{Guest, IrqQueue, PciehpState, Timings, VirtualClock};
+use test_guest::{Guest, IrqQueue, PciehpState, StubEndpoint, Timings, VirtualClock};
 use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
 use virtio_net_standby::{StandbyNegotiated, StandbyNet, StandbyNetBuilder};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice};
-
-/// A stand-in for the VF: an Ethernet endpoint with a 16 KiB 64-bit BAR.
-struct Vf {
-    cs: ConfigSpace,
-}
-
-impl Vf {
-    fn handle() -> PciHandle {
-        let ids = PciIds {
-            vendor_id: 0x8086,
-            device_id: 0x154c,
-            subsystem_vendor_id: 0x8086,
-            subsystem_id: 0,
-            revision: 1,
-            class: ClassCode::ETHERNET,
-        };
-        let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
-        cs.add_bar(0, BarKind::Memory64 { prefetchable: true }, 0x4000)
-            .unwrap();
-        Arc::new(Mutex::new(Vf { cs }))
-    }
-}
-
-impl PciFunction for Vf {
-    fn read_config(&mut self, o: u16, d: &mut [u8]) {
-        self.cs.read(o, d)
-    }
-    fn write_config(&mut self, o: u16, d: &[u8]) -> Option<BarMove> {
-        self.cs.write(o, d)
-    }
-    fn bar_regions(&self) -> BarRegions {
-        self.cs.bar_regions()
-    }
-    fn read_bar(&mut self, _: u8, _: u64, d: &mut [u8]) {
-        d.fill(0)
-    }
-    fn write_bar(&mut self, _: u8, _: u64, _: &[u8]) {}
-}
 
 type Net = StandbyNet<GuestMem, RecordingBackend>;
 type Standby = VirtioPciDevice<GuestMem, Net>;
@@ -119,7 +78,7 @@ fn vmm() -> Vmm {
     surprise_port
         .lock()
         .unwrap()
-        .cold_plug(Vf::handle())
+        .cold_plug(StubEndpoint::vf())
         .unwrap();
     let mut root = PciRoot::new();
     root.add(1, 0, standby_port).unwrap();
@@ -167,7 +126,12 @@ fn booted_with_primary() -> (Vmm, Guest) {
     let v = vmm();
     let mut g = boot(&v);
     assert!(v.negotiated.load(Ordering::SeqCst));
-    let c = v.primary_port.lock().unwrap().plug(Vf::handle()).unwrap();
+    let c = v
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Plugged));
     (v, g)
@@ -253,7 +217,12 @@ fn hot_plug_completes_when_the_guest_turns_the_indicator_on() {
     let v = vmm();
     let mut g = boot(&v);
     let t0 = g.env.clock.now();
-    let c = v.primary_port.lock().unwrap().plug(Vf::handle()).unwrap();
+    let c = v
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
     let at = stamp(&c, &g.env.clock);
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Plugged));
@@ -262,13 +231,13 @@ fn hot_plug_completes_when_the_guest_turns_the_indicator_on() {
     assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::On);
     assert!(g.env.bound.contains(&PRIMARY_FN));
     let f = g.env.enumerator.get(PRIMARY_FN).unwrap();
-    assert_eq!((f.vendor, f.device), (0x8086, 0x154c));
+    assert_eq!((f.vendor, f.device), (0x8086, 0x10ed));
     // Its BAR landed in the port's 2 MiB hot-plug reserve.
     let bar = f.bar(0).unwrap();
     assert_eq!(bar.size, 0x4000);
     let port = g.env.enumerator.get(PRIMARY_PORT).unwrap().clone();
     let _ = port;
-    assert_eq!(g.config_read32(PRIMARY_FN, 0), 0x154c_8086);
+    assert_eq!(g.config_read32(PRIMARY_FN, 0), 0x10ed_8086);
     assert_eq!(pic(&v.primary_port), SLTCTL_PIC_ON);
     assert!(
         g.hotplug.iter().all(|p| p.cmd_timeouts == 0),
@@ -328,7 +297,7 @@ fn cancel_inside_the_window_keeps_the_primary() {
     assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::On);
     assert!(g.env.bound.contains(&PRIMARY_FN));
     assert_eq!(pic(&v.primary_port), SLTCTL_PIC_ON);
-    assert_eq!(g.config_read32(PRIMARY_FN, 0), 0x154c_8086);
+    assert_eq!(g.config_read32(PRIMARY_FN, 0), 0x10ed_8086);
     assert!(
         g.env
             .log
@@ -375,7 +344,12 @@ fn failed_migration_plugs_the_primary_back() {
     let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
-    let c = v.primary_port.lock().unwrap().plug(Vf::handle()).unwrap();
+    let c = v
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Plugged));
     assert!(g.env.bound.contains(&PRIMARY_FN));
@@ -397,7 +371,7 @@ fn refusals_reach_the_vmm_with_their_texts() {
         v.fixed_port
             .lock()
             .unwrap()
-            .plug(Vf::handle())
+            .plug(StubEndpoint::vf())
             .unwrap_err()
             .to_string(),
         "Hot-plug failed: unsupported by the port device 'rp-fixed'"
@@ -406,7 +380,7 @@ fn refusals_reach_the_vmm_with_their_texts() {
         v.primary_port
             .lock()
             .unwrap()
-            .plug(Vf::handle())
+            .plug(StubEndpoint::vf())
             .unwrap_err()
             .to_string(),
         "Hot-plug failed: the slot of port 'rp-primary' is occupied"
@@ -465,7 +439,12 @@ fn a_masked_port_interrupt_holds_the_plug_until_unmasked() {
         .cap(CAP_ID_MSI)
         .unwrap();
     g.env.cfg_write(PRIMARY_PORT, msi + 0x10, 4, 1);
-    let c = v.primary_port.lock().unwrap().plug(Vf::handle()).unwrap();
+    let c = v
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), None, "no interrupt, no reaction");
     assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::Off);

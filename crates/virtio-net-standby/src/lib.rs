@@ -57,12 +57,6 @@ pub mod worker;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-/// The workspace README's embedding example, compiled as a doctest so that it
-/// stays true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;
-
 pub use backend::{
     NetBackend, PairBackend, PairConfig, Readiness, RxBuffers, RxPeek, Tap, TxFrame, pair,
 };
