@@ -22,7 +22,7 @@ use crate::caps::{
 use crate::common::{
     CommonConfig, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, View, Write,
 };
-use crate::interrupt::Interrupts;
+use crate::interrupt::{Interrupts, IrqState};
 
 /// Virtio's PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -194,6 +194,18 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> std::fmt::Debug for VirtioPciDev
     }
 }
 
+/// What the driver sees of the common configuration beyond its own registers:
+/// (device features, status, generation) and the vector assignments.
+fn view((device_features, status, generation): (u64, u8, u8), irq: &IrqState) -> View<'_> {
+    View {
+        device_features,
+        status,
+        generation,
+        config_vector: irq.config_vector,
+        queue_vectors: &irq.queue_vectors,
+    }
+}
+
 impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
     /// The wrapped device.
     pub fn device(&self) -> &D {
@@ -272,30 +284,16 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
     }
 
     fn common_read(&self, offset: u64, data: &mut [u8]) {
-        let (features, status, generation) = self.view_parts();
+        let parts = self.view_parts();
         let irq = self.interrupts.lock();
-        let view = View {
-            device_features: features,
-            status,
-            generation,
-            config_vector: irq.config_vector,
-            queue_vectors: &irq.queue_vectors,
-        };
-        self.common.read(offset, data, &view);
+        self.common.read(offset, data, &view(parts, &irq));
     }
 
     fn common_write(&mut self, offset: u64, data: &[u8]) {
-        let (features, status, generation) = self.view_parts();
+        let parts = self.view_parts();
         let action = {
             let irq = self.interrupts.lock();
-            let view = View {
-                device_features: features,
-                status,
-                generation,
-                config_vector: irq.config_vector,
-                queue_vectors: &irq.queue_vectors,
-            };
-            self.common.write(offset, data, &view)
+            self.common.write(offset, data, &view(parts, &irq))
         };
         match action {
             Write::Done => {}
