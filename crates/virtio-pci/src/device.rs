@@ -423,8 +423,8 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
     }
 
     fn touches_pci_cfg_data(&self, offset: u16, len: usize) -> bool {
-        let d = self.pci_cfg_cap + PCI_CFG_DATA;
-        (offset as usize) < d as usize + 4 && d < offset + len as u16
+        let d = (self.pci_cfg_cap + PCI_CFG_DATA) as usize;
+        (offset as usize) < d + 4 && d < offset as usize + len
     }
 }
 
