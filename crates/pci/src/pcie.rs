@@ -365,6 +365,53 @@ mod tests {
     }
 
     #[test]
+    fn device_link_and_root_register_masks() {
+        let mut cs = bridge();
+        let mut cfg = PcieCapConfig::endpoint();
+        cfg.port_type = PortType::RootPort;
+        let cap = add_pcie_capability(&mut cs, &cfg).unwrap();
+        assert_eq!(cs.get_u32(cap + DEVCAP) & DEVCAP_RBER, DEVCAP_RBER);
+        assert_eq!(cs.get_u16(cap + DEVCTL), DEVCTL_DEFAULT);
+        cs.write(cap + DEVCTL, &0xffffu16.to_le_bytes());
+        assert_eq!(
+            cs.get_u16(cap + DEVCTL),
+            0x7fff,
+            "bit 15 is read-only on a port"
+        );
+        cs.set_u16(cap + DEVSTA, 0x003f);
+        cs.write(cap + DEVSTA, &0xffffu16.to_le_bytes());
+        assert_eq!(
+            cs.get_u16(cap + DEVSTA),
+            0x0030,
+            "only the four error bits clear"
+        );
+        cs.write(cap + LNKCTL, &0xffffu16.to_le_bytes());
+        assert_eq!(cs.get_u16(cap + LNKCTL), 0x0fdb, "Retrain Link reads 0");
+        cs.set_bits_u16(cap + LNKSTA, LNKSTA_LBMS | LNKSTA_LABS);
+        cs.write(cap + LNKSTA, &LNKSTA_LBMS.to_le_bytes());
+        assert_eq!(cs.get_u16(cap + LNKSTA), LNKSTA_LABS | LNKSTA_2_5GT_X1);
+        assert_eq!(
+            cs.get_u32(cap + LNKCAP) & (LNKCAP_DLLLARC | LNKCAP_LBNC),
+            LNKCAP_LBNC
+        );
+        cs.write(cap + RTCTL, &0xffffu16.to_le_bytes());
+        assert_eq!(cs.get_u16(cap + RTCTL), RTCTL_ENABLES);
+        cs.set_u32(cap + RTSTA, RTSTA_PME_STATUS | 0x1234);
+        cs.write(cap + RTSTA, &u32::MAX.to_le_bytes());
+        assert_eq!(
+            cs.get_u32(cap + RTSTA),
+            0x1234,
+            "PME Status clears, the requester ID stays"
+        );
+        cs.write(cap + LNKCTL2, &0xffffu16.to_le_bytes());
+        assert_eq!(cs.get_u16(cap + LNKCTL2), 0x000f);
+        assert_eq!(cs.get_u32(cap + LNKCAP2), LNKCAP2_SLS_2_5GT);
+        // No slot: Slot Control stays read-only.
+        cs.write(cap + SLTCTL, &0xffffu16.to_le_bytes());
+        assert_eq!(cs.get_u16(cap + SLTCTL), 0);
+    }
+
+    #[test]
     fn endpoint_has_no_slot() {
         let mut cs = bridge();
         let mut cfg = PcieCapConfig::endpoint();
