@@ -303,13 +303,17 @@ impl PciRoot {
         false
     }
 
-    /// A guest memory read at `address`; `false` (and all ones) when no BAR claims it.
-    pub fn mmio_read(&self, address: u64, data: &mut [u8]) -> bool {
-        let hit = self.dispatch(address, true, |f, bar, off| f.read_bar(bar, off, data));
+    fn read(&self, address: u64, memory: bool, data: &mut [u8]) -> bool {
+        let hit = self.dispatch(address, memory, |f, bar, off| f.read_bar(bar, off, data));
         if !hit {
             data.fill(0xff);
         }
         hit
+    }
+
+    /// A guest memory read at `address`; `false` (and all ones) when no BAR claims it.
+    pub fn mmio_read(&self, address: u64, data: &mut [u8]) -> bool {
+        self.read(address, true, data)
     }
 
     /// A guest memory write at `address`; `false` when no BAR claims it.
@@ -319,11 +323,7 @@ impl PciRoot {
 
     /// A guest I/O read at `port`; `false` (and all ones) when no BAR claims it.
     pub fn io_read(&self, port: u64, data: &mut [u8]) -> bool {
-        let hit = self.dispatch(port, false, |f, bar, off| f.read_bar(bar, off, data));
-        if !hit {
-            data.fill(0xff);
-        }
-        hit
+        self.read(port, false, data)
     }
 
     /// A guest I/O write at `port`; `false` when no BAR claims it.

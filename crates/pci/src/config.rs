@@ -649,7 +649,7 @@ impl ConfigSpace {
     /// read-only until the caller sets values and masks.
     pub fn add_capability(&mut self, id: u8, len: u16) -> Result<u16> {
         let offset = self.cap_end.next_multiple_of(4);
-        if len < 2 || offset + len > PCI_CONFIG_SIZE {
+        if len < 2 || offset as u32 + len as u32 > PCI_CONFIG_SIZE as u32 {
             return Err(Error::NoCapabilitySpace { len });
         }
         self.set_u8(offset, id);
@@ -893,6 +893,10 @@ mod tests {
         assert_eq!(
             cs.add_capability(CAP_ID_VENDOR, 200),
             Err(Error::NoCapabilitySpace { len: 200 })
+        );
+        assert_eq!(
+            cs.add_capability(CAP_ID_VENDOR, u16::MAX),
+            Err(Error::NoCapabilitySpace { len: u16::MAX })
         );
         // A guest cannot rewrite the list.
         cs.write(0x41, &[0x40]);

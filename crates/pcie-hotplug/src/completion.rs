@@ -107,23 +107,16 @@ impl Completion {
     /// An eventfd that becomes readable when the operation finishes: add it to the
     /// VMM's epoll set. Created on first use.
     pub fn eventfd(&self) -> std::io::Result<&EventFd> {
+        // Under the state lock, so a completion racing with creation signals once.
+        let s = self.inner.lock();
         if let Some(fd) = self.inner.eventfd.get() {
             return Ok(fd);
         }
         let fd = EventFd::new(EFD_NONBLOCK)?;
-        // Hold the state lock so a completion racing with creation signals once.
-        let s = self.inner.lock();
-        let fd = match self.inner.eventfd.set(fd) {
-            Ok(()) => {
-                let fd = self.inner.eventfd.get().ok_or(std::io::ErrorKind::Other)?;
-                if s.outcome.is_some() {
-                    fd.write(1)?;
-                }
-                fd
-            }
-            Err(_) => self.inner.eventfd.get().ok_or(std::io::ErrorKind::Other)?,
-        };
-        Ok(fd)
+        if s.outcome.is_some() {
+            fd.write(1)?;
+        }
+        Ok(self.inner.eventfd.get_or_init(|| fd))
     }
 
     /// Runs `f` with the outcome when the operation finishes (at once if it has).

@@ -438,8 +438,7 @@ impl Pciehp {
 
     /// Runs due steps and the button work.
     pub fn run_due(&mut self, env: &mut Env) {
-        if let Some(t) = self.button_at.filter(|&t| t <= env.clock.now()) {
-            let _ = t;
+        if self.button_at.is_some_and(|t| t <= env.clock.now()) {
             self.button_at = None;
             // pciehp_queue_pushbutton_work: becomes an event for the thread.
             match self.state {

@@ -235,8 +235,16 @@ fn hot_plug_completes_when_the_guest_turns_the_indicator_on() {
     // Its BAR landed in the port's 2 MiB hot-plug reserve.
     let bar = f.bar(0).unwrap();
     assert_eq!(bar.size, 0x4000);
-    let port = g.env.enumerator.get(PRIMARY_PORT).unwrap().clone();
-    let _ = port;
+    let base = g
+        .env
+        .cfg_read(PRIMARY_PORT, pci::config::PREF_MEMORY_BASE, 4);
+    let upper = g
+        .env
+        .cfg_read(PRIMARY_PORT, pci::config::PREF_BASE_UPPER32, 4) as u64;
+    let lower = upper << 32 | ((base & 0xfff0) as u64) << 16;
+    let limit = upper << 32 | ((base >> 16 & 0xfff0) as u64) << 16 | 0xf_ffff;
+    assert_eq!(limit + 1 - lower, 2 << 20, "Linux's 2 MiB reserve");
+    assert!(lower <= bar.address && bar.address + bar.size - 1 <= limit);
     assert_eq!(g.config_read32(PRIMARY_FN, 0), 0x10ed_8086);
     assert_eq!(pic(&v.primary_port), SLTCTL_PIC_ON);
     assert!(

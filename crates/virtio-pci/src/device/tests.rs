@@ -24,16 +24,22 @@ impl MsiSink for Msis {
 type Net = StandbyNet<GuestMem, RecordingBackend>;
 type Dev = VirtioPciDevice<GuestMem, Net>;
 
-fn dev() -> (Dev, Arc<Msis>, TestMemory) {
+fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<Msis>, TestMemory) {
     let mem = TestMemory::new(1 << 20);
     let net: Net = virtio_net_standby::StandbyNetBuilder::new()
         .build(vec![RecordingBackend::default()])
         .unwrap();
     let msis = Arc::new(Msis::default());
-    let d = VirtioPciBuilder::new()
-        .build(net, mem.atomic(), msis.clone())
-        .unwrap();
+    let mut b = VirtioPciBuilder::new();
+    if let Some(line) = intx {
+        b = b.intx(line);
+    }
+    let d = b.build(net, mem.atomic(), msis.clone()).unwrap();
     (d, msis, mem)
+}
+
+fn dev() -> (Dev, Arc<Msis>, TestMemory) {
+    dev_with(None)
 }
 
 fn rc(d: &mut Dev, off: u64, len: usize) -> u64 {
@@ -263,16 +269,8 @@ fn isr_and_intx_without_msix() {
             *self.0.lock().unwrap() = a;
         }
     }
-    let mem = TestMemory::new(1 << 20);
-    let net: Net = virtio_net_standby::StandbyNetBuilder::new()
-        .build(vec![RecordingBackend::default()])
-        .unwrap();
     let line = Arc::new(Line::default());
-    let d = VirtioPciBuilder::new()
-        .intx(line.clone())
-        .build(net, mem.atomic(), Arc::new(Msis::default()))
-        .unwrap();
-    let mut d: Dev = d;
+    let (mut d, _, _mem) = dev_with(Some(line.clone()));
     d.interrupt()
         .trigger(virtio_net_standby::VirtioInterruptType::Config)
         .unwrap();
