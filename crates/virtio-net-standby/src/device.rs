@@ -6,6 +6,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_net::*;
+use virtio_queue::QueueState;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::backend::NetBackend;
@@ -416,6 +417,32 @@ where
     /// Whether the driver's `DRIVER_OK` activated the device.
     pub fn is_active(&self) -> bool {
         self.active
+    }
+
+    /// Stops the queues but keeps what the driver negotiated, its receive filter
+    /// and the frames waiting for it: what a vhost-user backend does on
+    /// `GET_VRING_BASE`, or a VMM pausing the device. Receive buffers the device
+    /// had taken but not yet filled go back to the driver (the RX position is
+    /// rewound over them), so the returned positions are where the next
+    /// [`activate`](VirtioDevice::activate) resumes. Returns `(queue index,
+    /// state)` for every queue that was active; empty if the device was not.
+    pub fn stop(&mut self) -> Vec<(u16, QueueState)> {
+        let mut out = Vec::new();
+        for (i, p) in self.pairs.iter().enumerate() {
+            if let Some((rx, tx)) = p.lock().stop() {
+                out.push((2 * i as u16, rx));
+                out.push((2 * i as u16 + 1, tx));
+            }
+        }
+        let mut ctrl = lock(&self.ctrl);
+        if let Some(q) = ctrl.queue_state() {
+            out.push(q);
+        }
+        ctrl.deactivate();
+        drop(ctrl);
+        self.active = false;
+        self.shared.set_interrupt(None);
+        out
     }
 
     fn accept_features(&mut self, acked: Features) -> virtio::Result<()> {
@@ -1179,6 +1206,66 @@ mod tests {
             GuestDriver::bring_up(&mut d, &TestMemory::new(4 << 20), DEFAULT_OFFER, 64).unwrap();
         let one = dev().snapshot();
         assert!(matches!(d.restore(&one), Err(Error::Active)));
+    }
+
+    #[test]
+    fn stop_keeps_negotiation_and_resumes_where_it_left_off() {
+        let mem = TestMemory::new(16 << 20);
+        // Tap-like: the device takes buffers ahead of frames it cannot size.
+        let be = RecordingBackend {
+            opaque: true,
+            ..Default::default()
+        };
+        let mut d: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        let mut g = GuestDriver::bring_up(&mut d, &mem, DEFAULT_OFFER, 64).unwrap();
+        g.post_rx(0, 8);
+        let tx = frame([2, 0, 0, 0, 0, 9], &[7; 60]);
+        g.queue_tx(0, &tx);
+        g.tx[0].publish();
+        be.incoming
+            .lock()
+            .unwrap()
+            .push_back(frame([2, 0, 0, 0, 0, 1], &[1; 60]));
+        d.queue_pair(0).unwrap().process_tx();
+        d.queue_pair(0).unwrap().process_rx();
+        assert!(g.recv(0).is_some());
+        let acked = d.acked_features();
+        let states = d.stop();
+        assert!(!d.is_active());
+        assert_eq!(d.acked_features(), acked, "negotiation survives a stop");
+        let pos = |i: u16| states.iter().find(|(q, _)| *q == i).unwrap().1;
+        // One RX buffer filled: the position says so, whatever the device had
+        // taken ahead; TX consumed its one chain; the control queue is there too.
+        assert_eq!(pos(0).next_avail, 1);
+        assert_eq!(pos(0).next_used, 1);
+        assert_eq!(pos(1).next_avail, 1);
+        assert_eq!(states.len(), 3);
+        assert!(d.stop().is_empty(), "a stopped device has nothing to stop");
+        // Processing a stopped device does nothing; a frame that arrives waits.
+        be.incoming
+            .lock()
+            .unwrap()
+            .push_back(frame([2, 0, 0, 0, 0, 1], &[2; 60]));
+        assert_eq!(d.queue_pair(0).unwrap().process_rx(), Processed::default());
+        // Resume from the returned positions: the frame lands in the next buffer.
+        let queues = states
+            .iter()
+            .map(|(index, st)| ActivateQueue {
+                index: *index,
+                queue: virtio_queue::Queue::try_from(*st).unwrap(),
+                kick: None,
+            })
+            .collect();
+        d.activate(
+            mem.atomic(),
+            Arc::new(RecordingInterrupt::default()),
+            queues,
+        )
+        .unwrap();
+        d.queue_pair(0).unwrap().process_rx();
+        let got = g.recv(0).expect("delivered after the resume");
+        assert_eq!(&got[HDR_LEN + 14..], &[2; 60]);
+        assert_eq!(be.log.lock().unwrap().sent.len(), 1, "TX not replayed");
     }
 
     #[test]

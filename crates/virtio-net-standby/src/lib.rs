@@ -58,7 +58,8 @@ pub mod worker;
 pub mod testing;
 
 pub use backend::{
-    NetBackend, PairBackend, PairConfig, Readiness, RxBuffers, RxPeek, Tap, TxFrame, pair,
+    Discard, Generator, NetBackend, PairBackend, PairConfig, Readiness, RxBuffers, RxPeek,
+    SinkStats, Tap, TxFrame, pair,
 };
 pub use chain::ChainError;
 pub use config::NetConfigSpace;

@@ -152,6 +152,17 @@ where
         }
     }
 
+    /// Stops processing and gives the queues back to the driver: receive chains
+    /// taken but not filled are handed back by rewinding the RX position, so
+    /// the next activation takes them again from the available ring. Frames
+    /// pending for the guest stay. Returns the RX and TX queue states.
+    pub(crate) fn stop(&mut self) -> Option<(QueueState, QueueState)> {
+        let a = self.active.take()?;
+        self.staged.clear();
+        let rewind = u16::try_from(a.rx.staged_heads().len()).unwrap_or(u16::MAX);
+        Some((a.rx.ring.state(rewind), a.tx.ring.state(0)))
+    }
+
     /// Stops processing and forgets the queues and held frames (device reset).
     pub(crate) fn reset(&mut self) {
         self.active = None;

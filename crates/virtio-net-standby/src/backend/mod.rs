@@ -8,14 +8,17 @@
 //! Every frame starts with the 12-byte `virtio_net_hdr_v1`, exactly the layout a
 //! Linux tap uses with `IFF_VNET_HDR` and `TUNSETVNETHDRSZ 12`.
 //!
-//! Two implementations come with the crate: [`Tap`] (what a VMM uses) and
+//! Implementations that come with the crate: [`Tap`] (what a VMM uses),
 //! [`PairBackend`] (two devices back to back in one process, for tests and
-//! benchmarks).
+//! benchmarks), and [`Discard`] and [`Generator`] (a sink and a source with no
+//! network behind them, for measuring the device and a guest's driver alone).
 
 mod pair;
+pub mod sink;
 mod tap;
 
 pub use pair::{PairBackend, PairConfig, pair};
+pub use sink::{Discard, Generator, SinkStats};
 pub use tap::{Error as TapError, Tap};
 
 use std::io;

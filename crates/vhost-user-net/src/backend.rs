@@ -1,0 +1,525 @@
+//! The standby device as a `vhost-user-backend` [`VhostUserBackend`].
+//!
+//! vhost-user starts and stops rings one by one, where a virtio transport
+//! activates the whole device at `DRIVER_OK`. [`VhostUserNet`] bridges the two:
+//!
+//! - `SET_FEATURES` is the driver's `FEATURES_OK`: the device accepts or refuses
+//!   the set (STANDBY listeners fire here).
+//! - The device is activated lazily, on the first kick after the rings it needs
+//!   (RX and TX of pair 0, the control queue if negotiated) are started and
+//!   enabled; further pairs join if they are ready by then. Activation processes
+//!   every queue once, so no kick that came earlier is lost.
+//! - `GET_VRING_BASE` stops the device ([`StandbyNet::stop`]) and writes every
+//!   queue's position back into its vring, so the frontend reads the right
+//!   base, and a later restart resumes where the device stopped.
+//! - Queue interrupts go to the vring's call descriptor (eventfd or pipe);
+//!   configuration interrupts go out as `BACKEND_CONFIG_CHANGE_MSG` on the
+//!   backend-request channel.
+//!
+//! One worker thread serves every queue; the backends' readiness descriptors
+//! (a tap's fd) are registered with it edge-triggered.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
+use virtio_net_standby::{
+    ControlQueueHandle, Features, NetBackend, NetConfigSpace, NetCounters, QueuePairHandle,
+    StandbyNet, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use crate::channel::BackendChannel;
+
+/// Guest memory as the vhost-user handler maps it (no dirty bitmap).
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// The vring type the handler gives the backend.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// The protocol features the backend offers: the frontend reads the
+/// configuration space from us (`CONFIG`), learns of its changes through the
+/// backend-request channel (`BACKEND_REQ`), may ask for acknowledgements
+/// (`REPLY_ACK`), may use several queue pairs (`MQ`) and may reset the device
+/// without reconnecting (`RESET_DEVICE`).
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// Epoll tokens for backend readiness start after the queues and the handler's
+/// own reserved token.
+fn listener_token(num_queues: usize, pair: usize, tx: bool) -> u64 {
+    (num_queues + 1 + 2 * pair + usize::from(tx)) as u64
+}
+
+/// State of the current connection.
+#[derive(Default)]
+struct Conn {
+    mem: Option<GuestMemoryAtomic<GuestMemory>>,
+    /// The vrings the device was activated on.
+    vrings: Vec<Vring>,
+}
+
+/// A standby device served over vhost-user. Share it as `Arc<VhostUserNet<B>>`
+/// (that is what [`Server`](crate::Server) and `VhostUserDaemon` take); keep a
+/// clone to change the link or read counters while it runs.
+pub struct VhostUserNet<B: NetBackend + 'static> {
+    name: String,
+    device: Mutex<StandbyNet<GuestMemory, B>>,
+    pairs: Vec<QueuePairHandle<GuestMemory, B>>,
+    ctrl: ControlQueueHandle<GuestMemory, B>,
+    queue_size: u16,
+    num_queues: usize,
+    offered: Features,
+    channel: Arc<BackendChannel>,
+    conn: Mutex<Conn>,
+}
+
+impl<B: NetBackend + 'static> std::fmt::Debug for VhostUserNet<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserNet")
+            .field("name", &self.name)
+            .field("num_queues", &self.num_queues)
+            .field("queue_size", &self.queue_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Routes the device's interrupts: queues to their vring's call descriptor,
+/// configuration changes to the backend-request channel.
+struct VringInterrupt {
+    vrings: Vec<Vring>,
+    channel: Arc<BackendChannel>,
+}
+
+impl VirtioInterrupt for VringInterrupt {
+    fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
+        match int_type {
+            VirtioInterruptType::Queue(i) => match self.vrings.get(usize::from(i)) {
+                Some(v) => v.signal_used_queue(),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("no vring {i}"),
+                )),
+            },
+            VirtioInterruptType::Config => self.channel.config_changed(),
+        }
+    }
+}
+
+/// What one handled event asks the worker to process.
+#[derive(Default)]
+struct Work {
+    rx: Vec<bool>,
+    tx: Vec<bool>,
+    ctrl: bool,
+}
+
+impl<B: NetBackend + 'static> VhostUserNet<B> {
+    /// Serves `device` (built with [`StandbyNetBuilder`](virtio_net_standby::StandbyNetBuilder))
+    /// over vhost-user. `name` prefixes log lines and thread names.
+    pub fn new(name: impl Into<String>, device: StandbyNet<GuestMemory, B>) -> Arc<Self> {
+        let pairs = device.queue_pairs().to_vec();
+        let offered = device.offered_features();
+        let num_queues = device.queue_max_sizes().len();
+        let queue_size = device.queue_max_sizes()[0];
+        let ctrl = device.control_queue();
+        Arc::new(VhostUserNet {
+            name: name.into(),
+            device: Mutex::new(device),
+            pairs,
+            ctrl,
+            queue_size,
+            num_queues,
+            offered,
+            channel: Arc::new(BackendChannel::default()),
+            conn: Mutex::new(Conn::default()),
+        })
+    }
+
+    /// The name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` on the device (to add STANDBY listeners, snapshot, read
+    /// features). Do not activate or reset it from here: the frontend does.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut StandbyNet<GuestMemory, B>) -> R) -> R {
+        f(&mut lock(&self.device))
+    }
+
+    /// Sets the link state the guest sees; a change is notified through the
+    /// backend-request channel.
+    pub fn set_link_up(&self, up: bool) {
+        lock(&self.device).set_link_up(up);
+    }
+
+    /// Asks the guest to announce itself (gratuitous ARP), if it negotiated
+    /// `GUEST_ANNOUNCE`.
+    pub fn announce(&self) -> virtio_net_standby::Result<()> {
+        lock(&self.device).announce()
+    }
+
+    /// The configuration space as the guest reads it.
+    pub fn config(&self) -> NetConfigSpace {
+        lock(&self.device).config()
+    }
+
+    /// Whether the device is activated on the current connection's rings.
+    pub fn is_active(&self) -> bool {
+        lock(&self.device).is_active()
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> NetCounters {
+        lock(&self.device).counters()
+    }
+
+    /// The backend-request channel of the current connection.
+    pub fn channel(&self) -> &Arc<BackendChannel> {
+        &self.channel
+    }
+
+    /// Epoll registrations for the backends' readiness: `(fd, events, token)`.
+    pub(crate) fn backend_listeners(&self) -> Vec<(i32, EventSet, u64)> {
+        let mut out = Vec::new();
+        for (i, p) in self.pairs.iter().enumerate() {
+            let p = p.lock();
+            let be = p.backend();
+            let ev = |writable: bool| {
+                EventSet::EDGE_TRIGGERED
+                    | if writable {
+                        EventSet::OUT
+                    } else {
+                        EventSet::IN
+                    }
+            };
+            match (be.rx_readiness(), be.tx_readiness()) {
+                (Some(r), Some(t)) if r.fd == t.fd => {
+                    let mut e = ev(r.writable);
+                    if t.writable {
+                        e |= EventSet::OUT;
+                    }
+                    // One registration per fd: epoll refuses a second. The RX
+                    // token covers both directions.
+                    out.push((r.fd, e, listener_token(self.num_queues, i, false)));
+                }
+                (r, t) => {
+                    if let Some(r) = r {
+                        out.push((
+                            r.fd,
+                            ev(r.writable),
+                            listener_token(self.num_queues, i, false),
+                        ));
+                    }
+                    if let Some(t) = t {
+                        out.push((
+                            t.fd,
+                            ev(t.writable),
+                            listener_token(self.num_queues, i, true),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The connection ended: stop, forget the negotiation, drop the channel.
+    /// The next frontend starts from a reset device.
+    pub(crate) fn disconnected(&self) {
+        let mut dev = lock(&self.device);
+        dev.stop();
+        dev.reset();
+        let mut conn = lock(&self.conn);
+        conn.vrings.clear();
+        conn.mem = None;
+        self.channel.detach();
+    }
+
+    /// Stops the device and writes its queues' positions into the vrings.
+    fn stop_device(&self, dev: &mut StandbyNet<GuestMemory, B>) {
+        if !dev.is_active() {
+            return;
+        }
+        let states = dev.stop();
+        let conn = lock(&self.conn);
+        for (index, st) in states {
+            if let Some(v) = conn.vrings.get(usize::from(index)) {
+                v.set_queue_next_avail(st.next_avail);
+                v.set_queue_next_used(st.next_used);
+            }
+        }
+        log::info!("{}: device stopped", self.name);
+    }
+
+    fn ctrl_index(&self, acked: Features) -> Option<usize> {
+        acked.has(VIRTIO_NET_F_CTRL_VQ).then(|| {
+            if acked.has(VIRTIO_NET_F_MQ) {
+                2 * self.pairs.len()
+            } else {
+                2
+            }
+        })
+    }
+
+    /// Activates the device if the rings it needs are started and enabled.
+    /// Returns whether it is active.
+    fn try_activate(&self, vrings: &[Vring]) -> bool {
+        let mut dev = lock(&self.device);
+        if dev.is_active() {
+            return true;
+        }
+        let Some(acked) = dev.acked_features() else {
+            return false;
+        };
+        let Some(mem) = lock(&self.conn).mem.clone() else {
+            return false;
+        };
+        let ready = |i: usize| {
+            vrings.get(i).is_some_and(|v| {
+                let s = v.get_ref();
+                s.get_queue().ready() && s.is_enabled()
+            })
+        };
+        let ctrl = self.ctrl_index(acked);
+        if !ready(0) || !ready(1) || ctrl.is_some_and(|c| !ready(c)) {
+            return false;
+        }
+        let n_pairs = if acked.has(VIRTIO_NET_F_MQ) {
+            self.pairs.len()
+        } else {
+            1
+        };
+        let mut indices: Vec<usize> = (0..n_pairs)
+            .filter(|p| ready(2 * p) && ready(2 * p + 1))
+            .flat_map(|p| [2 * p, 2 * p + 1])
+            .collect();
+        indices.extend(ctrl);
+        let mut queues = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            let state = vrings[i].get_ref().get_queue().state();
+            match Queue::try_from(state) {
+                Ok(queue) => queues.push(virtio_net_standby::ActivateQueue {
+                    index: i as u16,
+                    queue,
+                    kick: None,
+                }),
+                Err(e) => {
+                    log::error!("{}: vring {i} cannot be used: {e:?}", self.name);
+                    return false;
+                }
+            }
+        }
+        let interrupt = Arc::new(VringInterrupt {
+            vrings: vrings.to_vec(),
+            channel: Arc::clone(&self.channel),
+        });
+        match dev.activate(mem, interrupt, queues) {
+            Ok(()) => {
+                lock(&self.conn).vrings = vrings.to_vec();
+                log::info!(
+                    "{}: device active on {} queue(s), features {:#x}",
+                    self.name,
+                    indices.len(),
+                    acked.bits()
+                );
+                true
+            }
+            Err(e) => {
+                log::error!("{}: cannot activate the device: {e}", self.name);
+                false
+            }
+        }
+    }
+
+    fn process(&self, mut work: Work) {
+        loop {
+            let mut more = false;
+            if work.ctrl {
+                work.ctrl = lock(&self.ctrl).process().more;
+                more |= work.ctrl;
+            }
+            for (i, p) in self.pairs.iter().enumerate() {
+                if work.tx[i] {
+                    work.tx[i] = p.process_tx().more;
+                    more |= work.tx[i];
+                }
+                if work.rx[i] {
+                    work.rx[i] = p.process_rx().more;
+                    more |= work.rx[i];
+                }
+            }
+            if !more {
+                return;
+            }
+        }
+    }
+}
+
+impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.offered.bits() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let virtio = features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut dev = lock(&self.device);
+        if dev.acked_features().map(Features::bits) == Some(virtio) {
+            return;
+        }
+        self.stop_device(&mut dev);
+        if let Err(e) = dev.ack_features(virtio) {
+            log::error!(
+                "{}: refusing the frontend's features {virtio:#x}: {e}",
+                self.name
+            );
+        } else {
+            log::info!("{}: features {virtio:#x} accepted", self.name);
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn reset_device(&self) {
+        let mut dev = lock(&self.device);
+        self.stop_device(&mut dev);
+        dev.reset();
+        lock(&self.conn).vrings.clear();
+        log::info!("{}: device reset by the frontend", self.name);
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The device reads EVENT_IDX from the acknowledged features.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut buf = vec![0u8; size.min(256) as usize];
+        lock(&self.device).read_config(u64::from(offset), &mut buf);
+        buf
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        lock(&self.device).write_config(u64::from(offset), buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        // The handler swaps the map inside the same atomic; an active device
+        // follows through its memory watch.
+        lock(&self.conn).mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![(1u64 << self.num_queues) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("{}: cannot create the worker's exit event: {e}", self.name);
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let mut dev = lock(&self.device);
+        if dev.is_active() {
+            log::debug!("{}: GET_VRING_BASE {queue_index}", self.name);
+            self.stop_device(&mut dev);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let was_active = self.is_active();
+        if !self.try_activate(vrings) {
+            return Ok(());
+        }
+        let n = self.pairs.len();
+        let mut work = Work {
+            rx: vec![!was_active; n],
+            tx: vec![!was_active; n],
+            ctrl: !was_active,
+        };
+        let ev = usize::from(device_event);
+        if ev < self.num_queues {
+            let acked = lock(&self.device)
+                .acked_features()
+                .unwrap_or(Features::empty());
+            if Some(ev) == self.ctrl_index(acked) {
+                work.ctrl = true;
+            } else if ev / 2 < n {
+                if ev % 2 == 0 {
+                    work.rx[ev / 2] = true;
+                } else {
+                    work.tx[ev / 2] = true;
+                }
+            }
+        } else if let Some(k) = ev.checked_sub(self.num_queues + 1) {
+            let (pair, tx) = (k / 2, k % 2 == 1);
+            if pair < n {
+                if tx {
+                    work.tx[pair] = true;
+                } else {
+                    // A shared fd registered once: readable means RX, writable TX.
+                    work.rx[pair] |= evset.contains(EventSet::IN);
+                    work.tx[pair] |= evset.contains(EventSet::OUT);
+                }
+            }
+        }
+        self.process(work);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_tokens_clear_the_reserved_range() {
+        // Queues 0..=4 and the handler's token 5 are reserved for 2 pairs + ctrl.
+        assert_eq!(listener_token(5, 0, false), 6);
+        assert_eq!(listener_token(5, 0, true), 7);
+        assert_eq!(listener_token(5, 1, false), 8);
+        assert!(protocol_features().contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    }
+}

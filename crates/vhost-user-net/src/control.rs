@@ -1,0 +1,111 @@
+//! A line-based control socket for the daemon: an operator or a test changes
+//! the link and reads counters while a guest runs.
+//!
+//! Commands, one per line; each gets one reply line starting with `ok` or
+//! `error`:
+//!
+//! | command | effect |
+//! |---|---|
+//! | `link up`, `link down` | sets the link status the guest sees (config-change notification) |
+//! | `announce` | asks the guest to announce itself, if it negotiated `GUEST_ANNOUNCE` |
+//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n>`: the device's state, counters and receive filter |
+//!
+//! ```text
+//! $ echo "link down" | socat - UNIX-CONNECT:/run/vu-net.ctl
+//! ok
+//! ```
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_net_standby::NetBackend;
+
+use crate::backend::VhostUserNet;
+
+/// Listens on `path` (replacing a stale socket) and serves commands for `net`
+/// on a background thread, one client at a time.
+pub fn spawn<B: NetBackend + 'static>(
+    path: &Path,
+    net: Arc<VhostUserNet<B>>,
+) -> io::Result<JoinHandle<()>> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name(format!("{}-control", net.name()))
+        .spawn(move || {
+            for s in listener.incoming() {
+                match s {
+                    Ok(s) => {
+                        if let Err(e) = serve(s, &net) {
+                            log::debug!("{}: control client: {e}", net.name());
+                        }
+                    }
+                    Err(e) => log::warn!("{}: control socket accept failed: {e}", net.name()),
+                }
+            }
+        })
+}
+
+fn serve<B: NetBackend + 'static>(s: UnixStream, net: &VhostUserNet<B>) -> io::Result<()> {
+    let mut out = s.try_clone()?;
+    for line in BufReader::new(s).lines() {
+        let reply = execute(line?.trim(), net);
+        writeln!(out, "{reply}")?;
+    }
+    Ok(())
+}
+
+/// Runs one command; returns the reply line.
+pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> String {
+    match cmd {
+        "link up" | "link down" => {
+            let up = cmd == "link up";
+            net.set_link_up(up);
+            log::info!("{}: link {}", net.name(), if up { "up" } else { "down" });
+            "ok".into()
+        }
+        "announce" => match net.announce() {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("error {e}"),
+        },
+        "status" => {
+            let c = net.counters();
+            let cfg = net.config();
+            let f = net.with_device(|d| d.rx_filter());
+            format!(
+                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={}",
+                u8::from(net.is_active()),
+                if cfg.status & 1 != 0 { "up" } else { "down" },
+                mac(&cfg.mac),
+                cfg.mtu,
+                c.tx_frames,
+                c.tx_bytes,
+                c.rx_frames,
+                c.rx_bytes,
+                c.ctrl_ok,
+                c.ctrl_err,
+                c.config_notifications,
+                u8::from(f.promisc),
+                u8::from(f.allmulti),
+                mac(&f.mac),
+                f.multicast.len(),
+            )
+        }
+        other => {
+            format!("error unknown command {other:?}; try: link up, link down, announce, status")
+        }
+    }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

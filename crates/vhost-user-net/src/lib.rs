@@ -1,0 +1,36 @@
+//! A vhost-user net backend for the standby device: the
+//! [`virtio_net_standby::StandbyNet`] packet path, served to any vhost-user
+//! frontend (QEMU, Cloud Hypervisor, User-Mode Linux, DPDK's virtio-user).
+//!
+//! ```no_run
+//! use vhost_user_net::{Server, VhostUserNet};
+//! use virtio_net_standby::{StandbyNetBuilder, Tap};
+//!
+//! let taps = Tap::open_queues("vu-tap0", 1).unwrap();
+//! let device = StandbyNetBuilder::new()
+//!     .id("net1")
+//!     .mac([0x52, 0x54, 0x00, 0x6f, 0x55, 0xcc])
+//!     .build(taps)
+//!     .unwrap();
+//! let net = VhostUserNet::new("net1", device);
+//! let server = Server::bind("/run/vhost-user-net.sock", net.clone()).unwrap();
+//! // From another thread: net.set_link_up(false), server.shutdown_handle().shutdown().
+//! server.run().unwrap();
+//! ```
+//!
+//! Modules: [`backend`] (the device as a `VhostUserBackend`), [`server`] (the
+//! listening socket and reconnection), [`relay`] (message framing and frontend
+//! quirks), [`channel`] (configuration-change notifications), [`control`] (a
+//! text control socket for the daemon).
+
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod channel;
+pub mod control;
+pub mod relay;
+pub mod server;
+
+pub use backend::{GuestMemory, VhostUserNet, protocol_features};
+pub use channel::BackendChannel;
+pub use server::{Server, ServerStats, ShutdownHandle};

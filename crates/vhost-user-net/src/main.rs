@@ -1,0 +1,204 @@
+//! `vhost-user-net`: serves a standby virtio-net device on a vhost-user socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use vhost_user_net::{Server, VhostUserNet, control};
+use virtio_net_standby::{Discard, Generator, NetBackend, StandbyNetBuilder, Tap};
+
+/// Serve a virtio-net device that offers VIRTIO_NET_F_STANDBY (the standby half
+/// of a net_failover pair) to a vhost-user frontend: QEMU, Cloud Hypervisor,
+/// User-Mode Linux or DPDK's virtio-user.
+///
+/// The guest's frames go to a tap device (--tap), are counted and dropped
+/// (--discard), or the guest receives generated frames (--generate). The server
+/// waits for a frontend, serves it, and waits for the next one when it leaves.
+///
+/// Example, with QEMU as the frontend:
+///
+///   vhost-user-net --socket /run/vu-net0.sock --tap vu-tap0 --mac 52:54:00:12:34:56
+///
+///   qemu-system-x86_64 ... -chardev socket,id=c0,path=/run/vu-net0.sock
+///     -netdev vhost-user,id=n0,chardev=c0
+///     -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,failover=on
+///
+/// Logging goes to stderr; set RUST_LOG=debug for more.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+#[command(group(ArgGroup::new("backend").required(true).args(["tap", "discard", "generate"])))]
+struct Args {
+    /// Path of the vhost-user socket to listen on (replaced if it exists).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+
+    /// Connect the device to this tap interface, created if missing (needs
+    /// CAP_NET_ADMIN) and brought up. Give it an address yourself.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+
+    /// Count and drop everything the guest sends; the guest receives nothing.
+    #[arg(long)]
+    discard: bool,
+
+    /// Fill every receive buffer the guest posts with numbered frames of this
+    /// many bytes (60 to 65550, Ethernet header included), addressed to --mac.
+    /// What the guest sends is dropped.
+    #[arg(long, value_name = "BYTES")]
+    generate: Option<usize>,
+
+    /// MAC address the guest reads from the device.
+    #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
+    mac: [u8; 6],
+
+    /// MTU the guest reads from the device.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u16,
+
+    /// Queue pairs offered (more than one needs a multiqueue tap).
+    #[arg(long, default_value_t = 1)]
+    queue_pairs: u16,
+
+    /// Entries per queue (a power of two up to 32768).
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+
+    /// Offer VIRTIO_NET_F_STANDBY, so that the guest's net_failover pairs this
+    /// device with a primary of the same MAC.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    standby: OnOff,
+
+    /// Identifier of the device, as a primary's failover_pair_id names it.
+    #[arg(long, default_value = "net0")]
+    id: String,
+
+    /// Also listen on this socket for control commands: "link up",
+    /// "link down", "announce", "status" (one per line).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{p:?} in {s:?} is not a hex byte"))?;
+    }
+    Ok(mac)
+}
+
+fn backends(args: &Args) -> Result<Vec<Box<dyn NetBackend>>, String> {
+    let n = usize::from(args.queue_pairs);
+    if let Some(name) = &args.tap {
+        let taps = Tap::open_queues(name, n).map_err(|e| format!("tap {name}: {e}"))?;
+        if let Some(t) = taps.first() {
+            t.set_up()
+                .map_err(|e| format!("cannot bring tap {name} up: {e}"))?;
+        }
+        return Ok(taps
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn NetBackend>)
+            .collect());
+    }
+    if let Some(len) = args.generate {
+        return (0..n)
+            .map(|_| {
+                Generator::new(len, args.mac)
+                    .map(|g| Box::new(g) as Box<dyn NetBackend>)
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+    }
+    Ok((0..n)
+        .map(|_| Box::new(Discard::new()) as Box<dyn NetBackend>)
+        .collect())
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = StandbyNetBuilder::new()
+        .id(args.id.clone())
+        .mac(args.mac)
+        .mtu(args.mtu)
+        .queue_pairs(args.queue_pairs)
+        .queue_size(args.queue_size)
+        .standby(args.standby == OnOff::On)
+        .build(backends(&args)?)
+        .map_err(|e| format!("invalid device configuration: {e}"))?;
+    let net = VhostUserNet::new(args.id.clone(), device);
+    if let Some(path) = &args.control {
+        control::spawn(path, net.clone())
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    }
+    let server = Server::bind(&args.socket, net.clone()).map_err(|e| error_chain(&e))?;
+    log::info!(
+        "{}: listening on {} (standby {}, {} queue pair(s) of {})",
+        args.id,
+        args.socket.display(),
+        if args.standby == OnOff::On {
+            "on"
+        } else {
+            "off"
+        },
+        args.queue_pairs,
+        args.queue_size
+    );
+    server.run().map_err(|e| error_chain(&e))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn arguments() {
+        Args::command().debug_assert();
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:EF").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+        );
+        assert!(parse_mac("52:54:00").is_err());
+        assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
+        // A backend is required, and only one.
+        assert!(Args::try_parse_from(["x", "--socket", "s"]).is_err());
+        assert!(Args::try_parse_from(["x", "--socket", "s", "--discard", "--tap", "t"]).is_err());
+        let a =
+            Args::try_parse_from(["x", "--socket", "s", "--generate", "64", "--standby", "off"])
+                .unwrap();
+        assert_eq!(a.standby, OnOff::Off);
+        assert_eq!(backends(&a).unwrap().len(), 1);
+        let a = Args::try_parse_from(["x", "--socket", "s", "--generate", "10"]).unwrap();
+        assert!(backends(&a).err().unwrap().contains("60 to"));
+    }
+}

@@ -1,0 +1,258 @@
+//! The listening socket: one frontend at a time, reconnections welcome.
+//!
+//! For each frontend that connects, the server starts a fresh
+//! `vhost_user_backend::VhostUserDaemon` (so no vring state leaks from one
+//! connection into the next) and relays the frontend's socket to it through
+//! the [`relay`](crate::relay). When the frontend goes away, or sends something
+//! the protocol forbids, the error is logged, the device is reset and the server
+//! waits for the next frontend.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::VhostUserDaemon;
+use virtio_net_standby::NetBackend;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::backend::VhostUserNet;
+use crate::relay::{self, Relay};
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket path cannot be listened on.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting or setting up a connection failed.
+    #[error("cannot set up the connection to the frontend")]
+    Connection(#[source] io::Error),
+    /// The vhost-user handler failed, or refused a message.
+    #[error("the vhost-user handler stopped: {0}")]
+    Daemon(String),
+    /// The relay refused what the frontend sent.
+    #[error(transparent)]
+    Relay(relay::Error),
+}
+
+/// Result of server operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Asks a running [`Server::run`] to return. Cloneable, usable from any thread
+/// or a signal-handling thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<EventFd>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting, closes the current connection and makes `run` return.
+    pub fn shutdown(&self) {
+        let _ = self.stop.write(1);
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// How many connections a server has seen, and how they ended.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Frontends accepted.
+    pub connections: AtomicU64,
+    /// Connections that ended with an error (malformed message, socket error).
+    pub failed: AtomicU64,
+}
+
+/// A vhost-user server for one [`VhostUserNet`] device.
+pub struct Server<B: NetBackend + 'static> {
+    path: PathBuf,
+    listener: UnixListener,
+    net: Arc<VhostUserNet<B>>,
+    stop: Arc<EventFd>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+    stats: Arc<ServerStats>,
+}
+
+impl<B: NetBackend + 'static> std::fmt::Debug for Server<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("path", &self.path).finish()
+    }
+}
+
+static PRIVATE_ID: AtomicU64 = AtomicU64::new(0);
+
+impl<B: NetBackend + 'static> Server<B> {
+    /// Listens on `path` (an existing socket file there is replaced).
+    pub fn bind(path: impl AsRef<Path>, net: Arc<VhostUserNet<B>>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let listen_err = |source| Error::Listen {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(listen_err(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(listen_err)?;
+        Ok(Server {
+            path,
+            listener,
+            net,
+            stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Connection)?),
+            current: Arc::default(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle that makes [`run`](Self::run) return.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: Arc::clone(&self.stop),
+            current: Arc::clone(&self.current),
+        }
+    }
+
+    /// Connection counts.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves frontends one after the other until shut down.
+    pub fn run(&self) -> Result<()> {
+        loop {
+            let Some(stream) = self.accept()? else {
+                return Ok(());
+            };
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "{}: frontend connected on {}",
+                self.net.name(),
+                self.path.display()
+            );
+            if let Err(e) = self.serve_one(stream) {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                log::error!("{}: connection failed: {e}", self.net.name());
+            }
+            self.net.disconnected();
+            if self.stop.read().is_ok() {
+                return Ok(());
+            }
+            log::info!(
+                "{}: waiting for the next frontend on {}",
+                self.net.name(),
+                self.path.display()
+            );
+        }
+    }
+
+    /// Waits for a frontend or the stop event.
+    fn accept(&self) -> Result<Option<UnixStream>> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a live array of two pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Connection(e));
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents != 0 {
+                let (s, _) = self.listener.accept().map_err(Error::Connection)?;
+                return Ok(Some(s));
+            }
+        }
+    }
+
+    fn serve_one(&self, frontend: UnixStream) -> Result<()> {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(frontend.try_clone().map_err(Error::Connection)?);
+        // The handler listens on a private abstract socket only the relay
+        // connects to.
+        let name = format!(
+            "vhost-user-net.{}.{}",
+            std::process::id(),
+            PRIVATE_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(Error::Connection)?;
+        let private = UnixListener::bind_addr(&addr).map_err(Error::Connection)?;
+        let mut daemon = VhostUserDaemon::new(
+            self.net.name().to_string(),
+            Arc::clone(&self.net),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+        for h in daemon.get_epoll_handlers() {
+            for (fd, ev, token) in self.net.backend_listeners() {
+                h.register_listener(fd, ev, token)
+                    .map_err(Error::Connection)?;
+            }
+        }
+        let inner = UnixStream::connect_addr(&addr).map_err(Error::Connection)?;
+        daemon
+            .start(&mut Listener::from(private))
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let relay = Relay::start(
+            self.net.name(),
+            frontend,
+            inner,
+            Arc::clone(self.net.channel()),
+        )
+        .map_err(Error::Connection)?;
+        let result = daemon.wait();
+        let relayed = relay.close();
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        relayed.map_err(Error::Relay)?;
+        match result {
+            Ok(()) => Ok(()),
+            // A frontend that went away, even mid-message, is not a failure.
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(Error::Daemon(e.to_string())),
+        }
+    }
+}
