@@ -20,11 +20,15 @@
 //! (a tap's fd) are registered with it edge-triggered.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
+use virtio_net_standby::features;
 use virtio_net_standby::{
     ControlQueueHandle, Features, NetBackend, NetConfigSpace, NetCounters, QueuePairHandle,
     StandbyNet, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
@@ -35,8 +39,28 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::channel::BackendChannel;
+
+/// Errors creating a [`VhostUserNet`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// vhost-user-backend serves at most 64 queues per worker thread.
+    #[error(
+        "the device has {0} queues; vhost-user serves at most 64 (31 queue pairs with a control queue, 32 without)"
+    )]
+    TooManyQueues(usize),
+    /// The self-wake eventfd could not be created.
+    #[error("cannot create the worker's wake-up eventfd: {0}")]
+    Wake(#[source] io::Error),
+    /// The configuration-change notifier thread could not start.
+    #[error("cannot start the configuration-change notifier thread: {0}")]
+    Notifier(#[source] io::Error),
+}
+
+/// Result of creating a [`VhostUserNet`].
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// Guest memory as the vhost-user handler maps it (no dirty bitmap).
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -63,12 +87,23 @@ fn listener_token(num_queues: usize, pair: usize, tx: bool) -> u64 {
     (num_queues + 1 + 2 * pair + usize::from(tx)) as u64
 }
 
+/// Longest the worker polls before returning to its event loop.
+const MAX_POLL_TURN: Duration = Duration::from_millis(10);
+
+/// Passes over queues that still have work before the worker returns to its
+/// event loop (and wakes itself).
+const MAX_PASSES: usize = 64;
+
 /// State of the current connection.
 #[derive(Default)]
 struct Conn {
     mem: Option<GuestMemoryAtomic<GuestMemory>>,
     /// The vrings the device was activated on.
     vrings: Vec<Vring>,
+    /// The queue indices it was activated with.
+    active: Vec<usize>,
+    /// The last activation attempt failed (logged once, not per kick).
+    activation_failed: bool,
 }
 
 /// A standby device served over vhost-user. Share it as `Arc<VhostUserNet<B>>`
@@ -84,6 +119,11 @@ pub struct VhostUserNet<B: NetBackend + 'static> {
     offered: Features,
     channel: Arc<BackendChannel>,
     conn: Mutex<Conn>,
+    /// How long the worker keeps polling the rings after they run dry.
+    poll_ns: AtomicU64,
+    /// Written when the worker returns to its event loop with work left, so
+    /// that it comes straight back.
+    wake: EventFd,
 }
 
 impl<B: NetBackend + 'static> std::fmt::Debug for VhostUserNet<B> {
@@ -117,7 +157,7 @@ impl VirtioInterrupt for VringInterrupt {
                     format!("no vring {i}"),
                 )),
             },
-            VirtioInterruptType::Config => self.channel.config_changed(),
+            VirtioInterruptType::Config => self.channel.notify_config_changed(),
         }
     }
 }
@@ -133,23 +173,44 @@ struct Work {
 impl<B: NetBackend + 'static> VhostUserNet<B> {
     /// Serves `device` (built with [`StandbyNetBuilder`](virtio_net_standby::StandbyNetBuilder))
     /// over vhost-user. `name` prefixes log lines and thread names.
-    pub fn new(name: impl Into<String>, device: StandbyNet<GuestMemory, B>) -> Arc<Self> {
+    ///
+    /// Fails if the device has more queues than one vhost-user worker serves
+    /// (64).
+    pub fn new(name: impl Into<String>, device: StandbyNet<GuestMemory, B>) -> Result<Arc<Self>> {
         let pairs = device.queue_pairs().to_vec();
         let offered = device.offered_features();
         let num_queues = device.queue_max_sizes().len();
+        if num_queues > 64 {
+            return Err(Error::TooManyQueues(num_queues));
+        }
         let queue_size = device.queue_max_sizes()[0];
         let ctrl = device.control_queue();
-        Arc::new(VhostUserNet {
-            name: name.into(),
+        let name = name.into();
+        let channel = BackendChannel::new(&name).map_err(Error::Notifier)?;
+        Ok(Arc::new(VhostUserNet {
+            name,
             device: Mutex::new(device),
             pairs,
             ctrl,
             queue_size,
             num_queues,
             offered,
-            channel: Arc::new(BackendChannel::default()),
+            channel,
             conn: Mutex::new(Conn::default()),
-        })
+            poll_ns: AtomicU64::new(0),
+            wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?,
+        }))
+    }
+
+    /// After the rings run dry, keep polling them for `window` before going
+    /// back to sleep on the kicks (0, the default: never poll). Each frame
+    /// that arrives restarts the window. Polling trades a busy core for fewer
+    /// wake-ups and kicks, as a polling backend such as DPDK's does all the time.
+    pub fn set_poll(&self, window: Duration) {
+        self.poll_ns.store(
+            u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// The name given at creation.
@@ -195,9 +256,10 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         &self.channel
     }
 
-    /// Epoll registrations for the backends' readiness: `(fd, events, token)`.
+    /// Epoll registrations for the backends' readiness and the worker's
+    /// self-wake: `(fd, events, token)`.
     pub(crate) fn backend_listeners(&self) -> Vec<(i32, EventSet, u64)> {
-        let mut out = Vec::new();
+        let mut out = vec![(self.wake.as_raw_fd(), EventSet::IN, self.wake_token())];
         for (i, p) in self.pairs.iter().enumerate() {
             let p = p.lock();
             let be = p.backend();
@@ -240,15 +302,23 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         out
     }
 
+    fn wake_token(&self) -> u64 {
+        listener_token(self.num_queues, self.pairs.len(), false)
+    }
+
     /// The connection ended: stop, forget the negotiation, drop the channel.
-    /// The next frontend starts from a reset device.
-    pub(crate) fn disconnected(&self) {
+    /// The next frontend starts from a reset device. [`Server`](crate::Server)
+    /// calls it; a VMM running its own `VhostUserDaemon` calls it after
+    /// `wait()` returns.
+    pub fn disconnected(&self) {
         let mut dev = lock(&self.device);
         dev.stop();
         dev.reset();
         let mut conn = lock(&self.conn);
         conn.vrings.clear();
+        conn.active.clear();
         conn.mem = None;
+        conn.activation_failed = false;
         self.channel.detach();
     }
 
@@ -258,7 +328,8 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             return;
         }
         let states = dev.stop();
-        let conn = lock(&self.conn);
+        let mut conn = lock(&self.conn);
+        conn.active.clear();
         for (index, st) in states {
             if let Some(v) = conn.vrings.get(usize::from(index)) {
                 v.set_queue_next_avail(st.next_avail);
@@ -321,7 +392,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
                     kick: None,
                 }),
                 Err(e) => {
-                    log::error!("{}: vring {i} cannot be used: {e:?}", self.name);
+                    log::debug!("{}: vring {i} cannot be used: {e:?}", self.name);
                     return false;
                 }
             }
@@ -332,7 +403,11 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         });
         match dev.activate(mem, interrupt, queues) {
             Ok(()) => {
-                lock(&self.conn).vrings = vrings.to_vec();
+                let mut conn = lock(&self.conn);
+                conn.vrings = vrings.to_vec();
+                conn.active = indices.clone();
+                conn.activation_failed = false;
+                drop(conn);
                 log::info!(
                     "{}: device active on {} queue(s), features {:#x}",
                     self.name,
@@ -342,33 +417,115 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
                 true
             }
             Err(e) => {
-                log::error!("{}: cannot activate the device: {e}", self.name);
+                let mut conn = lock(&self.conn);
+                if conn.activation_failed {
+                    log::debug!("{}: cannot activate the device: {e}", self.name);
+                } else {
+                    log::error!("{}: cannot activate the device: {e}", self.name);
+                    conn.activation_failed = true;
+                }
                 false
             }
         }
     }
 
+    /// One pass over the queues `work` names; returns (work left, chains).
+    fn pass(&self, work: &mut Work) -> (bool, usize) {
+        let (mut more, mut chains) = (false, 0);
+        if work.ctrl {
+            let r = lock(&self.ctrl).process();
+            work.ctrl = r.more;
+            more |= r.more;
+            chains += r.chains;
+        }
+        for (i, p) in self.pairs.iter().enumerate() {
+            if work.tx[i] {
+                let r = p.process_tx();
+                work.tx[i] = r.more;
+                more |= r.more;
+                chains += r.chains;
+            }
+            if work.rx[i] {
+                let r = p.process_rx();
+                work.rx[i] = r.more;
+                more |= r.more;
+                chains += r.chains;
+            }
+        }
+        (more, chains)
+    }
+
+    /// Processes `work`, then polls if configured. Returns to the event loop
+    /// after [`MAX_PASSES`] passes or [`MAX_POLL_TURN`] with work left, waking
+    /// itself so that kicks, the exit event and other queues get their turn.
     fn process(&self, mut work: Work) {
-        loop {
-            let mut more = false;
-            if work.ctrl {
-                work.ctrl = lock(&self.ctrl).process().more;
-                more |= work.ctrl;
-            }
-            for (i, p) in self.pairs.iter().enumerate() {
-                if work.tx[i] {
-                    work.tx[i] = p.process_tx().more;
-                    more |= work.tx[i];
-                }
-                if work.rx[i] {
-                    work.rx[i] = p.process_rx().more;
-                    more |= work.rx[i];
-                }
-            }
-            if !more {
+        let mut passes = 0;
+        while self.pass(&mut work).0 {
+            passes += 1;
+            if passes >= MAX_PASSES {
+                self.wake_later();
                 return;
             }
         }
+        let window = self.poll_ns.load(Ordering::Relaxed);
+        if window == 0 {
+            return;
+        }
+        // Poll every pair's rings until they stay dry for the window, with the
+        // driver's kicks held off meanwhile; then one pass with kicks back on,
+        // which catches a frame that came after the last poll.
+        self.hold_kicks(true);
+        let started = Instant::now();
+        let mut idle_since = started;
+        let n = self.pairs.len();
+        let all = || Work {
+            rx: vec![true; n],
+            tx: vec![true; n],
+            ctrl: false,
+        };
+        loop {
+            let (more, chains) = self.pass(&mut all());
+            let now = Instant::now();
+            if more || chains > 0 {
+                idle_since = now;
+            }
+            if now.duration_since(started) >= MAX_POLL_TURN
+                || (!more && now.duration_since(idle_since).as_nanos() as u64 >= window)
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.hold_kicks(false);
+        if self.pass(&mut all()).0 {
+            self.wake_later();
+        }
+    }
+
+    fn hold_kicks(&self, on: bool) {
+        for p in &self.pairs {
+            p.lock().set_polling(on);
+        }
+    }
+
+    fn wake_later(&self) {
+        if let Err(e) = self.wake.write(1) {
+            log::warn!("{}: cannot wake the worker: {e}", self.name);
+        }
+    }
+
+    /// Whether the rings that are started and enabled differ from those the
+    /// device was activated with (a queue pair enabled later, a ring disabled).
+    fn rings_changed(&self, vrings: &[Vring]) -> bool {
+        let conn = lock(&self.conn);
+        let ready = |i: usize| {
+            vrings.get(i).is_some_and(|v| {
+                let s = v.get_ref();
+                s.get_queue().ready() && s.is_enabled()
+            })
+        };
+        let active = &conn.active;
+        (0..self.num_queues).any(|i| ready(i) != active.contains(&i))
     }
 }
 
@@ -395,13 +552,26 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
             return;
         }
         self.stop_device(&mut dev);
-        if let Err(e) = dev.ack_features(virtio) {
+        // A frontend that services some queues itself (QEMU keeps the control
+        // queue) acks features whose dependencies it does not forward: keep
+        // the self-consistent part, as a driver's own negotiation would.
+        let consistent = features::prune(Features::from_bits(virtio));
+        if consistent.bits() != virtio {
+            log::info!(
+                "{}: the frontend acked {virtio:#x}; using {:#x}, without the features whose dependencies it left out",
+                self.name,
+                consistent.bits()
+            );
+        }
+        if let Err(e) = dev.ack_features(consistent.bits()) {
+            // Never run on a previous negotiation the frontend no longer uses.
+            dev.reset();
             log::error!(
-                "{}: refusing the frontend's features {virtio:#x}: {e}",
+                "{}: refusing the frontend's features {virtio:#x}, the device stays inactive: {e}",
                 self.name
             );
         } else {
-            log::info!("{}: features {virtio:#x} accepted", self.name);
+            log::info!("{}: features {:#x} accepted", self.name, consistent.bits());
         }
     }
 
@@ -413,7 +583,10 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         let mut dev = lock(&self.device);
         self.stop_device(&mut dev);
         dev.reset();
-        lock(&self.conn).vrings.clear();
+        let mut conn = lock(&self.conn);
+        conn.vrings.clear();
+        conn.active.clear();
+        drop(conn);
         log::info!("{}: device reset by the frontend", self.name);
     }
 
@@ -440,7 +613,8 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![(1u64 << self.num_queues) - 1]
+        // `new` keeps num_queues within 1..=64.
+        vec![u64::MAX >> (64 - self.num_queues)]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -469,7 +643,13 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        let was_active = self.is_active();
+        let mut was_active = self.is_active();
+        if was_active && self.rings_changed(vrings) {
+            // Rings started, enabled or disabled after activation: restart on
+            // the current set. Positions go through the vrings, nothing is lost.
+            self.stop_device(&mut lock(&self.device));
+            was_active = false;
+        }
         if !self.try_activate(vrings) {
             return Ok(());
         }
@@ -480,7 +660,12 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
             ctrl: !was_active,
         };
         let ev = usize::from(device_event);
-        if ev < self.num_queues {
+        if u64::from(device_event) == self.wake_token() {
+            let _ = self.wake.read();
+            work.rx = vec![true; n];
+            work.tx = vec![true; n];
+            work.ctrl = true;
+        } else if ev < self.num_queues {
             let acked = lock(&self.device)
                 .acked_features()
                 .unwrap_or(Features::empty());

@@ -7,16 +7,22 @@
 //! `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` itself. Holding the duplicate also
 //! keeps the channel open for as long as the connection lives: User-Mode Linux
 //! takes an end-of-file on it for a disconnect.
+//!
+//! The device raises configuration interrupts with its own locks held, and a
+//! frontend may be waiting on us at that moment, so the interrupt path only
+//! marks a notification pending ([`BackendChannel::notify_config_changed`]); a
+//! notifier thread sends it. A frontend that does not answer in time, or
+//! answers out of turn, loses its channel rather than leaving it out of step.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::vhost_user::message::BackendReq;
 
-/// How long to wait for the frontend's acknowledgement of a notification.
+/// How long to wait for the frontend to take a notification or acknowledge it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 const FLAG_VERSION_1: u32 = 0x1;
@@ -30,16 +36,59 @@ struct Inner {
     sent: u64,
 }
 
+#[derive(Debug, Default)]
+struct Pending {
+    config: bool,
+    closed: bool,
+}
+
 /// The backend-request channel of the current connection, if the frontend
 /// provided one.
 #[derive(Debug, Default)]
 pub struct BackendChannel {
     inner: Mutex<Inner>,
+    pending: Mutex<Pending>,
+    wakeup: Condvar,
+}
+
+impl Drop for BackendChannel {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed = true;
+        self.wakeup.notify_all();
+    }
 }
 
 impl BackendChannel {
+    /// A channel with its notifier thread (named after `name`).
+    pub fn new(name: &str) -> io::Result<Arc<BackendChannel>> {
+        let ch = Arc::new(BackendChannel::default());
+        let weak = Arc::downgrade(&ch);
+        std::thread::Builder::new()
+            .name(format!("{name}-notify"))
+            .spawn(move || notifier(weak))?;
+        Ok(ch)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a configuration-change notification pending and returns at once;
+    /// the notifier thread sends it (several pending ones go as one). Fails
+    /// only if no channel is attached.
+    pub fn notify_config_changed(&self) -> io::Result<()> {
+        if !self.is_attached() {
+            return Err(not_attached());
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config = true;
+        self.wakeup.notify_all();
+        Ok(())
     }
 
     /// Records the protocol features the frontend acknowledged.
@@ -69,17 +118,29 @@ impl BackendChannel {
         self.lock().sent
     }
 
-    /// Tells the frontend the configuration space changed. With `REPLY_ACK`
-    /// negotiated it waits (up to 2 s) for the frontend's acknowledgement.
+    /// Tells the frontend the configuration space changed, now, on the
+    /// calling thread. With `REPLY_ACK` negotiated it waits (up to 2 s) for the
+    /// frontend's acknowledgement. On a timeout or an answer out of turn the
+    /// channel is dropped, so that it never runs one reply behind.
     pub fn config_changed(&self) -> io::Result<()> {
         let mut g = self.lock();
+        let r = Self::send_config_change(&mut g);
+        if let Err(e) = &r {
+            if e.kind() != io::ErrorKind::NotConnected && e.kind() != io::ErrorKind::Other {
+                g.sock = None;
+            }
+        } else {
+            g.sent += 1;
+        }
+        r
+    }
+
+    fn send_config_change(g: &mut Inner) -> io::Result<()> {
         let need_reply = g.protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
         let Some(sock) = g.sock.as_mut() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the frontend gave no backend-request channel (BACKEND_REQ not negotiated)",
-            ));
+            return Err(not_attached());
         };
+        sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let request = BackendReq::CONFIG_CHANGE_MSG as u32;
         let flags = FLAG_VERSION_1 | if need_reply { FLAG_NEED_REPLY } else { 0 };
         let mut msg = [0u8; 12];
@@ -92,11 +153,14 @@ impl BackendChannel {
             sock.read_exact(&mut reply)?;
             let code = u32::from_le_bytes(reply[0..4].try_into().expect("4 bytes"));
             let rflags = u32::from_le_bytes(reply[4..8].try_into().expect("4 bytes"));
+            let size = u32::from_le_bytes(reply[8..12].try_into().expect("4 bytes"));
             let status = u64::from_le_bytes(reply[12..20].try_into().expect("8 bytes"));
-            if code != request || rflags & FLAG_REPLY == 0 {
+            if code != request || rflags & FLAG_REPLY == 0 || size != 8 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("the frontend answered a config change with request {code}"),
+                    format!(
+                        "the frontend answered a config change with request {code}, flags {rflags:#x}, size {size}"
+                    ),
                 ));
             }
             if status != 0 {
@@ -105,8 +169,33 @@ impl BackendChannel {
                 )));
             }
         }
-        g.sent += 1;
         Ok(())
+    }
+}
+
+fn not_attached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "no backend-request channel is attached (the frontend did not negotiate BACKEND_REQ, or the daemon is not run through Server)",
+    )
+}
+
+/// Sends pending notifications until the channel is dropped.
+fn notifier(ch: Weak<BackendChannel>) {
+    loop {
+        let Some(c) = ch.upgrade() else { return };
+        let mut p = c.pending.lock().unwrap_or_else(|p| p.into_inner());
+        while !p.config && !p.closed {
+            p = c.wakeup.wait(p).unwrap_or_else(|p| p.into_inner());
+        }
+        if p.closed {
+            return;
+        }
+        p.config = false;
+        drop(p);
+        if let Err(e) = c.config_changed() {
+            log::warn!("cannot notify the frontend of a configuration change: {e}");
+        }
     }
 }
 
@@ -116,7 +205,7 @@ mod tests {
 
     #[test]
     fn notification_without_and_with_reply_ack() {
-        let ch = BackendChannel::default();
+        let ch = BackendChannel::new("t").unwrap();
         assert_eq!(
             ch.config_changed().unwrap_err().kind(),
             io::ErrorKind::NotConnected
@@ -150,5 +239,28 @@ mod tests {
         assert_eq!(ch.notifications_sent(), 2);
         ch.detach();
         assert!(!ch.is_attached());
+    }
+
+    #[test]
+    fn pending_notifications_go_from_the_notifier_thread_and_silence_drops_the_channel() {
+        let ch = BackendChannel::new("t").unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ch.attach(ours);
+        ch.notify_config_changed().unwrap();
+        let mut m = [0u8; 12];
+        theirs.read_exact(&mut m).unwrap();
+        assert_eq!(m[0], BackendReq::CONFIG_CHANGE_MSG as u8);
+        // With REPLY_ACK and a frontend that never answers: after the timeout
+        // the channel is dropped, not left one reply behind.
+        ch.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK.bits());
+        assert_eq!(
+            ch.config_changed().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(!ch.is_attached());
+        assert_eq!(
+            ch.notify_config_changed().unwrap_err().kind(),
+            io::ErrorKind::NotConnected
+        );
     }
 }

@@ -31,10 +31,7 @@ pub fn spawn<B: NetBackend + 'static>(
     path: &Path,
     net: Arc<VhostUserNet<B>>,
 ) -> io::Result<JoinHandle<()>> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
+    crate::server::remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
         .name(format!("{}-control", net.name()))

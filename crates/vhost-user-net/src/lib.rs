@@ -12,7 +12,7 @@
 //!     .mac([0x52, 0x54, 0x00, 0x6f, 0x55, 0xcc])
 //!     .build(taps)
 //!     .unwrap();
-//! let net = VhostUserNet::new("net1", device);
+//! let net = VhostUserNet::new("net1", device).unwrap();
 //! let server = Server::bind("/run/vhost-user-net.sock", net.clone()).unwrap();
 //! // From another thread: net.set_link_up(false), server.shutdown_handle().shutdown().
 //! server.run().unwrap();

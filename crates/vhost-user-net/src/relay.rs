@@ -40,8 +40,8 @@ const MAX_MEM_REGIONS: usize = 8;
 /// Errors that end a relayed connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The socket failed.
-    #[error("the frontend's socket failed")]
+    /// A socket failed.
+    #[error("the relay's socket failed: {0}")]
     Io(#[from] io::Error),
     /// A message longer than the protocol allows.
     #[error(
@@ -97,7 +97,7 @@ impl Relay {
             .spawn(move || {
                 let r = forward_requests(&f_in, &h_out, &channel);
                 match &r {
-                    Ok(()) => log::info!("{tag}: the frontend disconnected"),
+                    Ok(()) => log::info!("{tag}: the connection closed"),
                     Err(e) => log::error!("{tag}: dropping the frontend's connection: {e}"),
                 }
                 let _ = f_in.shutdown(Shutdown::Both);
@@ -255,7 +255,7 @@ fn recv_with_fds(s: &UnixStream, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const RawFd;
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 for i in 0..len / std::mem::size_of::<RawFd>() {
                     // The kernel installed these descriptors for us: we own them.
                     fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
@@ -292,13 +292,15 @@ fn send_with_fds(s: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> Result<()> {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
         msg.msg_iovlen = iov.len() as _;
+        if fds.len() > MAX_ATTACHED_FD_ENTRIES {
+            return Err(Error::TooManyFds);
+        }
         if !fds.is_empty() {
             let bytes = std::mem::size_of_val(fds);
-            // SAFETY: CMSG_SPACE of at most 32 descriptors fits CMSG_ROOM; the
-            // header and data are written inside `cbuf`.
+            // SAFETY: CMSG_SPACE of at most 32 descriptors (checked above) fits
+            // CMSG_ROOM; the header and data are written inside `cbuf`.
             unsafe {
                 let space = libc::CMSG_SPACE(bytes as u32) as usize;
-                debug_assert!(space <= CMSG_ROOM);
                 msg.msg_control = cbuf.0.as_mut_ptr().cast();
                 msg.msg_controllen = space as _;
                 let c = libc::CMSG_FIRSTHDR(&msg);
@@ -370,7 +372,7 @@ mod tests {
     fn messages_and_descriptors_cross_the_relay() {
         let (front, front_peer) = UnixStream::pair().unwrap();
         let (hand, hand_peer) = UnixStream::pair().unwrap();
-        let ch = Arc::new(BackendChannel::default());
+        let ch = BackendChannel::new("t").unwrap();
         let relay = Relay::start("t", front_peer, hand_peer, Arc::clone(&ch)).unwrap();
         // SET_MEM_TABLE with one region in a two-region payload and an fd.
         let (a, _b) = UnixStream::pair().unwrap();

@@ -9,8 +9,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,11 +107,7 @@ impl<B: NetBackend + 'static> Server<B> {
             path: path.clone(),
             source,
         };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(listen_err(e)),
-        }
+        remove_stale_socket(&path).map_err(listen_err)?;
         let listener = UnixListener::bind(&path).map_err(listen_err)?;
         Ok(Server {
             path,
@@ -205,17 +200,19 @@ impl<B: NetBackend + 'static> Server<B> {
     }
 
     fn serve_one(&self, frontend: UnixStream) -> Result<()> {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(frontend.try_clone().map_err(Error::Connection)?);
-        // The handler listens on a private abstract socket only the relay
-        // connects to.
-        let name = format!(
-            "vhost-user-net.{}.{}",
-            std::process::id(),
-            PRIVATE_ID.fetch_add(1, Ordering::Relaxed)
+        let _current = CurrentGuard::set(
+            &self.current,
+            frontend.try_clone().map_err(Error::Connection)?,
         );
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(Error::Connection)?;
-        let private = UnixListener::bind_addr(&addr).map_err(Error::Connection)?;
+        if self.stop.read().is_ok() {
+            // Shut down between accept and here: put the event back for run().
+            let _ = self.stop.write(1);
+            return Ok(());
+        }
+        // The handler listens on a private socket in a directory only we can
+        // enter; the relay connects to it before the handler accepts, and the
+        // path is gone before anyone else could look.
+        let private = PrivateSocket::new()?;
         let mut daemon = VhostUserDaemon::new(
             self.net.name().to_string(),
             Arc::clone(&self.net),
@@ -228,9 +225,9 @@ impl<B: NetBackend + 'static> Server<B> {
                     .map_err(Error::Connection)?;
             }
         }
-        let inner = UnixStream::connect_addr(&addr).map_err(Error::Connection)?;
+        let (listener, inner) = private.connect()?;
         daemon
-            .start(&mut Listener::from(private))
+            .start(&mut Listener::from(listener))
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let relay = Relay::start(
             self.net.name(),
@@ -241,18 +238,112 @@ impl<B: NetBackend + 'static> Server<B> {
         .map_err(Error::Connection)?;
         let result = daemon.wait();
         let relayed = relay.close();
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        relayed.map_err(Error::Relay)?;
+        // Stop the device before the daemon's worker is joined (on drop).
+        self.net.disconnected();
+        drop(daemon);
         match result {
-            Ok(()) => Ok(()),
-            // A frontend that went away, even mid-message, is not a failure.
-            Err(vhost_user_backend::Error::HandleRequest(
+            // A frontend that went away, even mid-message, is not a failure;
+            // the relay tells whether it sent something it must not.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => Ok(()),
+            )) => match relayed {
+                // Gone mid-message: a disconnect, as the handler sees it too.
+                Err(relay::Error::Truncated) => Ok(()),
+                r => r.map_err(Error::Relay),
+            },
             Err(e) => Err(Error::Daemon(e.to_string())),
         }
+    }
+}
+
+/// Clears the server's record of the current connection however `serve_one`
+/// ends.
+struct CurrentGuard<'a>(&'a Mutex<Option<UnixStream>>);
+
+impl<'a> CurrentGuard<'a> {
+    fn set(slot: &'a Mutex<Option<UnixStream>>, s: UnixStream) -> Self {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        CurrentGuard(slot)
+    }
+}
+
+impl Drop for CurrentGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A listening socket in a fresh mode-0700 directory.
+struct PrivateSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl PrivateSocket {
+    fn new() -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vhost-user-net.{}.{}.{nanos}",
+            std::process::id(),
+            PRIVATE_ID.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Fails if the name exists: nobody can have prepared it for us.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(Error::Connection)?;
+        let path = dir.join("handler.sock");
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(Error::Connection(e));
+            }
+        };
+        Ok(PrivateSocket {
+            dir,
+            path,
+            listener: Some(listener),
+        })
+    }
+
+    /// Connects to the listener, removes the path, and returns both ends.
+    fn connect(mut self) -> Result<(UnixListener, UnixStream)> {
+        let s = UnixStream::connect(&self.path).map_err(Error::Connection)?;
+        let l = self
+            .listener
+            .take()
+            .ok_or_else(|| Error::Connection(io::Error::other("the private listener was taken")))?;
+        Ok((l, s))
+    }
+}
+
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Removes what is at `path` if it is a socket (a previous run's); refuses
+/// to touch anything else.
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }

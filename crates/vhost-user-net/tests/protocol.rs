@@ -40,7 +40,7 @@ fn start(tag: &str) -> Running {
         .mtu(1400)
         .build(vec![Discard::new()])
         .unwrap();
-    let net = VhostUserNet::new(tag, dev);
+    let net = VhostUserNet::new(tag, dev).unwrap();
     let server = Server::bind(&path, net.clone()).unwrap();
     let stop = server.shutdown_handle();
     let stats = server.stats();
@@ -148,7 +148,8 @@ fn malformed_frontends_are_dropped_and_the_next_is_served() {
         });
         good_session(&r);
     }
-    // A header cut short, then the frontend hangs up: a disconnect, not a failure.
+    // A header cut short, then the frontend hangs up: a disconnect (as a
+    // frontend that crashed mid-write), not a failure.
     {
         let mut s = UnixStream::connect(&r.path).unwrap();
         s.write_all(&[1, 0, 0]).unwrap();

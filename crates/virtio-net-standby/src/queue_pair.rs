@@ -63,6 +63,8 @@ pub struct QueuePair<M: GuestMemoryBackend, B: NetBackend> {
     budget: usize,
     /// The driver enabled this pair (`VIRTIO_NET_CTRL_MQ`); pair 0 always is.
     enabled: bool,
+    /// Kicks are held off between polls.
+    polling: bool,
 }
 
 /// The state of a queue pair a snapshot records.
@@ -91,6 +93,7 @@ where
             active: None,
             budget: 1024,
             enabled: index == 0,
+            polling: false,
         }
     }
 
@@ -119,8 +122,10 @@ where
                 source,
             })
         };
-        let rx_ring = ring(&rx)?;
-        let tx_ring = ring(&tx)?;
+        let mut rx_ring = ring(&rx)?;
+        let mut tx_ring = ring(&tx)?;
+        rx_ring.hold_kicks(self.polling);
+        tx_ring.hold_kicks(self.polling);
         let staged = std::mem::take(&mut self.staged);
         self.active = Some(Active {
             filter: FilterView::new(&self.shared.filter),
@@ -161,6 +166,17 @@ where
         self.staged.clear();
         let rewind = u16::try_from(a.rx.staged_heads().len()).unwrap_or(u16::MAX);
         Some((a.rx.ring.state(rewind), a.tx.ring.state(0)))
+    }
+
+    /// While `on`, processing leaves the driver's kicks off when the rings run
+    /// dry, for a caller that polls (see [`SplitRing::hold_kicks`]). Turn it off
+    /// and process once more before sleeping on the kicks again.
+    pub fn set_polling(&mut self, on: bool) {
+        self.polling = on;
+        if let Some(a) = self.active.as_mut() {
+            a.tx.ring.hold_kicks(on);
+            a.rx.ring.hold_kicks(on);
+        }
     }
 
     /// Stops processing and forgets the queues and held frames (device reset).

@@ -160,6 +160,8 @@ pub struct SplitRing {
     next_avail: u32,
     next_used: u32,
     event_idx: bool,
+    /// A polling device keeps the driver's kicks off between passes.
+    hold_kicks: bool,
     indirect: bool,
 }
 
@@ -262,6 +264,7 @@ impl SplitRing {
             next_used: u32::from(state.next_used),
             event_idx: features.event_idx,
             indirect: features.indirect,
+            hold_kicks: false,
         })
     }
 
@@ -362,6 +365,25 @@ impl SplitRing {
         Ok(head)
     }
 
+    /// Starts loading the descriptors of the next `n` available heads (at most
+    /// the ring size), without taking them. Only a cache hint: heads outside
+    /// the table are skipped, and nothing is validated or consumed.
+    #[inline]
+    pub fn prefetch_heads(&self, n: u16) {
+        for k in 0..n.min(self.size) {
+            let slot = usize::from(self.next_avail().wrapping_add(k) & (self.size - 1));
+            // SAFETY: slot < size, and the avail ring holds 2*size bytes of
+            // entries at offset 4, 2-aligned.
+            let head = u16::from_le(unsafe {
+                ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
+            });
+            if head < self.size {
+                // In the table: 16 bytes per descriptor.
+                crate::memory::prefetch(self.desc.wrapping_add(16 * usize::from(head)));
+            }
+        }
+    }
+
     /// Gives back the last `n` heads taken and not used (a backend could not
     /// take the frame after all).
     #[inline]
@@ -451,11 +473,23 @@ impl SplitRing {
         }
     }
 
+    /// While `on`, [`enable_kicks`](Self::enable_kicks) leaves kicks off: for a
+    /// device that polls the ring and would only be slowed by the driver's
+    /// kicks. Turn it off (and process once more) before going back to sleep.
+    #[inline]
+    pub fn hold_kicks(&mut self, on: bool) {
+        self.hold_kicks = on;
+    }
+
     /// Asks the driver to kick when it makes the next buffer available, then
     /// checks whether one arrived meanwhile. Returns true if buffers are
-    /// available (the caller should process again rather than sleep).
+    /// available (the caller should process again rather than sleep). While
+    /// kicks are [held](Self::hold_kicks) it writes nothing and returns false.
     #[inline]
     pub fn enable_kicks<M: GuestMemoryBackend>(&mut self, ram: &GuestRam<M>) -> Result<bool> {
+        if self.hold_kicks {
+            return Ok(false);
+        }
         if self.event_idx {
             // SAFETY: avail_event sits after the 8*size entry bytes of the used
             // ring, inside the translated area of 6 + 8*size bytes, 2-aligned.
