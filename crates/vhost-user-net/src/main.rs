@@ -41,6 +41,11 @@ struct Args {
     #[arg(long)]
     discard: bool,
 
+    /// With --discard: copy every frame out of guest memory before dropping
+    /// it, as a backend that moves frames must (for benchmarks).
+    #[arg(long, requires = "discard")]
+    copy_frames: bool,
+
     /// Fill every receive buffer the guest posts with numbered frames of this
     /// many bytes (60 to 65550, Ethernet header included), addressed to --mac.
     /// What the guest sends is dropped.
@@ -125,7 +130,14 @@ fn backends(args: &Args) -> Result<Vec<Box<dyn NetBackend>>, String> {
             .collect();
     }
     Ok((0..n)
-        .map(|_| Box::new(Discard::new()) as Box<dyn NetBackend>)
+        .map(|_| {
+            let sink = if args.copy_frames {
+                Discard::copying()
+            } else {
+                Discard::new()
+            };
+            Box::new(sink) as Box<dyn NetBackend>
+        })
         .collect())
 }
 
@@ -200,6 +212,10 @@ mod tests {
         // A backend is required, and only one.
         assert!(Args::try_parse_from(["x", "--socket", "s"]).is_err());
         assert!(Args::try_parse_from(["x", "--socket", "s", "--discard", "--tap", "t"]).is_err());
+        // --copy-frames only modifies --discard.
+        assert!(Args::try_parse_from(["x", "--socket", "s", "--copy-frames"]).is_err());
+        let a = Args::try_parse_from(["x", "--socket", "s", "--discard", "--copy-frames"]).unwrap();
+        assert!(a.discard && a.copy_frames);
         let a =
             Args::try_parse_from(["x", "--socket", "s", "--generate", "64", "--standby", "off"])
                 .unwrap();

@@ -407,6 +407,7 @@ mod tests {
                 RingFeatures {
                     indirect,
                     event_idx: false,
+                    in_order: false,
                 },
             )
             .unwrap()

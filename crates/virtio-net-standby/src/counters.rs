@@ -107,6 +107,10 @@ counters! {
     rx_dropped_backend,
     /// RX frames dropped: larger than any buffer the guest can post.
     rx_dropped_too_big,
+    /// RX buffers returned unfilled (length 0): with `VIRTIO_F_IN_ORDER` a
+    /// malformed RX chain can only be returned after the buffers made available
+    /// before it, so those go back empty with it.
+    rx_buffers_returned_empty,
     /// Times RX stopped for lack of guest buffers while frames were, or may have
     /// been, waiting (they stay queued and go on the next kick).
     rx_no_buffers,
@@ -190,7 +194,7 @@ mod tests {
         sum += s;
         assert_eq!(sum.tx_frames, 12);
         assert!(s.iter().any(|(n, v)| n == "tx_frames" && v == 6));
-        assert_eq!(s.iter().count(), 33);
+        assert_eq!(s.iter().count(), 34);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::fmt;
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -60,6 +60,9 @@ pub const F_VERSION_1: u32 = VIRTIO_F_VERSION_1;
 pub const F_RING_INDIRECT_DESC: u32 = VIRTIO_RING_F_INDIRECT_DESC;
 /// Bit number of `VIRTIO_RING_F_EVENT_IDX`.
 pub const F_RING_EVENT_IDX: u32 = VIRTIO_RING_F_EVENT_IDX;
+/// Bit number of `VIRTIO_F_IN_ORDER` (35): the device uses buffers in the order
+/// the driver made them available.
+pub const F_IN_ORDER: u32 = VIRTIO_F_IN_ORDER;
 /// Bit number of `VIRTIO_NET_F_STANDBY` (62).
 pub const F_STANDBY: u32 = VIRTIO_NET_F_STANDBY;
 
@@ -221,6 +224,7 @@ pub fn bit_name(bit: u32) -> Option<&'static str> {
         VIRTIO_RING_F_INDIRECT_DESC => "VIRTIO_RING_F_INDIRECT_DESC",
         VIRTIO_RING_F_EVENT_IDX => "VIRTIO_RING_F_EVENT_IDX",
         VIRTIO_F_VERSION_1 => "VIRTIO_F_VERSION_1",
+        VIRTIO_F_IN_ORDER => "VIRTIO_F_IN_ORDER",
         VIRTIO_NET_F_GUEST_USO4 => "VIRTIO_NET_F_GUEST_USO4",
         VIRTIO_NET_F_GUEST_USO6 => "VIRTIO_NET_F_GUEST_USO6",
         VIRTIO_NET_F_HOST_USO => "VIRTIO_NET_F_HOST_USO",
@@ -265,6 +269,7 @@ pub const IMPLEMENTED: Features = Features::from_bit_numbers(&[
     VIRTIO_RING_F_INDIRECT_DESC,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
+    VIRTIO_F_IN_ORDER,
     VIRTIO_NET_F_STANDBY,
     VIRTIO_NET_F_SPEED_DUPLEX,
 ]);

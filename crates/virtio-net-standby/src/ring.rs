@@ -90,6 +90,9 @@ pub struct RingFeatures {
     pub indirect: bool,
     /// `VIRTIO_RING_F_EVENT_IDX`.
     pub event_idx: bool,
+    /// `VIRTIO_F_IN_ORDER`: buffers must be used in the order they were made
+    /// available.
+    pub in_order: bool,
 }
 
 impl RingFeatures {
@@ -98,6 +101,7 @@ impl RingFeatures {
         RingFeatures {
             indirect: f.has(crate::features::F_RING_INDIRECT_DESC),
             event_idx: f.has(crate::features::F_RING_EVENT_IDX),
+            in_order: f.has(crate::features::F_IN_ORDER),
         }
     }
 }
@@ -163,6 +167,11 @@ pub struct SplitRing {
     /// A polling device keeps the driver's kicks off between passes.
     hold_kicks: bool,
     indirect: bool,
+    in_order: bool,
+    /// The used ring's `flags` as this ring last wrote them (`None`: not
+    /// written yet). The driver reads that cache line on every kick decision,
+    /// so an unchanged value is not written again.
+    used_flags: Option<u16>,
 }
 
 // SAFETY: the pointers refer to guest memory kept mapped by the `GuestRam` that the
@@ -264,7 +273,9 @@ impl SplitRing {
             next_used: u32::from(state.next_used),
             event_idx: features.event_idx,
             indirect: features.indirect,
+            in_order: features.in_order,
             hold_kicks: false,
+            used_flags: None,
         })
     }
 
@@ -306,6 +317,13 @@ impl SplitRing {
     #[inline]
     pub(crate) fn indirect_enabled(&self) -> bool {
         self.indirect
+    }
+
+    /// Whether `VIRTIO_F_IN_ORDER` was negotiated: buffers must then be used in
+    /// the order the driver made them available.
+    #[inline]
+    pub fn in_order(&self) -> bool {
+        self.in_order
     }
 
     /// The next available-ring position the device will read.
@@ -507,6 +525,10 @@ impl SplitRing {
 
     #[inline]
     fn write_used_flags<M: GuestMemoryBackend>(&mut self, ram: &GuestRam<M>, flags: u16) {
+        if self.used_flags == Some(flags) {
+            return;
+        }
+        self.used_flags = Some(flags);
         // SAFETY: `flags` is the first u16 of the used ring.
         unsafe { ptr::write_volatile(self.used as *mut u16, flags.to_le()) };
         ram.mark_dirty(self.used_region, self.used, 2);
@@ -544,6 +566,7 @@ mod tests {
             RingFeatures {
                 indirect: true,
                 event_idx,
+                in_order: false,
             },
         )
         .unwrap();

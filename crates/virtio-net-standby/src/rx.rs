@@ -253,7 +253,7 @@ impl RxQueue {
                     self.buf.truncate(self.buf.len() - s.segments);
                     c.rx_malformed += 1;
                     c.malformed_header_short += 1;
-                    self.ring.push_used(head, 0);
+                    self.return_malformed(head, c);
                 }
                 Err(ChainError::TooManySegments) if !self.staged.is_empty() => {
                     // The window is full, not the chain too long: take it later.
@@ -267,10 +267,26 @@ impl RxQueue {
                 Err(e) => {
                     c.rx_malformed += 1;
                     c.count_malformed(&e);
-                    self.ring.push_used(head, 0);
+                    self.return_malformed(head, c);
                 }
             }
         }
+    }
+
+    /// Returns a malformed chain with length 0. With `VIRTIO_F_IN_ORDER` the
+    /// chains staged before it are used first, empty (a frame cannot skip over
+    /// the malformed one to fill them).
+    fn return_malformed(&mut self, head: u16, c: &mut NetCounters) {
+        if self.ring.in_order() && !self.staged.is_empty() {
+            for st in self.staged.drain(..) {
+                self.ring.push_used(st.head, 0);
+                c.rx_buffers_returned_empty += 1;
+            }
+            self.staged_capacity = 0;
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.ring.push_used(head, 0);
     }
 
     /// Whether the staged room may still grow to `need`: only with MRG, and only if
@@ -616,7 +632,7 @@ impl RxQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::{DEFAULT_OFFER, F_RING_EVENT_IDX, Features, prune};
+    use crate::features::{DEFAULT_OFFER, F_IN_ORDER, F_RING_EVENT_IDX, Features, prune};
     use crate::testing::{GuestDriver, GuestMem, RecordingBackend, TestMemory, frame};
     use crate::{StandbyNet, StandbyNetBuilder};
     use virtio_bindings::virtio_net::*;
@@ -867,6 +883,56 @@ mod tests {
         );
         let lens: Vec<u32> = (0..3).map(|_| f.g.rx[0].pop_used().unwrap().1).collect();
         assert_eq!(lens, vec![0, 0, 12 + 14 + 64]);
+    }
+
+    /// Posts [1536-byte buffer, 8-byte buffer (too short), 1536, 1536] and
+    /// delivers a 3000-byte frame: returns the used (head, len) in used order
+    /// and the heads in the order they were made available.
+    fn malformed_between_staged_buffers(features: Features) -> (Vec<(u16, u32)>, Vec<u16>) {
+        let mut f = fx(features);
+        let mut heads = Vec::new();
+        for len in [1536u32, 8, 1536, 1536] {
+            let a = f.g.mem.alloc(u64::from(len), 64);
+            heads.push(f.g.rx[0].add_writable(&[a], &[len]));
+        }
+        f.g.rx[0].publish();
+        let big = frame(OWN, &[9; 3000]);
+        f.inject(&big);
+        f.process();
+        assert_eq!(f.counters().rx_frames, 1);
+        let mut used = Vec::new();
+        while let Some(u) = f.g.rx[0].pop_used() {
+            used.push(u);
+        }
+        (used, heads)
+    }
+
+    #[test]
+    fn without_in_order_a_malformed_rx_chain_goes_back_first_and_staged_buffers_stay() {
+        let (used, h) = malformed_between_staged_buffers(DEFAULT_OFFER.without(F_IN_ORDER));
+        assert_eq!(used, vec![(h[1], 0), (h[0], 1536), (h[2], 3026 - 1536)]);
+    }
+
+    #[test]
+    fn with_in_order_buffers_are_used_in_ring_order_around_a_malformed_chain() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert!(f.dev.acked_features().unwrap().has(F_IN_ORDER));
+        let (used, h) = malformed_between_staged_buffers(DEFAULT_OFFER);
+        // The buffer staged before the malformed one goes back empty, in order.
+        assert_eq!(
+            used,
+            vec![(h[0], 0), (h[1], 0), (h[2], 1536), (h[3], 3026 - 1536)]
+        );
+        // And the counters say why.
+        let a = f.g.mem.alloc(1536, 64);
+        f.g.rx[0].add_writable(&[a], &[1536]);
+        let b = f.g.mem.alloc(8, 64);
+        f.g.rx[0].add_writable(&[b], &[8]);
+        f.g.rx[0].publish();
+        f.inject(&frame(OWN, &[1; 3000]));
+        f.process();
+        let c = f.counters();
+        assert_eq!((c.rx_buffers_returned_empty, c.rx_malformed), (1, 1));
     }
 
     #[test]

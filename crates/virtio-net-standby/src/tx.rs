@@ -527,6 +527,32 @@ mod tests {
     }
 
     #[test]
+    fn with_in_order_chains_are_used_in_the_order_they_were_made_available() {
+        let mut f = fx(DEFAULT_OFFER);
+        assert!(
+            f.dev
+                .acked_features()
+                .unwrap()
+                .has(crate::features::F_IN_ORDER)
+        );
+        let good = frame(PEER, &[1; 60]);
+        let mut heads = Vec::new();
+        for i in 0..40 {
+            heads.push(if i % 7 == 3 {
+                let a = f.g.mem.alloc(8, 8);
+                f.g.tx[0].add_readable(&[a], &[8]) // malformed: header short
+            } else {
+                f.g.queue_tx(0, &good)
+            });
+        }
+        f.g.tx[0].publish();
+        assert_eq!(f.process().chains, 40);
+        let used: Vec<u16> = (0..40).map(|_| f.g.tx[0].pop_used().unwrap().0).collect();
+        assert_eq!(used, heads);
+        assert_eq!(f.counters().tx_malformed, 6);
+    }
+
+    #[test]
     fn a_head_outside_the_table_needs_reset() {
         // No used element can return a descriptor that does not exist: like QEMU,
         // the device flags NEEDS_RESET and tells the driver.
