@@ -6,8 +6,9 @@
 # Guest RX: busybox wget in the guest downloads 64 MiB from an HTTP server on
 # the host. Small frames: the host floods the guest with 60-byte UDP frames for
 # 3 s (frames delivered into guest buffers per second), and the guest pings the
-# host back-to-back (ping -A: one frame each way at a time, latency-bound). The host side times each transfer; the backend's counters (control
-# socket) give the frames per second and the average frame size.
+# host back-to-back (ping -A: one frame each way at a time, latency-bound).
+# The host side times each transfer; the backend's counters (control socket)
+# give the frames per second and the average frame size.
 # (Not busybox nc: it writes 1 KiB at a time, and Nagle then holds every write
 # until the previous one is acknowledged: one segment per round trip.)
 #

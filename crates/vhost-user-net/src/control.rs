@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `link up`, `link down` | sets the link status the guest sees (config-change notification) |
 //! | `announce` | asks the guest to announce itself, if it negotiated `GUEST_ANNOUNCE` |
-//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n>`: the device's state, counters and receive filter |
+//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> malformed=<n> dropped=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n>`: the device's state, counters and receive filter |
 //!
 //! ```text
 //! $ echo "link down" | socat - UNIX-CONNECT:/run/vu-net.ctl
@@ -76,7 +76,7 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
             let cfg = net.config();
             let f = net.with_device(|d| d.rx_filter());
             format!(
-                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={}",
+                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} malformed={} dropped={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={}",
                 u8::from(net.is_active()),
                 if cfg.status & 1 != 0 { "up" } else { "down" },
                 mac(&cfg.mac),
@@ -85,6 +85,8 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
                 c.tx_bytes,
                 c.rx_frames,
                 c.rx_bytes,
+                c.malformed(),
+                c.dropped(),
                 c.ctrl_ok,
                 c.ctrl_err,
                 c.config_notifications,

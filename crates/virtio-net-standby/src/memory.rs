@@ -298,21 +298,6 @@ pub fn range_is_ram<M: GuestMemoryBackend>(mem: &M, gpa: u64, len: usize) -> boo
     mem.check_range(GuestAddress(gpa), len)
 }
 
-/// Asks the CPU to start loading the cache line at `p`. Only a hint: it never
-/// faults, whatever `p` is, so any address may be passed.
-#[inline(always)]
-pub(crate) fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: a prefetch is a hint that never faults, even on an invalid
-        // address; SSE is part of the x86_64 baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,25 +383,6 @@ impl SplitRing {
         Ok(head)
     }
 
-    /// Starts loading the descriptors of the next `n` available heads (at most
-    /// the ring size), without taking them. Only a cache hint: heads outside
-    /// the table are skipped, and nothing is validated or consumed.
-    #[inline]
-    pub fn prefetch_heads(&self, n: u16) {
-        for k in 0..n.min(self.size) {
-            let slot = usize::from(self.next_avail().wrapping_add(k) & (self.size - 1));
-            // SAFETY: slot < size, and the avail ring holds 2*size bytes of
-            // entries at offset 4, 2-aligned.
-            let head = u16::from_le(unsafe {
-                ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
-            });
-            if head < self.size {
-                // In the table: 16 bytes per descriptor.
-                crate::memory::prefetch(self.desc.wrapping_add(16 * usize::from(head)));
-            }
-        }
-    }
-
     /// Gives back the last `n` heads taken and not used (a backend could not
     /// take the frame after all).
     #[inline]

@@ -30,7 +30,7 @@ use crate::chain::{Access, ChainBuf, ChainError, MAX_SEGMENTS, walk};
 use crate::counters::NetCounters;
 use crate::features::Features;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, VirtioNetHdr};
-use crate::memory::{GuestRam, prefetch};
+use crate::memory::GuestRam;
 use crate::ring::{self, SplitRing};
 
 /// What one processing call did.
@@ -153,11 +153,6 @@ impl TxQueue {
     }
 
     /// Takes `n` chains from the ring and judges each, without sending any.
-    ///
-    /// Two passes: the first walks every chain and prefetches each frame's
-    /// header, the second reads the headers. A driver on another core has just
-    /// written them, so each read is a cache miss; issued together they overlap
-    /// instead of each waiting behind the next descriptor's miss.
     #[inline]
     fn gather<M: GuestMemoryBackend>(
         &mut self,
@@ -168,7 +163,6 @@ impl TxQueue {
     ) -> ring::Result<()> {
         self.buf.clear();
         self.burst.clear();
-        self.ring.prefetch_heads(n as u16);
         for _ in 0..n {
             // Keep room for a whole chain of MAX_SEGMENTS after what is gathered.
             if self.buf.len() > MAX_SEGMENTS {
@@ -177,30 +171,23 @@ impl TxQueue {
             let head = self.ring.pop_head()?;
             let first = self.buf.len();
             self.buf.limit = first + MAX_SEGMENTS;
-            let outcome = self.walk_chain(head, first, ram);
-            match outcome {
-                Outcome::Send { .. } => prefetch(self.buf.iovecs()[first].iov_base.cast_const()),
-                _ => self.buf.truncate(first),
+            let outcome = self.judge(head, first, ram, features, link_up);
+            if !matches!(outcome, Outcome::Send { .. }) {
+                self.buf.truncate(first);
             }
             self.burst.push((head, outcome));
-        }
-        for i in 0..self.burst.len() {
-            if let (_, Outcome::Send { first, len, .. }) = self.burst[i] {
-                if let Some(judged) = self.judge(first, len, features, link_up) {
-                    self.burst[i].1 = judged;
-                }
-            }
         }
         Ok(())
     }
 
-    /// Walks one chain: its iovecs go to `buf` from `first`.
     #[inline]
-    fn walk_chain<M: GuestMemoryBackend>(
+    fn judge<M: GuestMemoryBackend>(
         &mut self,
         head: u16,
         first: usize,
         ram: &GuestRam<M>,
+        features: Features,
+        link_up: bool,
     ) -> Outcome {
         let s = match walk(&self.ring, ram, head, Access::ReadOnly, &mut self.buf) {
             Ok(s) => s,
@@ -213,22 +200,6 @@ impl TxQueue {
         if len > MAX_BUFFER_LEN {
             return Outcome::TooLong;
         }
-        Outcome::Send {
-            first,
-            count: s.segments,
-            len,
-        }
-    }
-
-    /// Judges a walked chain's header and the link: `None` to send it.
-    #[inline]
-    fn judge(
-        &self,
-        first: usize,
-        len: usize,
-        features: Features,
-        link_up: bool,
-    ) -> Option<Outcome> {
         let iov = &self.buf.iovecs()[first..];
         // Most frames carry no offload request (`flags` and `gso_type`, the first
         // two bytes, are zero): skip the checks for them.
@@ -246,13 +217,17 @@ impl TxQueue {
             let hdr = VirtioNetHdr::from_bytes(&raw);
             if let Err(e) = hdr.check_tx(features, len - HDR_LEN) {
                 log::debug!("dropping TX frame: {e}");
-                return Some(Outcome::Offload);
+                return Outcome::Offload;
             }
         }
         if !link_up {
-            return Some(Outcome::LinkDown);
+            return Outcome::LinkDown;
         }
-        None
+        Outcome::Send {
+            first,
+            count: s.segments,
+            len,
+        }
     }
 
     /// Sends and returns the burst's chains in ring order, counting each. Returns

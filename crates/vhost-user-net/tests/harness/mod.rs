@@ -149,11 +149,16 @@ impl Backend {
     /// Starts the binary with `args` (socket and control paths are added) and
     /// waits for its socket.
     pub fn start(env: &Env, dir: &Path, tag: &str, args: &[&str]) -> Backend {
+        Self::start_binary(&env.backend, dir, tag, args)
+    }
+
+    /// [`start`](Self::start) for tests that need no guest environment.
+    pub fn start_binary(binary: &Path, dir: &Path, tag: &str, args: &[&str]) -> Backend {
         let socket = dir.join(format!("{tag}.sock"));
         let control = dir.join(format!("{tag}.ctl"));
         let log = dir.join(format!("{tag}.log"));
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(&env.backend)
+        let child = Command::new(binary)
             .arg("--socket")
             .arg(&socket)
             .arg("--control")
