@@ -3,10 +3,12 @@
 //! `VIRTIO_F_IN_ORDER` (Linux 6.1 does not) and drives the rings at millions of
 //! frames per second.
 //!
-//! One backend process serves four clients in turn (guest RX then guest TX, with
-//! and without IN_ORDER): every frame the client counts must be one the device
-//! counts, no chain may be malformed, and the backend must serve the next client
-//! after each one leaves.
+//! One backend process per direction (`--generate` for guest RX, `--discard` for
+//! guest TX) and worker mode (sleeping on kicks, or `--poll-us`) serves two
+//! clients in turn, with and without IN_ORDER: the device
+//! must activate with the bit exactly when the client offered it, every frame the
+//! client counts must be one the device counts, no chain may be malformed, and
+//! the backend must serve the next client after each one leaves.
 //!
 //! Without `dpdk-testpmd` (Debian: `dpdk`), root, or two CPUs the test prints why
 //! and passes, unless `VHOST_USER_NET_REQUIRE_DPDK=1` (set by CI), where it fails.
@@ -81,9 +83,15 @@ fn parse_totals(out: &str) -> Option<ClientTotals> {
     })
 }
 
-/// Runs one client for about three seconds against `socket`; returns its totals.
-fn client(testpmd: &Path, dir: &Path, socket: &Path, dir_: Direction, in_order: bool) -> String {
-    let mode = match dir_ {
+/// Runs one client for about three seconds against `socket`; returns its output.
+fn client(
+    testpmd: &Path,
+    dir: &Path,
+    socket: &Path,
+    direction: Direction,
+    in_order: bool,
+) -> String {
+    let mode = match direction {
         Direction::GuestRx => "rxonly",
         Direction::GuestTx => "txonly",
     };
@@ -154,9 +162,16 @@ fn dpdk_virtio_user_with_and_without_in_order() {
     let Some(testpmd) = testpmd() else { return };
     let _serial = serial();
     let dir = scratch("dpdk");
+    // Each direction with the worker sleeping on kicks, and busy-polling with
+    // the kicks held off (`--poll-us`).
     for (direction, args) in [
         (Direction::GuestRx, &["--generate", "128"][..]),
+        (
+            Direction::GuestRx,
+            &["--generate", "128", "--poll-us", "100"][..],
+        ),
         (Direction::GuestTx, &["--discard"][..]),
+        (Direction::GuestTx, &["--discard", "--poll-us", "100"][..]),
     ] {
         let b = Backend::start_binary(
             Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
@@ -165,7 +180,7 @@ fn dpdk_virtio_user_with_and_without_in_order() {
             args,
         );
         for in_order in [true, false] {
-            let what = format!("{direction:?}, in_order={in_order}");
+            let what = format!("{direction:?} {args:?}, in_order={in_order}");
             let (rx0, tx0) = (counter(&b, "rx_frames"), counter(&b, "tx_frames"));
             let out = client(&testpmd, &dir, &b.socket, direction, in_order);
             let totals =
