@@ -180,6 +180,8 @@ impl TxQueue {
         Ok(())
     }
 
+    /// Walks one chain (its iovecs go to `buf` from `first`) and judges its
+    /// length, header and the link.
     #[inline]
     fn judge<M: GuestMemoryBackend>(
         &mut self,
