@@ -31,7 +31,7 @@ ROUNDS=${ROUNDS:-5}
 OURS=target/release/vhost-user-net
 DIR=$(mktemp -d /tmp/vu-bench.XXXXXX)
 trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
-command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt-get install dpdk)" >&2; exit 1; }
+command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt-get install dpdk-dev)" >&2; exit 1; }
 [ -x "$OURS" ] || cargo build --release -p vhost-user-net
 
 EAL=(--no-huge -m 1024 --no-pci)

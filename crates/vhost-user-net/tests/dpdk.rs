@@ -10,7 +10,7 @@
 //! client counts must be one the device counts, no chain may be malformed, and
 //! the backend must serve the next client after each one leaves.
 //!
-//! Without `dpdk-testpmd` (Debian: `dpdk`), root, or two CPUs the test prints why
+//! Without `dpdk-testpmd` (Debian: `dpdk-dev`), root, or two CPUs the test prints why
 //! and passes, unless `VHOST_USER_NET_REQUIRE_DPDK=1` (set by CI), where it fails.
 
 mod harness;
