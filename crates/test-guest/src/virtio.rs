@@ -6,12 +6,9 @@ use pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, COMMA
 use crate::enumerate::Found;
 use crate::guest::Env;
 
-/// Status bits.
-const ACKNOWLEDGE: u8 = 1;
-const DRIVER: u8 = 2;
-const DRIVER_OK: u8 = 4;
-const FEATURES_OK: u8 = 8;
-const FAILED: u8 = 128;
+use virtio_device::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+
+/// `VIRTIO_MSI_NO_VECTOR`.
 const NO_VECTOR: u16 = 0xffff;
 
 // Common configuration offsets.

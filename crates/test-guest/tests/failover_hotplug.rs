@@ -13,7 +13,7 @@ use pci::{Bdf, PciRoot};
 use pcie_hotplug::{Error, HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder};
 use test_guest::{Guest, IrqQueue, PciehpState, StubEndpoint, Timings, VirtualClock};
 use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
-use virtio_net_standby::{StandbyNegotiated, StandbyNet, StandbyNetBuilder};
+use virtio_net_standby::{FeaturesAcked, StandbyNet, StandbyNetBuilder};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice};
 
 type Net = StandbyNet<GuestMem, RecordingBackend>;
@@ -52,7 +52,7 @@ fn vmm() -> Vmm {
         .unwrap();
     let negotiated = Arc::new(AtomicBool::new(false));
     let n2 = negotiated.clone();
-    net.add_standby_listener(Arc::new(move |e: &StandbyNegotiated| {
+    net.add_standby_listener(Arc::new(move |e: &FeaturesAcked| {
         assert_eq!(e.device_id, "net0");
         n2.store(true, Ordering::SeqCst);
     }));

@@ -19,16 +19,16 @@ use virtio_net_standby::config::STATUS_ANNOUNCE;
 use virtio_net_standby::features::{DEFAULT_OFFER, F_STANDBY};
 use virtio_net_standby::testing::{GuestDriver, GuestMem, TestMemory, frame};
 use virtio_net_standby::{
-    ActivateQueue, NetState, PairBackend, PairConfig, StandbyListener, StandbyNegotiated,
-    StandbyNet, StandbyNetBuilder, VirtioDevice, pair,
+    ActivateQueue, FeaturesAcked, FeaturesListener, NetState, PairBackend, PairConfig, StandbyNet,
+    StandbyNetBuilder, VirtioDevice, pair,
 };
 
 const NET1_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6f, 0x55, 0xcc];
 const PEER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x02];
 
 /// The failover coordinator's hook: it would hot-plug the primary here.
-fn coordinator(side: &'static str) -> Arc<dyn StandbyListener> {
-    Arc::new(move |e: &StandbyNegotiated| {
+fn coordinator(side: &'static str) -> Arc<dyn FeaturesListener> {
+    Arc::new(move |e: &FeaturesAcked| {
         println!(
             "  [{side}] FAILOVER_NEGOTIATED {{device-id: {}}}{} -> plug the primary whose failover_pair_id is {}",
             e.device_id,

@@ -24,7 +24,9 @@ use crate::queue_pair::QueuePairHandle;
 use crate::ring::{self, RingFeatures, SplitRing};
 use crate::shared::Shared;
 use crate::tx::Processed;
-use crate::virtio::{self, ActivateQueue, VirtioInterrupt, VirtioInterruptType};
+use virtio_device::{ActivateQueue, VirtioInterrupt, VirtioInterruptType};
+
+use crate::device;
 
 /// How much of a command the device copies out of guest memory: every command
 /// but a long MAC table fits. A MAC table of any length is read in place (only
@@ -163,10 +165,10 @@ where
         watch: MemoryWatch<M>,
         interrupt: Arc<dyn VirtioInterrupt>,
         q: ActivateQueue,
-    ) -> virtio::Result<()> {
+    ) -> device::Result<()> {
         let ram = GuestRam::new(watch.current())?;
         let ring = SplitRing::new(&q.queue, &ram, RingFeatures::from_features(self.features))
-            .map_err(|source| virtio::Error::Queue {
+            .map_err(|source| device::Error::Queue {
                 index: q.index,
                 source,
             })?;

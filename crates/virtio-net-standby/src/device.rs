@@ -5,7 +5,9 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
+use virtio_device::{AckNotifier, ActivateQueue, FeaturesListener, VirtioDevice, VirtioInterrupt};
 use virtio_queue::QueueState;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 
@@ -18,13 +20,13 @@ use crate::ctrl::{ControlQueue, CtrlState};
 use crate::features::{self, DEFAULT_OFFER, F_STANDBY, Features, GUEST_OFFLOADS, HOST_OFFLOADS};
 use crate::filter::{MacAddr, RxFilter};
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN};
+use crate::memory;
 use crate::memory::MemoryWatch;
 use crate::queue_pair::{QueuePair, QueuePairHandle, RxGeometry};
+use crate::ring;
 use crate::shared::Shared;
 use crate::snapshot::{self, NetState, SavedPair, SavedQueue};
-use crate::standby::{StandbyListener, StandbyNegotiated};
 use crate::tx::Processed;
-use crate::virtio::{self, ActivateQueue, VIRTIO_ID_NET, VirtioDevice, VirtioInterrupt};
 
 /// The most queue pairs a device can have: 2N + 1 queues (the control queue
 /// last) must fit a 16-bit queue index. (The control command allows 32768.)
@@ -54,12 +56,34 @@ pub enum Error {
     /// A multicast address cannot be a station address.
     #[error("{0:02x?} is a multicast address and cannot be the device's MAC")]
     MulticastMac(MacAddr),
-    /// The configured offer is not usable.
-    #[error("the configured feature set cannot be offered")]
+    /// The configured offer is not usable, or the driver's feature set was
+    /// refused (the transport clears `FEATURES_OK`).
+    #[error("the feature set was refused")]
     Features(#[from] features::Error),
     /// The operation needs an inactive device.
     #[error("the device is active: reset it first")]
     Active,
+    /// `activate` before a successful `ack_features`.
+    #[error("activate was called before the driver's features were accepted")]
+    NotNegotiated,
+    /// A queue the device needs was not handed over, or not set ready.
+    #[error("queue {0} is needed but the driver did not set it up")]
+    MissingQueue(u16),
+    /// A queue index the device does not have.
+    #[error("queue {0} does not exist on this device")]
+    UnknownQueue(u16),
+    /// A queue's rings cannot be used.
+    #[error("queue {index} cannot be used")]
+    Queue {
+        /// The queue index.
+        index: u16,
+        /// Why.
+        #[source]
+        source: ring::Error,
+    },
+    /// Guest memory cannot be used by the packet path.
+    #[error("guest memory cannot be used")]
+    Memory(#[from] memory::Error),
     /// `announce` without `VIRTIO_NET_F_GUEST_ANNOUNCE` negotiated.
     #[error(
         "the driver did not negotiate VIRTIO_NET_F_GUEST_ANNOUNCE: the host must announce the guest itself (for example with a RARP)"
@@ -234,6 +258,8 @@ impl StandbyNetBuilder {
             .map(|(i, b)| QueuePairHandle::new(QueuePair::new(i as u16, b, Arc::clone(&shared))))
             .collect();
         let ctrl = ControlQueue::new(Arc::clone(&shared), pairs.clone());
+        let negotiation =
+            AckNotifier::new(shared.id.clone(), VIRTIO_ID_NET).requiring(1 << F_STANDBY);
         Ok(StandbyNet {
             shared,
             mac: self.mac,
@@ -243,8 +269,7 @@ impl StandbyNetBuilder {
             mtu: self.mtu,
             pairs,
             ctrl: Arc::new(Mutex::new(ctrl)),
-            listeners: Vec::new(),
-            standby_fired: false,
+            negotiation,
             active: false,
         })
     }
@@ -261,8 +286,7 @@ pub struct StandbyNet<M: GuestMemoryBackend, B: NetBackend> {
     mtu: u16,
     pairs: Vec<QueuePairHandle<M, B>>,
     ctrl: Arc<Mutex<ControlQueue<M, B>>>,
-    listeners: Vec<Arc<dyn StandbyListener>>,
-    standby_fired: bool,
+    negotiation: AckNotifier,
     active: bool,
 }
 
@@ -311,23 +335,15 @@ where
         self.acked.is_some_and(|f| f.has(F_STANDBY))
     }
 
-    /// Registers a listener told when the driver acknowledges STANDBY. If the
-    /// current negotiation already acknowledged it, the listener is told at once.
-    pub fn add_standby_listener(&mut self, listener: Arc<dyn StandbyListener>) {
-        if self.standby_fired {
-            if let Some(f) = self.acked {
-                listener.standby_negotiated(&self.standby_event(f, false));
-            }
-        }
-        self.listeners.push(listener);
-    }
-
-    fn standby_event(&self, features: Features, restored: bool) -> StandbyNegotiated {
-        StandbyNegotiated {
-            device_id: self.shared.id.clone(),
-            features: features.bits(),
-            restored,
-        }
+    /// Registers a listener told when the driver acknowledges STANDBY (once per
+    /// negotiation, and on restoring a state in which it was acknowledged: that
+    /// is where the failover coordinator plugs the primary). If the current
+    /// negotiation already acknowledged it, the listener is told at once.
+    ///
+    /// The event is the one every route raises ([`virtio_device::FeaturesAcked`]):
+    /// a transport that sees `FEATURES_OK` raises the same type.
+    pub fn add_standby_listener(&mut self, listener: Arc<dyn FeaturesListener>) {
+        self.negotiation.add_listener(listener);
     }
 
     /// The guest-visible configuration fields.
@@ -445,32 +461,13 @@ where
         out
     }
 
-    fn accept_features(&mut self, acked: Features) -> virtio::Result<()> {
+    fn accept_features(&mut self, acked: Features) -> Result<()> {
         self.acked = Some(acked);
         let vlan_filtering = acked.has(VIRTIO_NET_F_CTRL_VLAN);
         self.shared
             .filter
             .update(|f| f.set_all_vlans(!vlan_filtering));
-        lock(&self.ctrl)
-            .negotiated(acked)
-            .map_err(virtio::Error::Backend)
-    }
-
-    fn fire_standby(&mut self, restored: bool) {
-        let Some(acked) = self.acked else { return };
-        if !acked.has(F_STANDBY) || self.standby_fired {
-            return;
-        }
-        self.standby_fired = true;
-        let event = self.standby_event(acked, restored);
-        log::info!(
-            "{}: driver acknowledged VIRTIO_NET_F_STANDBY{}",
-            event.device_id,
-            if restored { " (restored)" } else { "" }
-        );
-        for l in &self.listeners {
-            l.standby_negotiated(&event);
-        }
+        lock(&self.ctrl).negotiated(acked).map_err(Error::Backend)
     }
 
     /// Saves the guest-visible state. Call it with the device quiesced (no thread
@@ -536,10 +533,7 @@ where
         if let Some(acked) = state.acked {
             let acked =
                 features::negotiate(self.offered, acked).map_err(snapshot::Error::Features)?;
-            self.accept_features(acked).map_err(|e| match e {
-                virtio::Error::Backend(e) => Error::Backend(e),
-                other => Error::Backend(io::Error::other(other.to_string())),
-            })?;
+            self.accept_features(acked)?;
         }
         self.shared.update_config(|c| *c = state.config);
         self.shared.filter.publish(state.filter.clone());
@@ -553,7 +547,9 @@ where
             p.lock()
                 .restore(saved.rx_staged.clone(), saved.pending_rx.clone());
         }
-        self.fire_standby(true);
+        if let Some(acked) = self.acked {
+            self.negotiation.restored(acked.bits());
+        }
         Ok(())
     }
 
@@ -564,7 +560,7 @@ where
         lock(&self.ctrl).reset();
         self.acked = None;
         self.active = false;
-        self.standby_fired = false;
+        self.negotiation.reset();
         self.shared.set_interrupt(None);
         self.shared.clear_needs_reset();
         let mac = self.mac;
@@ -582,6 +578,8 @@ where
     M::R: Sync,
     B: NetBackend,
 {
+    type Error = Error;
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
@@ -598,17 +596,15 @@ where
         self.offered.bits()
     }
 
-    fn ack_features(&mut self, features: u64) -> virtio::Result<()> {
+    fn ack_features(&mut self, features: u64) -> Result<()> {
         if self.active {
-            return Err(virtio::Error::AlreadyActive);
+            return Err(Error::Active);
         }
         let acked = features::negotiate(self.offered, Features::from_bits(features))?;
-        if self.acked.is_some_and(|a| a != acked) {
-            // A different set within one negotiation: it is a new negotiation.
-            self.standby_fired = false;
-        }
         self.accept_features(acked)?;
-        self.fire_standby(false);
+        // Once per negotiation: a set written twice is not raised again, a
+        // different set is a new negotiation.
+        self.negotiation.acked(acked.bits());
         Ok(())
     }
 
@@ -635,11 +631,11 @@ where
         mem: GuestMemoryAtomic<M>,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivateQueue>,
-    ) -> virtio::Result<()> {
+    ) -> Result<()> {
         if self.active {
-            return Err(virtio::Error::AlreadyActive);
+            return Err(Error::Active);
         }
-        let acked = self.acked.ok_or(virtio::Error::NotNegotiated)?;
+        let acked = self.acked.ok_or(Error::NotNegotiated)?;
         let mq = acked.has(VIRTIO_NET_F_MQ);
         let n_pairs = if mq { self.pairs.len() } else { 1 };
         let ctrl_index =
@@ -662,12 +658,12 @@ where
             } else if Some(q.index) == ctrl_index {
                 ctrl = Some(q);
             } else {
-                return Err(virtio::Error::UnknownQueue(q.index));
+                return Err(Error::UnknownQueue(q.index));
             }
         }
         if let Some(ci) = ctrl_index {
             if ctrl.is_none() {
-                return Err(virtio::Error::MissingQueue(ci));
+                return Err(Error::MissingQueue(ci));
             }
         }
         let guest_gso = [
@@ -702,8 +698,8 @@ where
                     // Pair 0 is mandatory; a further pair the driver left alone
                     // simply stays idle.
                     (None, None) if i > 0 => {}
-                    (None, _) => return Err(virtio::Error::MissingQueue(2 * i as u16)),
-                    (_, None) => return Err(virtio::Error::MissingQueue(2 * i as u16 + 1)),
+                    (None, _) => return Err(Error::MissingQueue(2 * i as u16)),
+                    (_, None) => return Err(Error::MissingQueue(2 * i as u16 + 1)),
                 }
             }
             if let Some(q) = ctrl {
@@ -743,6 +739,7 @@ mod tests {
         DriverQueue, GuestDriver, GuestMem, RecordingBackend, RecordingInterrupt, TestMemory, frame,
     };
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtio_device::FeaturesAcked;
 
     type Dev = StandbyNet<GuestMem, RecordingBackend>;
 
@@ -752,10 +749,10 @@ mod tests {
             .unwrap()
     }
 
-    fn counting_listener(dev: &mut Dev) -> Arc<Mutex<Vec<StandbyNegotiated>>> {
+    fn counting_listener(dev: &mut Dev) -> Arc<Mutex<Vec<FeaturesAcked>>> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = Arc::clone(&seen);
-        dev.add_standby_listener(Arc::new(move |e: &StandbyNegotiated| {
+        dev.add_standby_listener(Arc::new(move |e: &FeaturesAcked| {
             s.lock().unwrap().push(e.clone())
         }));
         seen
@@ -852,8 +849,9 @@ mod tests {
             assert_eq!(s.len(), 1);
             assert_eq!(
                 s[0],
-                StandbyNegotiated {
+                FeaturesAcked {
                     device_id: "net0".into(),
+                    device_type: VIRTIO_ID_NET,
                     features: all.bits(),
                     restored: false
                 }
@@ -863,7 +861,7 @@ mod tests {
         // A listener added later hears about the current negotiation at once.
         let late = Arc::new(AtomicUsize::new(0));
         let l = Arc::clone(&late);
-        d.add_standby_listener(Arc::new(move |_: &StandbyNegotiated| {
+        d.add_standby_listener(Arc::new(move |_: &FeaturesAcked| {
             l.fetch_add(1, Ordering::SeqCst);
         }));
         assert_eq!(late.load(Ordering::SeqCst), 1);
@@ -937,20 +935,20 @@ mod tests {
         let mut d = dev();
         assert!(matches!(
             d.activate(mem.atomic(), irq.clone(), vec![]),
-            Err(virtio::Error::NotNegotiated)
+            Err(Error::NotNegotiated)
         ));
         d.ack_features(d.offered_features().bits()).unwrap();
         assert!(matches!(
             d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1)]),
-            Err(virtio::Error::MissingQueue(2))
+            Err(Error::MissingQueue(2))
         ));
         assert!(matches!(
             d.activate(mem.atomic(), irq.clone(), vec![q(0), q(2)]),
-            Err(virtio::Error::MissingQueue(1))
+            Err(Error::MissingQueue(1))
         ));
         assert!(matches!(
             d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1), q(2), q(3)]),
-            Err(virtio::Error::UnknownQueue(3))
+            Err(Error::UnknownQueue(3))
         ));
         let mut bad = q(1);
         {
@@ -959,21 +957,15 @@ mod tests {
             bad.queue.set_desc_table_address(Some(0x7000_0000), Some(0));
         }
         let r = d.activate(mem.atomic(), irq.clone(), vec![q(0), bad, q(2)]);
-        assert!(
-            matches!(r, Err(virtio::Error::Queue { index: 1, .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(Error::Queue { index: 1, .. })), "{r:?}");
         // After failures the negotiation stands and a correct activation works.
         d.activate(mem.atomic(), irq.clone(), vec![q(0), q(1), q(2)])
             .unwrap();
         assert!(d.is_active());
-        assert!(matches!(
-            d.ack_features(0),
-            Err(virtio::Error::AlreadyActive)
-        ));
+        assert!(matches!(d.ack_features(0), Err(Error::Active)));
         assert!(matches!(
             d.activate(mem.atomic(), irq, vec![]),
-            Err(virtio::Error::AlreadyActive)
+            Err(Error::Active)
         ));
     }
 

@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use virtio_net_standby::{StandbyNet, StandbyNetBuilder, StandbyNegotiated, Tap, VirtioDevice};
+//! use virtio_net_standby::{FeaturesAcked, StandbyNet, StandbyNetBuilder, Tap, VirtioDevice};
 //! use vm_memory::GuestMemoryMmap;
 //!
 //! let tap = Tap::open("tap-standby0").unwrap();
@@ -18,7 +18,7 @@
 //!     .build(vec![tap])
 //!     .unwrap();
 //! // The failover coordinator plugs the primary when the guest acks STANDBY.
-//! net.add_standby_listener(Arc::new(|e: &StandbyNegotiated| {
+//! net.add_standby_listener(Arc::new(|e: &FeaturesAcked| {
 //!     println!("{} negotiated STANDBY: plug the primary now", e.device_id);
 //! }));
 //! // The transport shows `net.features()` to the driver, calls
@@ -29,8 +29,11 @@
 //! (the configuration space), [`header`] (the virtio-net header), [`ring`] and
 //! [`chain`] (the split virtqueue over host pointers), [`memory`] (guest memory
 //! as host pointers), [`backend`] (tap and in-process pair), [`filter`] (the
-//! receive filter), [`snapshot`] (saved state), [`counters`], [`virtio`] (the
-//! transport boundary), [`worker`] (the optional epoll worker).
+//! receive filter), [`snapshot`] (saved state), [`counters`], [`worker`] (the
+//! optional epoll worker). The transport boundary ([`VirtioDevice`],
+//! [`VirtioInterrupt`], [`ActivateQueue`]) and the STANDBY event
+//! ([`FeaturesAcked`]) come from the `virtio-device` crate and are re-exported
+//! here.
 
 #![deny(missing_docs)]
 
@@ -49,9 +52,7 @@ pub mod ring;
 mod rx;
 mod shared;
 pub mod snapshot;
-mod standby;
 mod tx;
-pub mod virtio;
 pub mod worker;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -72,7 +73,9 @@ pub use header::VirtioNetHdr;
 pub use queue_pair::{QueuePair, QueuePairHandle};
 pub use rx::PendingRx;
 pub use snapshot::NetState;
-pub use standby::{StandbyListener, StandbyNegotiated};
 pub use tx::Processed;
-pub use virtio::{ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+pub use virtio_device::{
+    ActivateQueue, FeaturesAcked, FeaturesListener, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
+};
 pub use worker::NetWorker;

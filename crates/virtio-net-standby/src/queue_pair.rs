@@ -28,7 +28,9 @@ use crate::ring::{RingFeatures, SplitRing};
 use crate::rx::{PendingRx, RxQueue};
 use crate::shared::Shared;
 use crate::tx::{Processed, TxQueue};
-use crate::virtio::{self, ActivateQueue, VirtioInterrupt, VirtioInterruptType};
+use virtio_device::{ActivateQueue, VirtioInterrupt, VirtioInterruptType};
+
+use crate::device;
 
 /// Sizes the RX path needs to know.
 #[derive(Debug, Clone, Copy)]
@@ -113,11 +115,11 @@ where
         geometry: RxGeometry,
         rx: ActivateQueue,
         tx: ActivateQueue,
-    ) -> virtio::Result<()> {
+    ) -> device::Result<()> {
         let ram = GuestRam::new(watch.current())?;
         let ring_features = RingFeatures::from_features(features);
         let ring = |q: &ActivateQueue| {
-            SplitRing::new(&q.queue, &ram, ring_features).map_err(|source| virtio::Error::Queue {
+            SplitRing::new(&q.queue, &ram, ring_features).map_err(|source| device::Error::Queue {
                 index: q.index,
                 source,
             })

@@ -22,16 +22,10 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::memory::GuestRam;
 
-/// Descriptor flag: the chain continues at `next`.
-pub const VRING_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the buffer is device-writable.
-pub const VRING_DESC_F_WRITE: u16 = 2;
-/// Descriptor flag: the buffer is a table of indirect descriptors.
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
-/// Used-ring flag: the device does not want kicks.
-pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
-/// Avail-ring flag: the driver does not want interrupts.
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub use virtio_device::ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+};
 
 /// Errors setting up or running a ring.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

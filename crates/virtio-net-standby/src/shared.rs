@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::config::{NetConfigSpace, STATUS_LINK_UP};
 use crate::counters::{AtomicCounters, NetCounters};
 use crate::filter::{FilterCell, RxFilter};
-use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
+use virtio_device::{VirtioInterrupt, VirtioInterruptType};
 
 pub(crate) struct Shared {
     pub id: String,

@@ -29,7 +29,7 @@ use crate::features::Features;
 use crate::ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use crate::virtio::{self, ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use virtio_device::{ActivateQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory for tests: one mmap region at guest address 0 and a bump
@@ -607,7 +607,7 @@ impl GuestDriver {
         mem: &TestMemory,
         features: Features,
         queue_size: u16,
-    ) -> Result<GuestDriver, virtio::Error> {
+    ) -> Result<GuestDriver, crate::Error> {
         let acked = features.intersection(Features::from_bits(dev.features()));
         dev.ack_features(acked.bits())?;
         Self::attach(dev, mem, acked, queue_size)
@@ -620,7 +620,7 @@ impl GuestDriver {
         mem: &TestMemory,
         acked: Features,
         queue_size: u16,
-    ) -> Result<GuestDriver, virtio::Error> {
+    ) -> Result<GuestDriver, crate::Error> {
         use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
         let event_idx = acked.has(crate::features::F_RING_EVENT_IDX);
         let pairs = if acked.has(VIRTIO_NET_F_MQ) {

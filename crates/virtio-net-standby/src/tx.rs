@@ -296,10 +296,10 @@ mod tests {
     use crate::header::{FLAG_NEEDS_CSUM, GSO_TCPV4};
     use crate::testing::GuestMem as GuestMemoryMmap;
     use crate::testing::{GuestDriver, RecordingBackend, TestMemory, frame};
-    use crate::virtio::VirtioDevice;
     use crate::{StandbyNet, StandbyNetBuilder, VirtioInterruptType};
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4};
+    use virtio_device::VirtioDevice;
 
     const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x77];
 

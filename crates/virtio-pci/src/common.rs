@@ -1,18 +1,7 @@
 //! The common configuration structure (`struct virtio_pci_common_cfg`).
 
-/// Device status: the guest noticed the device.
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-/// Device status: the guest has a driver for it.
-pub const STATUS_DRIVER: u8 = 2;
-/// Device status: the driver is ready to drive the device.
-pub const STATUS_DRIVER_OK: u8 = 4;
-/// Device status: the driver accepted the features (cleared by the device if it
-/// refuses them).
-pub const STATUS_FEATURES_OK: u8 = 8;
-/// Device status: the device hit an error and needs a reset.
-pub const STATUS_NEEDS_RESET: u8 = 64;
-/// Device status: the driver gave up on the device.
-pub const STATUS_FAILED: u8 = 128;
+use virtio_device::status::{DRIVER_OK as STATUS_DRIVER_OK, FEATURES_OK as STATUS_FEATURES_OK};
+
 /// `VIRTIO_MSI_NO_VECTOR`: no MSI-X vector assigned.
 pub const NO_VECTOR: u16 = 0xffff;
 

@@ -8,7 +8,16 @@ use pci::{
     BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, IntxSink, MsiSink, Msix,
     PciFunction, PciIds,
 };
-use virtio_net_standby::{ActivateQueue, VirtioDevice, VirtioInterrupt};
+use virtio_device::status::{
+    DRIVER_OK as STATUS_DRIVER_OK, FEATURES_OK as STATUS_FEATURES_OK,
+    NEEDS_RESET as STATUS_NEEDS_RESET,
+};
+use virtio_device::virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_device::virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_device::{
+    AckNotifier, ActivateQueue, FeaturesListener, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -19,17 +28,15 @@ use crate::caps::{
     NOTIFY_OFF_MULTIPLIER, PCI_CFG_BAR, PCI_CFG_DATA, PCI_CFG_LENGTH, PCI_CFG_OFFSET, VIRTIO_BAR,
     VIRTIO_BAR_SIZE,
 };
-use crate::common::{
-    CommonConfig, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, View, Write,
-};
+use crate::common::{CommonConfig, NO_VECTOR, View, Write};
 use crate::interrupt::{Interrupts, IrqState};
 
 /// Virtio's PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern device IDs are this plus the virtio device type.
 pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
-/// `VIRTIO_F_EVENT_IDX` bit.
-const F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_EVENT_IDX` as a mask.
+const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 
 /// Errors building the transport.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +79,14 @@ pub struct TransportCounters {
 pub struct VirtioPciBuilder {
     pcie: bool,
     intx: Option<Arc<dyn IntxSink>>,
+    id: String,
 }
 
 impl std::fmt::Debug for VirtioPciBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioPciBuilder")
             .field("pcie", &self.pcie)
+            .field("id", &self.id)
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +97,16 @@ impl VirtioPciBuilder {
         VirtioPciBuilder {
             pcie: true,
             intx: None,
+            id: String::new(),
         }
+    }
+
+    /// The device's id in the VMM, carried by the [`virtio_device::FeaturesAcked`]
+    /// events the transport raises (for a failover standby: what the primary's
+    /// `failover_pair_id` names). Empty by default.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
     }
 
     /// Whether the function is a PCI Express endpoint (default) or conventional PCI.
@@ -119,7 +137,7 @@ impl VirtioPciBuilder {
             return Err(Error::QueueCount(maxes.len()));
         }
         let dtype = device.device_type();
-        let class = if dtype == virtio_net_standby::virtio::VIRTIO_ID_NET {
+        let class = if dtype == VIRTIO_ID_NET {
             ClassCode::ETHERNET
         } else {
             ClassCode::new(0xff, 0, 0)
@@ -167,6 +185,7 @@ impl VirtioPciBuilder {
             activated: false,
             needs_reset: false,
             counters: TransportCounters::default(),
+            negotiation: AckNotifier::new(self.id, dtype),
         })
     }
 }
@@ -183,6 +202,7 @@ pub struct VirtioPciDevice<M: GuestMemoryBackend, D: VirtioDevice<M>> {
     activated: bool,
     needs_reset: bool,
     counters: TransportCounters,
+    negotiation: AckNotifier,
 }
 
 impl<M: GuestMemoryBackend, D: VirtioDevice<M>> std::fmt::Debug for VirtioPciDevice<M, D> {
@@ -207,6 +227,21 @@ fn view((device_features, status, generation): (u64, u8, u8), irq: &IrqState) ->
 }
 
 impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
+    /// The device's id, as given to [`VirtioPciBuilder::id`].
+    pub fn id(&self) -> &str {
+        self.negotiation.device_id()
+    }
+
+    /// Registers a listener told when the driver's feature set is accepted
+    /// (`FEATURES_OK`), once per negotiation, and when a saved state in which it
+    /// was accepted is restored. If the current negotiation already accepted a
+    /// set, the listener is told at once. It runs on the thread doing the
+    /// driver's status write, with the transport borrowed: queue work rather
+    /// than calling back into the transport.
+    pub fn add_features_listener(&mut self, listener: Arc<dyn FeaturesListener>) {
+        self.negotiation.add_listener(listener);
+    }
+
     /// The wrapped device.
     pub fn device(&self) -> &D {
         &self.device
@@ -321,6 +356,7 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
         self.needs_reset = false;
         self.common.reset();
         self.interrupts.reset();
+        self.negotiation.reset();
         for k in &self.kicks {
             // Drain stale notifications.
             let _ = k.read();
@@ -349,6 +385,8 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
                 );
                 self.counters.features_refused += 1;
                 status &= !STATUS_FEATURES_OK;
+            } else {
+                self.negotiation.acked(self.common.driver_features);
             }
         }
         if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
@@ -394,9 +432,7 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
                 log::error!("virtio-pci: activating the device failed: {e}");
                 self.counters.activation_failures += 1;
                 self.needs_reset = true;
-                let _ = self
-                    .interrupts
-                    .trigger(virtio_net_standby::VirtioInterruptType::Config);
+                let _ = self.interrupts.trigger(VirtioInterruptType::Config);
             }
         }
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pci::{IntxSink, MsiSink, Msix};
-use virtio_net_standby::{VirtioInterrupt, VirtioInterruptType};
+use virtio_device::{VirtioInterrupt, VirtioInterruptType};
 
 use crate::common::NO_VECTOR;
 

@@ -1,7 +1,7 @@
 //! A modern (virtio 1.x) PCI transport.
 //!
-//! [`VirtioPciDevice`] puts any [`virtio_net_standby::VirtioDevice`] on a PCI bus
-//! as vendor 0x1af4, device 0x1040 + type (0x1041 for net), revision 1, with:
+//! [`VirtioPciDevice`] puts any [`virtio_device::VirtioDevice`] on a PCI bus as
+//! vendor 0x1af4, device 0x1040 + type (0x1041 for net), revision 1, with:
 //! - the virtio vendor capabilities: common configuration, notifications (with
 //!   their offset multiplier), ISR status, device configuration, and the PCI
 //!   configuration access window;
@@ -16,6 +16,13 @@
 //! - a PCI Express endpoint capability when placed on a PCIe port.
 //!
 //! `config_generation` increments on every device configuration change.
+//!
+//! The transport knows no device type. When the driver's `FEATURES_OK` is
+//! accepted it raises [`virtio_device::FeaturesAcked`] for the device's id
+//! ([`VirtioPciBuilder::id`]) to the listeners added with
+//! [`VirtioPciDevice::add_features_listener`], once per negotiation: that is the
+//! failover coordinator's "STANDBY acknowledged" signal, whatever device is
+//! behind the transport.
 
 #![deny(missing_docs)]
 
@@ -30,8 +37,5 @@ pub use caps::{
     VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_ISR_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_PCI_CFG,
 };
-pub use common::{
-    NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-};
+pub use common::NO_VECTOR;
 pub use device::{Error, Result, TransportCounters, VirtioPciBuilder, VirtioPciDevice};

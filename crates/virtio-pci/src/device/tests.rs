@@ -6,12 +6,19 @@ use std::sync::Mutex;
 use pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use pci::msix::MSIX_CTRL_ENABLE;
 use pci::{MsiMessage, PciFunction};
-use virtio_net_standby::StandbyNet;
-use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
+use virtio_device::testing::{ActivatedQueue, FakeDevice};
+use virtio_device::virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_STANDBY;
+use virtio_device::{FeaturesAcked, VirtioInterruptType};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::caps::*;
 use crate::common::*;
+use virtio_device::status::{
+    ACKNOWLEDGE as STATUS_ACKNOWLEDGE, DRIVER as STATUS_DRIVER, DRIVER_OK as STATUS_DRIVER_OK,
+    FEATURES_OK as STATUS_FEATURES_OK,
+};
 
 #[derive(Default)]
 struct Msis(Mutex<Vec<u16>>);
@@ -21,24 +28,31 @@ impl MsiSink for Msis {
     }
 }
 
-type Net = StandbyNet<GuestMem, RecordingBackend>;
-type Dev = VirtioPciDevice<GuestMem, Net>;
+type Mem = GuestMemoryMmap<()>;
+type Dev = VirtioPciDevice<Mem, FakeDevice>;
 
-fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<Msis>, TestMemory) {
-    let mem = TestMemory::new(1 << 20);
-    let net: Net = virtio_net_standby::StandbyNetBuilder::new()
-        .build(vec![RecordingBackend::default()])
-        .unwrap();
+/// What the fake net device offers: VERSION_1, EVENT_IDX and STANDBY.
+const OFFER: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << 29 | 1 << VIRTIO_NET_F_STANDBY;
+
+fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<Msis>) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    // A net-typed device with two queues and a control queue, refusing sets
+    // without VERSION_1 as a modern device does.
+    let fake = FakeDevice::new(1, vec![256; 3], OFFER)
+        .requiring(1 << VIRTIO_F_VERSION_1)
+        .with_config(vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0]);
     let msis = Arc::new(Msis::default());
-    let mut b = VirtioPciBuilder::new();
+    let mut b = VirtioPciBuilder::new().id("net1");
     if let Some(line) = intx {
         b = b.intx(line);
     }
-    let d = b.build(net, mem.atomic(), msis.clone()).unwrap();
-    (d, msis, mem)
+    let d = b
+        .build(fake, GuestMemoryAtomic::new(mem), msis.clone())
+        .unwrap();
+    (d, msis)
 }
 
-fn dev() -> (Dev, Arc<Msis>, TestMemory) {
+fn dev() -> (Dev, Arc<Msis>) {
     dev_with(None)
 }
 
@@ -72,7 +86,7 @@ fn status(d: &mut Dev) -> u8 {
 
 #[test]
 fn identity_capabilities_and_bars() {
-    let (mut d, _, _) = dev();
+    let (mut d, _) = dev();
     let cs = d.config();
     assert_eq!(cs.get_u32(0), 0x1041_1af4);
     assert_eq!(cs.get_u32(0x08), 0x0200_0001);
@@ -114,18 +128,18 @@ fn identity_capabilities_and_bars() {
 
 #[test]
 fn standby_is_word_1_bit_30() {
-    let (mut d, _, _) = dev();
+    let (mut d, _) = dev();
     let f = features(&mut d);
     wc(&mut d, DEVICE_FEATURE_SELECT as u64, 1, 4);
     assert_ne!(rc(&mut d, DEVICE_FEATURE as u64, 4) & 1 << 30, 0);
-    assert_eq!(f, d.device().offered_features().bits());
+    assert_eq!(f, OFFER);
     wc(&mut d, DEVICE_FEATURE_SELECT as u64, 2, 4);
     assert_eq!(rc(&mut d, DEVICE_FEATURE as u64, 4), 0);
 }
 
 #[test]
 fn features_ok_reads_back_clear_when_refused() {
-    let (mut d, _, _) = dev();
+    let (mut d, _) = dev();
     wc(
         &mut d,
         DEVICE_STATUS as u64,
@@ -162,7 +176,7 @@ fn features_ok_reads_back_clear_when_refused() {
         status(&mut d),
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
     );
-    assert!(d.device().standby_negotiated());
+    assert_eq!(d.device().acked, Some(f));
     // Driver features are frozen once accepted; status bits cannot be cleared.
     set_driver_features(&mut d, 0);
     assert_eq!(d.driver_features(), f);
@@ -173,8 +187,7 @@ fn features_ok_reads_back_clear_when_refused() {
     );
 }
 
-fn setup_queue(d: &mut Dev, mem: &TestMemory, q: u16, vector: u16) {
-    let _ = mem;
+fn setup_queue(d: &mut Dev, q: u16, vector: u16) {
     wc(d, QUEUE_SELECT as u64, q as u64, 2);
     wc(d, QUEUE_SIZE as u64, 64, 2);
     wc(d, QUEUE_MSIX_VECTOR as u64, vector as u64, 2);
@@ -188,7 +201,7 @@ fn setup_queue(d: &mut Dev, mem: &TestMemory, q: u16, vector: u16) {
 
 #[test]
 fn driver_ok_activates_and_zero_resets_everything() {
-    let (mut d, msis, mem) = dev();
+    let (mut d, msis) = dev();
     // MSI-X on, bus master on, vectors unmasked.
     d.write_config(
         COMMAND,
@@ -227,7 +240,7 @@ fn driver_ok_activates_and_zero_resets_everything() {
     wc(&mut d, QUEUE_SIZE as u64, 100, 2);
     assert_eq!(rc(&mut d, QUEUE_SIZE as u64, 2), 256);
     for q in 0..3 {
-        setup_queue(&mut d, &mem, q, q + 1);
+        setup_queue(&mut d, q, q + 1);
     }
     assert_eq!(rc(&mut d, QUEUE_DRIVER as u64, 8), 0x31000);
     assert_eq!(rc(&mut d, QUEUE_NOTIFY_OFF as u64, 2), 2);
@@ -236,10 +249,25 @@ fn driver_ok_activates_and_zero_resets_everything() {
     assert_eq!(rc(&mut d, QUEUE_SIZE as u64, 2), 64);
     wc(&mut d, DEVICE_STATUS as u64, 0xf, 1);
     assert_eq!(status(&mut d), 0xf);
-    assert!(d.device().is_active());
-    // Link change: config interrupt on vector 0 and a new generation.
+    assert!(d.device().active);
+    // The device got the queues as the driver set them up, with their kicks.
+    let q1 = d.device().queues[1];
+    assert_eq!(d.device().queues.len(), 3);
+    assert_eq!(
+        q1,
+        ActivatedQueue {
+            index: 1,
+            size: 64,
+            desc: 0x20000,
+            avail: 0x21000,
+            used: 0x22000,
+            event_idx: true,
+            has_kick: true,
+        }
+    );
+    // A config change: config interrupt on vector 0 and a new generation.
     let g = rc(&mut d, CONFIG_GENERATION as u64, 1);
-    d.device().set_link_up(false);
+    assert!(d.device().raise(VirtioInterruptType::Config));
     assert_eq!(rc(&mut d, CONFIG_GENERATION as u64, 1), g + 1);
     assert_eq!(msis.0.lock().unwrap().last(), Some(&0));
     // A notification through the BAR reaches the queue's eventfd.
@@ -250,7 +278,8 @@ fn driver_ok_activates_and_zero_resets_everything() {
 
     wc(&mut d, DEVICE_STATUS as u64, 0, 1);
     assert_eq!(status(&mut d), 0);
-    assert!(!d.device().is_active());
+    assert!(!d.device().active);
+    assert_eq!(d.device().resets, 1);
     assert_eq!(rc(&mut d, CONFIG_MSIX_VECTOR as u64, 2), NO_VECTOR as u64);
     wc(&mut d, QUEUE_SELECT as u64, 1, 2);
     assert_eq!(rc(&mut d, QUEUE_MSIX_VECTOR as u64, 2), NO_VECTOR as u64);
@@ -270,10 +299,8 @@ fn isr_and_intx_without_msix() {
         }
     }
     let line = Arc::new(Line::default());
-    let (mut d, _, _mem) = dev_with(Some(line.clone()));
-    d.interrupt()
-        .trigger(virtio_net_standby::VirtioInterruptType::Config)
-        .unwrap();
+    let (mut d, _) = dev_with(Some(line.clone()));
+    d.interrupt().trigger(VirtioInterruptType::Config).unwrap();
     assert!(*line.0.lock().unwrap());
     let mut st = [0u8; 2];
     d.read_config(pci::config::STATUS, &mut st);
@@ -288,7 +315,7 @@ fn isr_and_intx_without_msix() {
 
 #[test]
 fn pci_cfg_window_reaches_the_bars() {
-    let (mut d, _, _) = dev();
+    let (mut d, _) = dev();
     let cap = d.pci_cfg_cap;
     d.write_config(cap + PCI_CFG_BAR, &[VIRTIO_BAR]);
     d.write_config(cap + PCI_CFG_OFFSET, &(NUM_QUEUES as u32).to_le_bytes());
@@ -305,7 +332,7 @@ fn pci_cfg_window_reaches_the_bars() {
 
 #[test]
 fn hostile_bar_and_config_traffic_never_panics() {
-    let (mut d, _, _) = dev();
+    let (mut d, _) = dev();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     for _ in 0..100_000 {
         x ^= x << 13;
@@ -330,4 +357,70 @@ fn hostile_bar_and_config_traffic_never_panics() {
             }
         }
     }
+}
+
+fn recorder(d: &mut Dev) -> Arc<Mutex<Vec<FeaturesAcked>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    d.add_features_listener(Arc::new(move |e: &FeaturesAcked| {
+        s.lock().unwrap().push(e.clone())
+    }));
+    seen
+}
+
+fn negotiate(d: &mut Dev, f: u64) {
+    wc(
+        d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u64,
+        1,
+    );
+    set_driver_features(d, f);
+    wc(
+        d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64,
+        1,
+    );
+}
+
+#[test]
+fn features_acked_is_raised_once_per_negotiation() {
+    let (mut d, _) = dev();
+    assert_eq!(d.id(), "net1");
+    let seen = recorder(&mut d);
+    // A refused set raises nothing.
+    negotiate(&mut d, 1 << VIRTIO_NET_F_STANDBY);
+    assert!(seen.lock().unwrap().is_empty());
+    wc(&mut d, DEVICE_STATUS as u64, 0, 1);
+    // Accepted: one event, carrying the id, the type and the set.
+    negotiate(&mut d, OFFER);
+    // FEATURES_OK written again, and DRIVER_OK: still the same negotiation.
+    wc(
+        &mut d,
+        DEVICE_STATUS as u64,
+        (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64,
+        1,
+    );
+    wc(&mut d, DEVICE_STATUS as u64, 0xf, 1);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [FeaturesAcked {
+            device_id: "net1".into(),
+            device_type: 1,
+            features: OFFER,
+            restored: false,
+        }]
+    );
+    // A late listener hears the current negotiation at once, once.
+    let late = recorder(&mut d);
+    assert_eq!(late.lock().unwrap().len(), 1);
+    // Reset: the next acceptance is a new negotiation.
+    wc(&mut d, DEVICE_STATUS as u64, 0, 1);
+    negotiate(&mut d, OFFER & !(1 << VIRTIO_NET_F_STANDBY));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].has(VIRTIO_NET_F_STANDBY));
+    assert!(!seen[1].has(VIRTIO_NET_F_STANDBY));
+    assert_eq!(late.lock().unwrap().len(), 2);
 }
