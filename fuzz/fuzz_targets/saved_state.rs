@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use virtio_net_standby::snapshot::crc32;
+use device_state::crc32;
 use virtio_net_standby::testing::GuestMem;
 use virtio_net_standby::{NetState, PairBackend, PairConfig, StandbyNet, StandbyNetBuilder, pair};
 

@@ -5,10 +5,11 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use device_state::Persist;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_device::{AckNotifier, ActivateQueue, FeaturesListener, VirtioDevice, VirtioInterrupt};
-use virtio_queue::QueueState;
+use virtio_queue::{QueueState, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::backend::NetBackend;
@@ -270,6 +271,7 @@ impl StandbyNetBuilder {
             pairs,
             ctrl: Arc::new(Mutex::new(ctrl)),
             negotiation,
+            restored_rings: Vec::new(),
             active: false,
         })
     }
@@ -287,6 +289,9 @@ pub struct StandbyNet<M: GuestMemoryBackend, B: NetBackend> {
     pairs: Vec<QueuePairHandle<M, B>>,
     ctrl: Arc<Mutex<ControlQueue<M, B>>>,
     negotiation: AckNotifier,
+    /// Ring positions (queue index, next_avail, next_used) of a restored state,
+    /// applied to the queues of the next activation.
+    restored_rings: Vec<(u16, u16, u16)>,
     active: bool,
 }
 
@@ -522,8 +527,11 @@ where
     /// device, built with the same configuration. If the state says STANDBY was
     /// acknowledged, the STANDBY listeners are told (`restored: true`): that is
     /// where a migration destination plugs its primary. The transport then
-    /// restores its registers from [`NetState::queues`] and activates the device
-    /// as usual. Incompatible state is refused and leaves the device reset.
+    /// restores its registers and activates the device as usual: the next
+    /// activation resumes each queue at the ring positions the state saved
+    /// (a VMM without a transport of its own can build the queues from
+    /// [`NetState::queues`]). Incompatible state is refused and leaves the
+    /// device reset.
     pub fn restore(&mut self, state: &NetState) -> Result<()> {
         if self.active {
             return Err(Error::Active);
@@ -531,8 +539,11 @@ where
         state.check_compatible(self.offered, self.pairs.len(), self.queue_size)?;
         self.reset_state();
         if let Some(acked) = state.acked {
-            let acked =
-                features::negotiate(self.offered, acked).map_err(snapshot::Error::Features)?;
+            let acked = features::negotiate(self.offered, acked).map_err(|e| {
+                snapshot::Error::Refused(format!(
+                    "the saved feature negotiation is not valid on this device: {e}"
+                ))
+            })?;
             self.accept_features(acked)?;
         }
         self.shared.update_config(|c| *c = state.config);
@@ -547,6 +558,11 @@ where
             p.lock()
                 .restore(saved.rx_staged.clone(), saved.pending_rx.clone());
         }
+        self.restored_rings = state
+            .queues
+            .iter()
+            .map(|q| (q.index, q.state.next_avail, q.state.next_used))
+            .collect();
         if let Some(acked) = self.acked {
             self.negotiation.restored(acked.bits());
         }
@@ -561,6 +577,7 @@ where
         self.acked = None;
         self.active = false;
         self.negotiation.reset();
+        self.restored_rings.clear();
         self.shared.set_interrupt(None);
         self.shared.clear_needs_reset();
         let mac = self.mac;
@@ -646,7 +663,11 @@ where
         let mut rx: Vec<Option<ActivateQueue>> = (0..n_pairs).map(|_| None).collect();
         let mut tx: Vec<Option<ActivateQueue>> = (0..n_pairs).map(|_| None).collect();
         let mut ctrl = None;
-        for q in queues {
+        for mut q in queues {
+            if let Some(&(_, avail, used)) = self.restored_rings.iter().find(|r| r.0 == q.index) {
+                q.queue.set_next_avail(avail);
+                q.queue.set_next_used(used);
+            }
             let i = usize::from(q.index);
             if i < 2 * n_pairs {
                 let slot = if i % 2 == 0 {
@@ -718,6 +739,7 @@ where
         }
         self.shared.set_interrupt(Some(interrupt));
         self.active = true;
+        self.restored_rings.clear();
         Ok(())
     }
 
@@ -727,6 +749,28 @@ where
 
     fn needs_reset(&self) -> bool {
         self.shared.needs_reset()
+    }
+}
+
+impl<M, B> Persist for StandbyNet<M, B>
+where
+    M: GuestMemoryBackend + Send + Sync + 'static,
+    M::R: Sync,
+    B: NetBackend,
+{
+    type State = NetState;
+
+    /// [`StandbyNet::snapshot`]: call it with the device quiesced.
+    fn save(&self) -> device_state::Result<NetState> {
+        Ok(self.snapshot())
+    }
+
+    /// [`StandbyNet::restore`], with its refusals as state-contract errors.
+    fn restore(&mut self, state: &NetState) -> device_state::Result<()> {
+        StandbyNet::restore(self, state).map_err(|e| match e {
+            Error::Snapshot(e) => e,
+            other => device_state::Error::Refused(other.to_string()),
+        })
     }
 }
 
@@ -1047,6 +1091,57 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_device_resumes_its_rings_when_a_transport_activates_it() {
+        // A transport knows only its registers (sizes and addresses), not where
+        // the rings stood: the restored device supplies the positions.
+        let mem = TestMemory::new(16 << 20);
+        let be = RecordingBackend::default();
+        let mut src: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        let mut g = GuestDriver::bring_up(&mut src, &mem, DEFAULT_OFFER, 64).unwrap();
+        g.post_rx(0, 8);
+        for i in 0..3u8 {
+            be.incoming
+                .lock()
+                .unwrap()
+                .push_back(frame([2, 0, 0, 0, 0, 1], &[i; 60]));
+        }
+        src.queue_pair(0).unwrap().process_rx();
+        for i in 0..3u8 {
+            assert_eq!(g.recv(0).unwrap()[26], i);
+        }
+        let state = Persist::save(&src).unwrap();
+        let rx = state.queues.iter().find(|q| q.index == 0).unwrap().state;
+        assert_eq!(rx.next_used, 3);
+        let mut dst: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        Persist::restore(&mut dst, &state).unwrap();
+        let from_registers = state
+            .queues
+            .iter()
+            .map(|q| {
+                let mut queue = virtio_queue::Queue::try_from(q.state).unwrap();
+                queue.set_next_avail(0);
+                queue.set_next_used(0);
+                ActivateQueue {
+                    index: q.index,
+                    queue,
+                    kick: None,
+                }
+            })
+            .collect();
+        let irq = Arc::new(RecordingInterrupt::default());
+        dst.activate(mem.atomic(), irq, from_registers).unwrap();
+        be.incoming
+            .lock()
+            .unwrap()
+            .push_back(frame([2, 0, 0, 0, 0, 1], &[7; 60]));
+        dst.queue_pair(0).unwrap().process_rx();
+        // The fourth frame lands in the fourth buffer, not over the first.
+        assert_eq!(g.recv(0).unwrap()[26], 7);
+        let (rx, _) = dst.queue_pair(0).unwrap().lock().queue_states().unwrap();
+        assert_eq!(rx.next_used, 4);
+    }
+
+    #[test]
     fn snapshot_restore_carries_the_guest_visible_device() {
         let mem = TestMemory::new(16 << 20);
         let src_be = RecordingBackend::default();
@@ -1179,7 +1274,7 @@ mod tests {
         let mut d = dev();
         assert!(matches!(
             d.restore(&state),
-            Err(Error::Snapshot(snapshot::Error::Incompatible(_)))
+            Err(Error::Snapshot(snapshot::Error::Mismatch { .. }))
         ));
         // No STANDBY offered on the destination: the guest acked it, refuse.
         let mut d: Dev = StandbyNetBuilder::new()

@@ -12,11 +12,14 @@
 //! magic "VNSTANDB" | version u16 | reserved u16 | body length u32 | body | CRC-32 u32
 //! ```
 //!
-//! all little-endian, the CRC (IEEE) over everything before it. [`NetState::from_bytes`]
-//! checks every length against what is left before reading, so corrupt input is
-//! an [`Error`], never a panic or a huge allocation; [`NetState::check_compatible`]
-//! then checks the state against the device that is to take it.
+//! all little-endian, the CRC (IEEE) over everything before it: the workspace's
+//! common state form (`device_state::to_bytes`), which [`NetState`] implements
+//! through [`Encode`]. [`NetState::from_bytes`] checks every length against what
+//! is left before reading, so corrupt input is an [`Error`], never a panic or a
+//! huge allocation; [`NetState::check_compatible`] then checks the state against
+//! the device that is to take it.
 
+use device_state::{Encode, Reader, Writer};
 use virtio_queue::QueueState;
 
 use crate::config::NetConfigSpace;
@@ -30,39 +33,9 @@ pub const MAGIC: [u8; 8] = *b"VNSTANDB";
 /// The format version this crate writes and reads.
 pub const VERSION: u16 = 1;
 
-/// Errors reading or applying a saved state.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
-    /// Not a saved state of this device.
-    #[error("not a virtio-net-standby state (bad magic)")]
-    BadMagic,
-    /// Written by a version this crate does not read.
-    #[error("state format version {0} is not supported (this build reads version {VERSION})")]
-    UnsupportedVersion(u16),
-    /// The bytes end early.
-    #[error("the state is truncated: {0} needs more bytes than remain")]
-    Truncated(&'static str),
-    /// The checksum does not match.
-    #[error("the state is corrupt: checksum {found:#010x}, expected {expected:#010x}")]
-    Checksum {
-        /// Computed over the bytes.
-        expected: u32,
-        /// Stored in the bytes.
-        found: u32,
-    },
-    /// Bytes follow the state.
-    #[error("{0} unexpected bytes follow the state")]
-    TrailingBytes(usize),
-    /// A field holds a value no device could have saved.
-    #[error("the state is invalid: {0}")]
-    Invalid(String),
-    /// The state does not fit the device it is restored into.
-    #[error("the state does not fit this device: {0}")]
-    Incompatible(String),
-    /// The acknowledged features cannot be negotiated on this device.
-    #[error("the saved feature negotiation is not valid on this device")]
-    Features(#[source] features::Error),
-}
+/// Errors reading or applying a saved state: the workspace's state contract
+/// errors.
+pub use device_state::Error;
 
 /// Result of snapshot operations.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -109,120 +82,12 @@ pub struct NetState {
     pub pairs: Vec<SavedPair>,
 }
 
-const fn crc_table() -> [u32; 256] {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
+fn write_macs(w: &mut Writer, m: &[MacAddr]) {
+    w.seq(m, |w, a| w.raw(a));
 }
 
-const CRC_TABLE: [u32; 256] = crc_table();
-
-/// CRC-32 (IEEE 802.3, as zlib computes it).
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for b in data {
-        c = CRC_TABLE[((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn bool(&mut self, v: bool) {
-        self.u8(u8::from(v));
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn len(&mut self, n: usize) {
-        self.u32(u32::try_from(n).unwrap_or(u32::MAX));
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.len(b.len());
-        self.0.extend_from_slice(b);
-    }
-    fn macs(&mut self, m: &[MacAddr]) {
-        self.len(m.len());
-        for a in m {
-            self.0.extend_from_slice(a);
-        }
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
-        if self.0.len() < n {
-            return Err(Error::Truncated(what));
-        }
-        let (h, t) = self.0.split_at(n);
-        self.0 = t;
-        Ok(h)
-    }
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("N bytes"))
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8> {
-        Ok(self.array::<1>(what)?[0])
-    }
-    fn bool(&mut self, what: &'static str) -> Result<bool> {
-        match self.u8(what)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(Error::Invalid(format!("{what} is {v}, not a boolean"))),
-        }
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.array(what)?))
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-    /// A count of items of `item_size` bytes each; refused if they could not fit
-    /// in what remains, so no allocation exceeds the input's size.
-    fn count(&mut self, item_size: usize, what: &'static str) -> Result<usize> {
-        let n = self.u32(what)? as usize;
-        if n.saturating_mul(item_size.max(1)) > self.0.len() {
-            return Err(Error::Truncated(what));
-        }
-        Ok(n)
-    }
-    fn bytes(&mut self, what: &'static str) -> Result<Vec<u8>> {
-        let n = self.count(1, what)?;
-        Ok(self.take(n, what)?.to_vec())
-    }
-    fn macs(&mut self, what: &'static str) -> Result<Vec<MacAddr>> {
-        let n = self.count(6, what)?;
-        (0..n).map(|_| self.array::<6>(what)).collect()
-    }
+fn read_macs(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<MacAddr>> {
+    r.seq(6, what, |r| r.array(what))
 }
 
 fn write_queue(w: &mut Writer, q: &SavedQueue) {
@@ -259,16 +124,17 @@ fn read_queue(r: &mut Reader<'_>) -> Result<SavedQueue> {
 /// Bytes one saved queue takes.
 const QUEUE_LEN: usize = 2 * 6 + 2 + 3 * 8;
 
-impl NetState {
-    /// The versioned binary form. See the module documentation.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::new());
-        w.bytes(self.device_id.as_bytes());
+impl Encode for NetState {
+    const MAGIC: [u8; 8] = MAGIC;
+    const VERSION: u16 = VERSION;
+
+    fn encode(&self, w: &mut Writer) {
+        w.str(&self.device_id);
         w.u64(self.offered.bits());
         w.bool(self.acked.is_some());
         w.u64(self.acked.unwrap_or_default().bits());
         let c = &self.config;
-        w.0.extend_from_slice(&c.mac);
+        w.raw(&c.mac);
         w.u16(c.status);
         w.u16(c.max_virtqueue_pairs);
         w.u16(c.mtu);
@@ -280,9 +146,9 @@ impl NetState {
         ] {
             w.bool(b);
         }
-        w.0.extend_from_slice(&f.mac);
-        w.macs(&f.unicast);
-        w.macs(&f.multicast);
+        w.raw(&f.mac);
+        write_macs(w, &f.unicast);
+        write_macs(w, &f.multicast);
         w.bool(f.unicast_overflow);
         w.bool(f.multicast_overflow);
         for v in f.vlans.iter() {
@@ -290,62 +156,15 @@ impl NetState {
         }
         w.u16(self.active_pairs);
         w.u64(self.guest_offloads.bits());
-        w.len(self.queues.len());
-        for q in &self.queues {
-            write_queue(&mut w, q);
-        }
-        w.len(self.pairs.len());
-        for p in &self.pairs {
-            w.len(p.rx_staged.len());
-            for h in &p.rx_staged {
-                w.u16(*h);
-            }
-            w.len(p.pending_rx.len());
-            for f in &p.pending_rx {
-                w.bytes(f);
-            }
-        }
-        let body = w.0;
-        let mut out = Vec::with_capacity(body.len() + 20);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(&body);
-        let crc = crc32(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        w.seq(&self.queues, write_queue);
+        w.seq(&self.pairs, |w, p| {
+            w.seq(&p.rx_staged, |w, h| w.u16(*h));
+            w.seq(&p.pending_rx, |w, f| w.bytes(f));
+        });
     }
 
-    /// Reads the binary form. Checks the magic, version, length and checksum,
-    /// then every field's encoding; [`check_compatible`](Self::check_compatible)
-    /// checks the values against a device.
-    pub fn from_bytes(bytes: &[u8]) -> Result<NetState> {
-        let mut r = Reader(bytes);
-        if r.take(8, "magic")? != MAGIC {
-            return Err(Error::BadMagic);
-        }
-        let version = r.u16("version")?;
-        if version != VERSION {
-            return Err(Error::UnsupportedVersion(version));
-        }
-        r.u16("reserved")?;
-        let body_len = r.u32("body length")? as usize;
-        let body = r.take(body_len, "body")?;
-        let stored = r.u32("checksum")?;
-        if !r.0.is_empty() {
-            return Err(Error::TrailingBytes(r.0.len()));
-        }
-        let computed = crc32(&bytes[..bytes.len() - 4]);
-        if computed != stored {
-            return Err(Error::Checksum {
-                expected: computed,
-                found: stored,
-            });
-        }
-        let mut r = Reader(body);
-        let device_id = String::from_utf8(r.bytes("device id")?)
-            .map_err(|_| Error::Invalid("device id is not UTF-8".into()))?;
+    fn decode(r: &mut Reader<'_>) -> Result<NetState> {
+        let device_id = r.str("device id")?;
         let offered = Features::from_bits(r.u64("offered features")?);
         let has_acked = r.bool("acked flag")?;
         let acked_bits = Features::from_bits(r.u64("acked features")?);
@@ -363,8 +182,8 @@ impl NetState {
         }
         let [promisc, allmulti, alluni, nomulti, nouni, nobcast] = modes;
         let mac = r.array("filter mac")?;
-        let unicast = r.macs("unicast table")?;
-        let multicast = r.macs("multicast table")?;
+        let unicast = read_macs(r, "unicast table")?;
+        let multicast = read_macs(r, "multicast table")?;
         let unicast_overflow = r.bool("unicast overflow")?;
         let multicast_overflow = r.bool("multicast overflow")?;
         let mut vlans = Box::new([0u64; 64]);
@@ -387,29 +206,13 @@ impl NetState {
         };
         let active_pairs = r.u16("active pairs")?;
         let guest_offloads = Features::from_bits(r.u64("guest offloads")?);
-        let nq = r.count(QUEUE_LEN, "queues")?;
-        let queues = (0..nq)
-            .map(|_| read_queue(&mut r))
-            .collect::<Result<Vec<_>>>()?;
-        let np = r.count(8, "queue pairs")?;
-        let mut pairs = Vec::with_capacity(np);
-        for _ in 0..np {
-            let ns = r.count(2, "staged heads")?;
-            let rx_staged = (0..ns)
-                .map(|_| r.u16("staged head"))
-                .collect::<Result<_>>()?;
-            let nf = r.count(4, "pending frames")?;
-            let pending_rx = (0..nf)
-                .map(|_| r.bytes("pending frame"))
-                .collect::<Result<_>>()?;
-            pairs.push(SavedPair {
-                rx_staged,
-                pending_rx,
-            });
-        }
-        if !r.0.is_empty() {
-            return Err(Error::TrailingBytes(r.0.len()));
-        }
+        let queues = r.seq(QUEUE_LEN, "queues", read_queue)?;
+        let pairs = r.seq(8, "queue pairs", |r| {
+            Ok(SavedPair {
+                rx_staged: r.seq(2, "staged heads", |r| r.u16("staged head"))?,
+                pending_rx: r.seq(4, "pending frames", |r| r.bytes("pending frame"))?,
+            })
+        })?;
         Ok(NetState {
             device_id,
             offered,
@@ -422,27 +225,47 @@ impl NetState {
             pairs,
         })
     }
+}
+
+impl NetState {
+    /// The versioned binary form (see the module documentation):
+    /// `device_state::to_bytes(self)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        device_state::to_bytes(self)
+    }
+
+    /// Reads the binary form. Checks the magic, version, length and checksum,
+    /// then every field's encoding; [`check_compatible`](Self::check_compatible)
+    /// checks the values against a device.
+    pub fn from_bytes(bytes: &[u8]) -> Result<NetState> {
+        device_state::from_bytes(bytes)
+    }
 
     /// Checks that a device offering `offered`, with `pairs` queue pairs of
     /// `queue_size` entries, can take this state.
     pub fn check_compatible(&self, offered: Features, pairs: usize, queue_size: u16) -> Result<()> {
-        let incompatible = |s: String| Err(Error::Incompatible(s));
         let invalid = |s: String| Err(Error::Invalid(s));
         if let Some(acked) = self.acked {
             let missing = acked.difference(offered);
             if !missing.is_empty() {
-                return incompatible(format!(
-                    "the guest acknowledged {missing}, which this device does not offer"
-                ));
+                return Err(Error::Mismatch {
+                    field: "the features the guest acknowledged".into(),
+                    saved: format!("{missing}"),
+                    device: "not offered".into(),
+                });
             }
-            features::negotiate(offered, acked).map_err(Error::Features)?;
+            features::negotiate(offered, acked).map_err(|e| {
+                Error::Refused(format!(
+                    "the saved feature negotiation is not valid on this device: {e}"
+                ))
+            })?;
         }
-        if usize::from(self.config.max_virtqueue_pairs) != pairs || self.pairs.len() != pairs {
-            return incompatible(format!(
-                "the state has {} queue pairs, this device {pairs}",
-                self.config.max_virtqueue_pairs
-            ));
-        }
+        Error::check(
+            "queue pairs",
+            usize::from(self.config.max_virtqueue_pairs),
+            pairs,
+        )?;
+        Error::check("saved queue pairs", self.pairs.len(), pairs)?;
         if self.active_pairs == 0 || usize::from(self.active_pairs) > pairs {
             return invalid(format!(
                 "{} active queue pairs of {pairs}",
@@ -474,10 +297,11 @@ impl NetState {
             }
             let s = &q.state;
             if s.size == 0 || !s.size.is_power_of_two() || s.size > queue_size {
-                return incompatible(format!(
-                    "queue {i} has {} entries; this device allows up to {queue_size}",
-                    s.size
-                ));
+                return Err(Error::Mismatch {
+                    field: format!("queue {i} size"),
+                    saved: s.size.to_string(),
+                    device: format!("a power of two up to {queue_size}"),
+                });
             }
         }
         for (i, p) in self.pairs.iter().enumerate() {
@@ -575,12 +399,6 @@ mod tests {
     }
 
     #[test]
-    fn crc_matches_zlib() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
-
-    #[test]
     fn roundtrip() {
         let s = sample();
         let b = s.to_bytes();
@@ -616,11 +434,18 @@ mod tests {
         assert_eq!(NetState::from_bytes(&long), Err(Error::TrailingBytes(1)));
         let mut v2 = b.clone();
         v2[8] = 2;
-        assert_eq!(NetState::from_bytes(&v2), Err(Error::UnsupportedVersion(2)));
-        assert_eq!(
+        assert!(matches!(
+            NetState::from_bytes(&v2),
+            Err(Error::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
             NetState::from_bytes(b"NOTSTATE\x01\x00\x00\x00"),
-            Err(Error::BadMagic)
-        );
+            Err(Error::BadMagic { .. })
+        ));
     }
 
     #[test]
@@ -632,7 +457,7 @@ mod tests {
         let body_end = b.len() - 4;
         // The last pair's pending count is the last 4 bytes of the body.
         b[body_end - 4..body_end].copy_from_slice(&u32::MAX.to_le_bytes());
-        let crc = crc32(&b[..body_end]);
+        let crc = device_state::crc32(&b[..body_end]);
         b[body_end..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             NetState::from_bytes(&b),
@@ -645,15 +470,17 @@ mod tests {
         let s = sample();
         assert!(matches!(
             s.check_compatible(DEFAULT_OFFER.without(crate::features::F_STANDBY), 2, 256),
-            Err(Error::Incompatible(m)) if m.contains("VIRTIO_NET_F_STANDBY")
+            Err(Error::Mismatch { saved, .. }) if saved.contains("VIRTIO_NET_F_STANDBY")
         ));
-        assert!(matches!(
-            s.check_compatible(DEFAULT_OFFER, 1, 256),
-            Err(Error::Incompatible(_))
-        ));
+        assert_eq!(
+            s.check_compatible(DEFAULT_OFFER, 1, 256)
+                .unwrap_err()
+                .to_string(),
+            "the saved state does not fit this device: queue pairs is 2 in the saved state but 1 on this device"
+        );
         assert!(matches!(
             s.check_compatible(DEFAULT_OFFER, 2, 128),
-            Err(Error::Incompatible(_))
+            Err(Error::Mismatch { field, .. }) if field == "queue 0 size"
         ));
         let mut bad = s.clone();
         bad.pairs[0].rx_staged.push(256);
@@ -683,7 +510,7 @@ mod tests {
         bad.acked = Some(Features::empty().with(crate::features::F_STANDBY));
         assert!(matches!(
             bad.check_compatible(DEFAULT_OFFER, 2, 256),
-            Err(Error::Features(_))
+            Err(Error::Refused(m)) if m.contains("not valid on this device")
         ));
     }
 }
