@@ -5,6 +5,7 @@ pub const MAX_BARS: usize = 6;
 
 /// What a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum BarKind {
     /// I/O space (bit 0 set); at least 4 bytes.
     Io,

@@ -3,11 +3,19 @@
 //! Every byte of config space has three parts: its value, the bits a guest write
 //! may change (`wmask`), and the bits a guest writes 1 to clear (`w1cmask`). All
 //! other bits are read-only to the guest. Device code changes any bit through the
-//! `set_*` methods, which bypass the masks. The BAR sizing protocol falls out of
+//! `set_*` methods, which bypass the masks. Read-only bits that device code changes
+//! as the function runs (Interrupt Status, MSI Pending Bits, Presence Detect State)
+//! are marked *dynamic* (`set_dynamic_*`): a saved state carries them, while every
+//! other read-only bit is configuration that a restore checks (see
+//! [`ConfigSpaceState`]). The BAR sizing protocol falls out of
 //! the masks: only the address bits above the BAR's size are writable, so writing
 //! all ones reads back `!(size - 1)` with the read-only type bits.
 
 use crate::bar::{BarKind, BarMove, BarRegion, BarRegions, MAX_BARS};
+
+mod state;
+
+pub use state::{BarState, ConfigSpaceState};
 
 /// Size of a conventional PCI function's config space.
 pub const PCI_CONFIG_SIZE: u16 = 256;
@@ -140,6 +148,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// The two header layouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum HeaderType {
     /// Type 0: an endpoint, with six BARs.
     Endpoint,
@@ -207,6 +216,8 @@ pub struct ConfigSpace {
     bytes: Box<[u8; PCIE_CONFIG_SIZE as usize]>,
     wmask: Box<[u8; PCIE_CONFIG_SIZE as usize]>,
     w1cmask: Box<[u8; PCIE_CONFIG_SIZE as usize]>,
+    /// Read-only bits device code changes at run time (saved, not compared).
+    dynamic: Box<[u8; PCIE_CONFIG_SIZE as usize]>,
     size: u16,
     header: HeaderType,
     bars: [Option<BarSlot>; MAX_BARS],
@@ -244,6 +255,7 @@ impl ConfigSpace {
             bytes: Box::new([0; PCIE_CONFIG_SIZE as usize]),
             wmask: Box::new([0; PCIE_CONFIG_SIZE as usize]),
             w1cmask: Box::new([0; PCIE_CONFIG_SIZE as usize]),
+            dynamic: Box::new([0; PCIE_CONFIG_SIZE as usize]),
             size: if express {
                 PCIE_CONFIG_SIZE
             } else {
@@ -271,6 +283,7 @@ impl ConfigSpace {
                 | COMMAND_INTX_DISABLE,
         );
         cs.set_w1c_u16(STATUS, STATUS_ERRORS);
+        cs.set_dynamic_u16(STATUS, STATUS_INTERRUPT);
         cs.set_wmask_u8(CACHE_LINE_SIZE, 0xff);
         cs.set_wmask_u8(INTERRUPT_LINE, 0xff);
         match header {
@@ -431,6 +444,26 @@ impl ConfigSpace {
     pub fn set_w1c_u16(&mut self, offset: u16, mask: u16) {
         let o = offset as usize;
         self.w1cmask[o..o + 2].copy_from_slice(&mask.to_le_bytes());
+    }
+    /// Marks bits of the word at `offset` dynamic: read-only to the guest but
+    /// changed by device code as the function runs (Interrupt Status, Presence
+    /// Detect State). A saved state carries them as they were; every other
+    /// read-only bit is configuration, and a restore refuses a state whose
+    /// configuration bits differ from this space's.
+    pub fn set_dynamic_u16(&mut self, offset: u16, mask: u16) {
+        let o = offset as usize;
+        self.dynamic[o..o + 2].copy_from_slice(&mask.to_le_bytes());
+    }
+    /// Marks bits of the dword at `offset` dynamic (see
+    /// [`ConfigSpace::set_dynamic_u16`]).
+    pub fn set_dynamic_u32(&mut self, offset: u16, mask: u32) {
+        let o = offset as usize;
+        self.dynamic[o..o + 4].copy_from_slice(&mask.to_le_bytes());
+    }
+    /// The dynamic bits of the word at `offset`.
+    pub fn dynamic_u16(&self, offset: u16) -> u16 {
+        let o = offset as usize;
+        u16::from_le_bytes([self.dynamic[o], self.dynamic[o + 1]])
     }
     /// The guest-writable bits of the word at `offset`.
     pub fn wmask_u16(&self, offset: u16) -> u16 {

@@ -12,6 +12,11 @@
 //!   configuration cycles by bus/device/function through bridges (with ECAM
 //!   helpers), and MMIO/IO cycles to the BAR that decodes them.
 //!
+//! Migration: [`ConfigSpace`], [`Msi`] and [`Msix`] implement
+//! [`device_state::Persist`] with [`ConfigSpaceState`], [`MsiState`] and
+//! [`MsixState`]; the [`msix`] module documentation gives the restore order of a
+//! function with MSI-X.
+//!
 //! Guest accesses never panic: an access that is not 1, 2 or 4 bytes within one
 //! dword, or that falls outside the space, reads as all-ones and is ignored when
 //! written, and each is counted.
@@ -31,8 +36,8 @@ pub mod pcie;
 pub use address::{Bdf, ecam_offset};
 pub use bar::{BarKind, BarMove, BarRegion, BarRegions, MAX_BARS};
 pub use bus::{BarListener, Error as BusError, PciRoot, handle};
-pub use config::{ClassCode, ConfigSpace, HeaderType, PciIds};
+pub use config::{BarState, ClassCode, ConfigSpace, ConfigSpaceState, HeaderType, PciIds};
 pub use function::{BusRange, PciFunction, PciHandle};
 pub use interrupt::{Delivery, EventFdMsi, IntxSink, MsiMessage, MsiSink};
-pub use msi::Msi;
-pub use msix::{Msix, MsixEntry};
+pub use msi::{Msi, MsiState};
+pub use msix::{Msix, MsixEntry, MsixState};

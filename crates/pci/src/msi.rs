@@ -3,6 +3,10 @@
 use crate::config::{self, CAP_ID_MSI, ConfigSpace};
 use crate::interrupt::{Delivery, MsiMessage, MsiSink};
 
+mod state;
+
+pub use state::MsiState;
+
 /// Message Control (16 bits).
 pub const MSI_CTRL: u16 = 0x02;
 /// Message Address, low dword.
@@ -42,6 +46,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// An MSI capability in a function's config space. The registers live in the
 /// [`ConfigSpace`]; this remembers where, and implements triggering and masking.
+///
+/// The guest-programmed MSI state (enable, allocated vectors, address, data, mask
+/// and pending bits) therefore travels in the config space's
+/// [`ConfigSpaceState`](crate::ConfigSpaceState); [`MsiState`] holds only the
+/// capability's layout, which restore checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Msi {
     cap: u16,
@@ -62,6 +71,7 @@ impl Msi {
         config.set_wmask_u32(cap + MSI_ADDRESS_HI, 0xffff_ffff);
         config.set_wmask_u16(cap + MSI_DATA, 0xffff);
         config.set_wmask_u32(cap + MSI_MASK, mask_of(vectors as u32));
+        config.set_dynamic_u32(cap + MSI_PENDING, mask_of(vectors as u32));
         Ok(Msi { cap, vectors })
     }
 
@@ -123,12 +133,9 @@ impl Msi {
         if end <= (self.cap + MSI_CTRL) as usize || offset >= self.cap + MSI_PENDING {
             return;
         }
+        self.sync_routes(config, sink);
         let enabled = self.enabled(config);
         let mask = config.get_u32(self.cap + MSI_MASK);
-        for v in 0..self.vectors {
-            let live = enabled && v < self.allocated(config) && mask & (1 << v) == 0;
-            sink.update_route(v as u16, live.then(|| self.message(config, v)));
-        }
         let pending = config.get_u32(self.cap + MSI_PENDING);
         let release = pending & !mask;
         if release != 0 && enabled && config.bus_master() {
@@ -138,6 +145,19 @@ impl Msi {
                     sink.deliver(v as u16, self.message(config, v));
                 }
             }
+        }
+    }
+
+    /// Tells `sink` what each vector sends now ([`MsiSink::update_route`]: the
+    /// message while enabled, allocated and unmasked, `None` otherwise), and sends
+    /// nothing. After a restore, call it so a new sink (a new VMM's irqfd routes)
+    /// learns the routes the guest programmed.
+    pub fn sync_routes(&self, config: &ConfigSpace, sink: &dyn MsiSink) {
+        let enabled = self.enabled(config);
+        let mask = config.get_u32(self.cap + MSI_MASK);
+        for v in 0..self.vectors {
+            let live = enabled && v < self.allocated(config) && mask & (1 << v) == 0;
+            sink.update_route(v as u16, live.then(|| self.message(config, v)));
         }
     }
 

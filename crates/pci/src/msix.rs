@@ -3,9 +3,17 @@
 //! The table and PBA live in BAR memory the function owns; the function forwards
 //! its BAR accesses to [`Msix::read_table`], [`Msix::write_table`] and
 //! [`Msix::read_pba`], and calls [`Msix::config_written`] after each config write.
+//!
+//! The capability's registers live in the function's [`ConfigSpace`]; the table,
+//! the PBA and a copy of Enable, Function Mask and Bus Master live here. A
+//! migration saves both ([`MsixState`]); see there for the restore order.
 
 use crate::config::{self, CAP_ID_MSIX, ConfigSpace};
 use crate::interrupt::{Delivery, MsiMessage, MsiSink};
+
+mod state;
+
+pub use state::MsixState;
 
 /// Message Control (16 bits).
 pub const MSIX_CTRL: u16 = 0x02;
@@ -54,6 +62,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// One MSI-X table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MsixEntry {
     /// Message address.
     pub address: u64,
@@ -323,6 +332,17 @@ impl Msix {
             self.cap + MSIX_CTRL,
             MSIX_CTRL_ENABLE | MSIX_CTRL_FUNCTION_MASK,
         );
+    }
+
+    /// Tells `sink` what each vector sends now ([`MsiSink::update_route`]: the
+    /// entry's message while MSI-X is enabled and neither the function nor the
+    /// vector is masked, `None` otherwise), and sends nothing. After a restore,
+    /// call it so a new sink (a new VMM's irqfd routes) learns the routes the
+    /// guest programmed.
+    pub fn sync_routes(&self, sink: &dyn MsiSink) {
+        for v in 0..self.vectors() {
+            self.route(v, sink);
+        }
     }
 
     fn live(&self, vector: u16) -> bool {

@@ -245,7 +245,10 @@ pub const fn slot_control_wmask(sltcap: u32, dlllarc: bool) -> u16 {
 /// Device Control, Link Control, Root Control and (with a slot) Slot Control get
 /// their writable bits; Device Status errors, Link Status bandwidth bits, Slot
 /// Status events and Root Status PME are write-1-to-clear; everything else is
-/// read-only. Link Status reads 2.5 GT/s x1 with Link Active clear.
+/// read-only. Link Status reads 2.5 GT/s x1 with Link Active clear. Link Active
+/// (with `dll_link_active_reporting`) and the slot's Presence Detect, MRL Sensor
+/// and Interlock state are dynamic: the port changes them, a saved state carries
+/// them.
 pub fn add_pcie_capability(config: &mut ConfigSpace, cfg: &PcieCapConfig) -> config::Result<u16> {
     let cap = config.add_capability(CAP_ID_PCIE, PCIE_CAP_LEN)?;
     let has_slot = cfg.slot.is_some() && cfg.port_type.is_downstream();
@@ -273,6 +276,9 @@ pub fn add_pcie_capability(config: &mut ConfigSpace, cfg: &PcieCapConfig) -> con
     config.set_wmask_u16(cap + LNKCTL, 0x0fdb);
     config.set_u16(cap + LNKSTA, LNKSTA_2_5GT_X1);
     config.set_w1c_u16(cap + LNKSTA, LNKSTA_LBMS | LNKSTA_LABS);
+    if cfg.dll_link_active_reporting {
+        config.set_dynamic_u16(cap + LNKSTA, LNKSTA_DLLLA);
+    }
     config.set_u32(cap + LNKCAP2, LNKCAP2_SLS_2_5GT);
     config.set_u16(cap + LNKCTL2, 0x1);
     config.set_wmask_u16(cap + LNKCTL2, 0x000f);
@@ -284,6 +290,8 @@ pub fn add_pcie_capability(config: &mut ConfigSpace, cfg: &PcieCapConfig) -> con
             slot_control_wmask(sltcap, cfg.dll_link_active_reporting),
         );
         config.set_w1c_u16(cap + SLTSTA, SLTSTA_EVENTS);
+        // Presence, MRL and interlock state follow the slot, not the configuration.
+        config.set_dynamic_u16(cap + SLTSTA, SLTSTA_PDS | SLTSTA_MRLSS | SLTSTA_EIS);
     }
     if cfg.port_type == PortType::RootPort {
         config.set_wmask_u16(cap + RTCTL, RTCTL_ENABLES);

@@ -19,6 +19,11 @@
 //! Plug and unplug return a [`Completion`] that resolves the moment the guest's
 //! register write finishes the operation: wait on it, poll its eventfd, `.await`
 //! it, or register a callback. There is no polling interval.
+//!
+//! Migration: [`RootPort`] implements [`device_state::Persist`] with
+//! [`RootPortState`]. A port with a plug or unplug in flight refuses to be
+//! saved; the device in the slot is a separate object the VMM saves itself and
+//! re-attaches with [`RootPort::restore_with_device`].
 
 #![deny(missing_docs)]
 
@@ -27,5 +32,5 @@ mod root_port;
 mod slot;
 
 pub use completion::{Completion, HotplugOutcome};
-pub use root_port::{PortCounters, RootPort, RootPortBuilder};
+pub use root_port::{PortCounters, RootPort, RootPortBuilder, RootPortState};
 pub use slot::{Error, HotplugSlot, Operation, Result, SlotState};

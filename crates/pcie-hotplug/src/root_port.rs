@@ -20,6 +20,10 @@ use pci::{
 use crate::completion::{Completion, HotplugOutcome};
 use crate::slot::{Error, HotplugSlot, Operation, Result, SlotState};
 
+mod state;
+
+pub use state::RootPortState;
+
 /// The IDs QEMU's generic `pcie-root-port` reports (Red Hat, 0x000c), which
 /// guests bind to their generic port driver by class.
 pub const DEFAULT_IDS: PciIds = PciIds {
@@ -154,6 +158,9 @@ struct Pending {
 ///
 /// Put it on the bus as a [`PciHandle`] (an `Arc<Mutex<RootPort>>` coerces to
 /// one) and keep a typed clone for the [`HotplugSlot`] calls.
+///
+/// It implements [`device_state::Persist`] with [`RootPortState`]; the device
+/// in the slot is saved separately (see there).
 pub struct RootPort {
     cfg: RootPortBuilder,
     cs: ConfigSpace,
@@ -363,12 +370,18 @@ impl RootPort {
         }
     }
 
+    /// Whether the hot-plug interrupt condition holds: Hot-Plug Interrupt Enable
+    /// and an event whose own enable is set.
+    fn interrupt_condition(&self) -> bool {
+        let ctl = self.ctl();
+        ctl & SLTCTL_HPIE != 0 && self.sta() & enabled_events(ctl) != 0
+    }
+
     /// Re-evaluates the hot-plug interrupt: asserted while Hot-Plug Interrupt
     /// Enable is set and an event is set whose own enable is set. MSI is sent on
     /// each rising edge; INTx follows the level.
     fn update_interrupt(&mut self) {
-        let ctl = self.ctl();
-        let assert = ctl & SLTCTL_HPIE != 0 && self.sta() & enabled_events(ctl) != 0;
+        let assert = self.interrupt_condition();
         let msi_on = self.msi.is_some_and(|m| m.enabled(&self.cs));
         if msi_on {
             self.set_intx(false);
