@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use device_state::{Encode, Error, Persist, Reader, Writer};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::device::{ActivateQueue, VirtioDevice};
@@ -231,5 +232,58 @@ impl<M: GuestMemoryBackend> VirtioDevice<M> for FakeDevice {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset
+    }
+}
+
+/// The saved state of a [`FakeDevice`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeState {
+    /// The features offered (configuration).
+    pub offered: u64,
+    /// The accepted set.
+    pub acked: Option<u64>,
+    /// The configuration space.
+    pub config: Vec<u8>,
+}
+
+impl Encode for FakeState {
+    const MAGIC: [u8; 8] = *b"FAKEDEV\0";
+    const VERSION: u16 = 1;
+
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.offered);
+        w.opt(self.acked.as_ref(), |w, a| w.u64(*a));
+        w.bytes(&self.config);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> device_state::Result<Self> {
+        Ok(FakeState {
+            offered: r.u64("offered features")?,
+            acked: r.opt("acked flag", |r| r.u64("acked features"))?,
+            config: r.bytes("config")?,
+        })
+    }
+}
+
+impl Persist for FakeDevice {
+    type State = FakeState;
+
+    fn save(&self) -> device_state::Result<FakeState> {
+        Ok(FakeState {
+            offered: self.offered,
+            acked: self.acked,
+            config: self.config.clone(),
+        })
+    }
+
+    /// Refuses a state offered differently, and any state while active.
+    fn restore(&mut self, state: &FakeState) -> device_state::Result<()> {
+        if self.active {
+            return Err(Error::Refused("the device is active".into()));
+        }
+        Error::check_hex("offered features", state.offered, self.offered)?;
+        self.acked = state.acked;
+        self.config.clone_from(&state.config);
+        Ok(())
     }
 }

@@ -192,17 +192,17 @@ impl VirtioPciBuilder {
 
 /// A virtio device on PCI. See the crate documentation.
 pub struct VirtioPciDevice<M: GuestMemoryBackend, D: VirtioDevice<M>> {
-    cs: ConfigSpace,
+    pub(crate) cs: ConfigSpace,
     pci_cfg_cap: u16,
-    common: CommonConfig,
-    interrupts: Arc<Interrupts>,
-    device: D,
+    pub(crate) common: CommonConfig,
+    pub(crate) interrupts: Arc<Interrupts>,
+    pub(crate) device: D,
     mem: GuestMemoryAtomic<M>,
     kicks: Vec<EventFd>,
     activated: bool,
-    needs_reset: bool,
+    pub(crate) needs_reset: bool,
     counters: TransportCounters,
-    negotiation: AckNotifier,
+    pub(crate) negotiation: AckNotifier,
 }
 
 impl<M: GuestMemoryBackend, D: VirtioDevice<M>> std::fmt::Debug for VirtioPciDevice<M, D> {
@@ -349,6 +349,13 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
     }
 
     fn reset_device(&mut self) {
+        self.reset_state();
+        self.counters.resets += 1;
+    }
+
+    /// Back to the state of a freshly built function (the driver's reset, and
+    /// the start of a restore).
+    pub(crate) fn reset_state(&mut self) {
         if self.activated || self.common.status != 0 {
             self.device.reset();
         }
@@ -361,7 +368,18 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
             // Drain stale notifications.
             let _ = k.read();
         }
-        self.counters.resets += 1;
+    }
+
+    /// The end of a restore: the restored negotiation is announced, and a
+    /// device the driver had running is activated again from the registers.
+    pub(crate) fn finish_restore(&mut self) {
+        let status = self.common.status;
+        if status & STATUS_FEATURES_OK != 0 {
+            self.negotiation.restored(self.common.driver_features);
+        }
+        if status & STATUS_DRIVER_OK != 0 && !self.needs_reset {
+            self.activate();
+        }
     }
 
     fn write_status(&mut self, new: u8) {
@@ -402,7 +420,7 @@ impl<M: GuestMemoryBackend, D: VirtioDevice<M>> VirtioPciDevice<M, D> {
         self.common.status = status;
     }
 
-    fn activate(&mut self) {
+    pub(crate) fn activate(&mut self) {
         let event_idx = self.common.driver_features & F_EVENT_IDX != 0;
         let mut queues = Vec::new();
         for (i, q) in self.common.queues.iter().enumerate() {

@@ -66,6 +66,11 @@ impl Interrupts {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Sets `config_generation` (a restore).
+    pub fn set_generation(&self, g: u8) {
+        self.generation.store(g, Ordering::Release);
+    }
+
     /// Drives the INTx line from the ISR (asserted while any ISR bit is set,
     /// MSI-X is off and the command register allows INTx).
     pub fn update_intx(&self, s: &mut IrqState) {

@@ -30,6 +30,7 @@ mod caps;
 mod common;
 mod device;
 mod interrupt;
+mod state;
 
 pub use caps::{
     COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET, MSIX_BAR, NOTIFY_CFG_OFFSET,
@@ -39,3 +40,4 @@ pub use caps::{
 };
 pub use common::NO_VECTOR;
 pub use device::{Error, Result, TransportCounters, VirtioPciBuilder, VirtioPciDevice};
+pub use state::{QueueRegsState, VirtioPciState};

@@ -15,10 +15,12 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::*;
 use crate::caps::*;
 use crate::common::*;
+use crate::state::VirtioPciState;
 use virtio_device::status::{
     ACKNOWLEDGE as STATUS_ACKNOWLEDGE, DRIVER as STATUS_DRIVER, DRIVER_OK as STATUS_DRIVER_OK,
     FEATURES_OK as STATUS_FEATURES_OK,
 };
+use virtio_device::testing::FakeState;
 
 #[derive(Default)]
 struct Msis(Mutex<Vec<u16>>);
@@ -423,4 +425,215 @@ fn features_acked_is_raised_once_per_negotiation() {
     assert!(seen[0].has(VIRTIO_NET_F_STANDBY));
     assert!(!seen[1].has(VIRTIO_NET_F_STANDBY));
     assert_eq!(late.lock().unwrap().len(), 2);
+}
+
+fn dev_from(fake: FakeDevice) -> (Dev, Arc<Msis>) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let msis = Arc::new(Msis::default());
+    let d = VirtioPciBuilder::new()
+        .id("net1")
+        .build(fake, GuestMemoryAtomic::new(mem), msis.clone())
+        .unwrap();
+    (d, msis)
+}
+
+fn fake(offer: u64) -> FakeDevice {
+    FakeDevice::new(1, vec![256; 3], offer)
+        .requiring(1 << VIRTIO_F_VERSION_1)
+        .with_config(vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0])
+}
+
+/// Everything the driver can read: config space, the common configuration for
+/// every queue select, the MSI-X table and PBA, and the device configuration.
+fn guest_view(d: &mut Dev) -> Vec<u8> {
+    let mut out = Vec::new();
+    for off in (0..0x1000u16).step_by(4) {
+        let mut b = [0u8; 4];
+        d.read_config(off, &mut b);
+        out.extend_from_slice(&b);
+    }
+    let select = rc(d, QUEUE_SELECT as u64, 2);
+    for q in 0..3 {
+        wc(d, QUEUE_SELECT as u64, q, 2);
+        for off in (0..COMMON_LEN as u64).step_by(2) {
+            out.extend_from_slice(&(rc(d, off, 2) as u16).to_le_bytes());
+        }
+    }
+    wc(d, QUEUE_SELECT as u64, select, 2);
+    for off in (0..0x1000u64).step_by(4) {
+        let mut b = [0u8; 4];
+        d.read_bar(MSIX_BAR, off, &mut b);
+        out.extend_from_slice(&b);
+    }
+    for off in (0..16u64).step_by(4) {
+        let mut b = [0u8; 4];
+        d.read_bar(VIRTIO_BAR, DEVICE_CFG_OFFSET + off, &mut b);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// A driver that brought the device up: MSI-X on with vector 3 masked, three
+/// queues, DRIVER_OK, then a queue-2 interrupt held pending by the mask.
+fn running() -> (Dev, Arc<Msis>) {
+    let (mut d, msis) = dev();
+    d.write_config(
+        COMMAND,
+        &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+    );
+    let msix = d
+        .config()
+        .find_capability(pci::config::CAP_ID_MSIX)
+        .unwrap();
+    d.write_config(msix + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
+    for v in 0..4u64 {
+        d.write_bar(MSIX_BAR, v * 16, &(0xfee0_0000u64 + v).to_le_bytes());
+        d.write_bar(MSIX_BAR, v * 16 + 8, &(0x40 + v as u32).to_le_bytes());
+        d.write_bar(MSIX_BAR, v * 16 + 12, &u32::from(v == 3).to_le_bytes());
+    }
+    negotiate(&mut d, OFFER);
+    wc(&mut d, CONFIG_MSIX_VECTOR as u64, 0, 2);
+    for q in 0..3 {
+        setup_queue(&mut d, q, q + 1);
+    }
+    wc(&mut d, DEVICE_STATUS as u64, 0xf, 1);
+    assert!(d.device().active);
+    assert!(d.device().raise(VirtioInterruptType::Queue(2)));
+    assert!(d.device().raise(VirtioInterruptType::Config));
+    wc(&mut d, QUEUE_SELECT as u64, 1, 2);
+    (d, msis)
+}
+
+#[test]
+fn a_running_function_moves_whole_and_the_driver_goes_on() {
+    use device_state::{Persist, from_bytes, to_bytes};
+    let (mut src, src_msis) = running();
+    assert_eq!(*src_msis.0.lock().unwrap(), [0], "vector 3 is masked");
+    let state = src.save().unwrap();
+    let bytes = to_bytes(&state);
+    let (mut dst, dst_msis) = dev();
+    let events = recorder(&mut dst);
+    dst.restore(&from_bytes(&bytes).unwrap()).unwrap();
+    // The guest sees the same function, register for register.
+    let (a, b) = (guest_view(&mut dst), guest_view(&mut src));
+    assert_eq!(a.len(), b.len());
+    let first_difference = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first_difference, None, "guest views differ");
+    assert_eq!(dst.status(), 0xf);
+    assert_eq!(dst.config_generation(), src.config_generation());
+    // The device was restored and activated again with the same queues.
+    assert!(dst.device().active);
+    assert_eq!(dst.device().queues, src.device().queues);
+    assert_eq!(dst.device().acked, Some(OFFER));
+    // The negotiation is announced once, as restored; nothing was delivered.
+    assert_eq!(
+        *events.lock().unwrap(),
+        [FeaturesAcked {
+            device_id: "net1".into(),
+            device_type: 1,
+            features: OFFER,
+            restored: true,
+        }]
+    );
+    assert!(dst_msis.0.lock().unwrap().is_empty());
+    // The pending vector fires when the guest unmasks it; others on trigger.
+    dst.write_bar(MSIX_BAR, 3 * 16 + 12, &0u32.to_le_bytes());
+    assert_eq!(*dst_msis.0.lock().unwrap(), [3]);
+    assert!(dst.device().raise(VirtioInterruptType::Queue(0)));
+    assert_eq!(*dst_msis.0.lock().unwrap(), [3, 1]);
+    // Notifications reach the destination's eventfds.
+    dst.write_bar(VIRTIO_BAR, NOTIFY_CFG_OFFSET + 4, &1u16.to_le_bytes());
+    assert_eq!(dst.queue_eventfd(1).unwrap().read().unwrap(), 1);
+    // The driver can reset and renegotiate as usual.
+    wc(&mut dst, DEVICE_STATUS as u64, 0, 1);
+    negotiate(&mut dst, OFFER);
+    assert_eq!(events.lock().unwrap().len(), 2);
+    assert!(!events.lock().unwrap()[1].restored);
+}
+
+#[test]
+fn a_state_saved_mid_negotiation_round_trips() {
+    use device_state::Persist;
+    let (mut src, _) = dev();
+    negotiate(&mut src, OFFER);
+    let state = src.save().unwrap();
+    let (mut dst, _) = dev();
+    dst.restore(&state).unwrap();
+    assert_eq!(dst.save().unwrap(), state);
+    assert!(!dst.device().active, "the driver never set DRIVER_OK");
+    assert_eq!(
+        status(&mut dst),
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    );
+    wc(&mut dst, DEVICE_STATUS as u64, 0xf, 1);
+    assert!(dst.device().active);
+}
+
+#[test]
+fn a_state_that_does_not_fit_is_refused_and_changes_nothing() {
+    use device_state::{Error, Persist, from_bytes, to_bytes};
+    let (src, _) = running();
+    let state = src.save().unwrap();
+    let untouched = |d: &mut Dev| {
+        assert_eq!(status(d), 0);
+        assert!(!d.device().active);
+        assert_eq!(d.device().acked, None);
+    };
+    // Another queue count.
+    let (mut d, _) = dev_from(FakeDevice::new(1, vec![256; 2], OFFER));
+    let e = d.restore(&state).unwrap_err();
+    assert!(
+        matches!(&e, Error::Mismatch { field, .. } if field == "queue count"),
+        "{e}"
+    );
+    untouched(&mut d);
+    // Another queue maximum.
+    let (mut d, _) = dev_from(FakeDevice::new(1, vec![128; 3], OFFER));
+    let e = d.restore(&state).unwrap_err();
+    assert!(e.to_string().contains("queue 0 maximum size"), "{e}");
+    // A destination device that refuses its part (it offers more): the
+    // transport is left as freshly built.
+    let (mut d, _) = dev_from(fake(OFFER | 1 << 5));
+    let e = d.restore(&state).unwrap_err();
+    assert!(e.to_string().contains("offered features"), "{e}");
+    untouched(&mut d);
+    // One that offers less than the driver accepted.
+    let (mut d, _) = dev_from(fake(OFFER & !(1 << 29)));
+    let e = d.restore(&state).unwrap_err();
+    assert!(
+        e.to_string().contains("the features the driver accepted"),
+        "{e}"
+    );
+    untouched(&mut d);
+    // Forged values.
+    for (what, forge) in [
+        (
+            "DRIVER_OK without FEATURES_OK",
+            Box::new(|s: &mut VirtioPciState<FakeState>| s.status = 0x7)
+                as Box<dyn Fn(&mut VirtioPciState<FakeState>)>,
+        ),
+        ("NEEDS_RESET", Box::new(|s| s.status |= 0x40)),
+        ("size 100", Box::new(|s| s.queues[0].size = 100)),
+        ("vector 9", Box::new(|s| s.queues[2].vector = 9)),
+        ("config vector 4", Box::new(|s| s.config_vector = 4)),
+        ("ISR 0x4", Box::new(|s| s.isr = 4)),
+    ] {
+        let mut bad = state.clone();
+        forge(&mut bad);
+        let (mut d, _) = dev();
+        let e = d.restore(&bad).unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        untouched(&mut d);
+    }
+    // Corrupt bytes.
+    let bytes = to_bytes(&state);
+    for i in (0..bytes.len()).step_by(7) {
+        let mut c = bytes.clone();
+        c[i] ^= 0x10;
+        assert!(
+            from_bytes::<VirtioPciState<FakeState>>(&c).is_err(),
+            "byte {i}"
+        );
+    }
+    let _: VirtioPciState<FakeState> = from_bytes(&bytes).unwrap();
 }
