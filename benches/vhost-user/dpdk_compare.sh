@@ -21,7 +21,7 @@
 # environment makes it leave the bit out, for both backends.
 #
 # Needs: Debian's dpdk (dpdk-testpmd), root, python3 and the release binary
-# (cargo build --release -p vhost-user-net). About 3 minutes a round. Usage:
+# (cargo build --release -p vhost-user-net-daemon). About 3 minutes a round. Usage:
 #   [IN_ORDER=0] [ROUNDS=5] bash benches/vhost-user/dpdk_compare.sh [POLL_US]   (default 100)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +32,7 @@ OURS=target/release/vhost-user-net
 DIR=$(mktemp -d /tmp/vu-bench.XXXXXX)
 trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt-get install dpdk-dev)" >&2; exit 1; }
-[ -x "$OURS" ] || cargo build --release -p vhost-user-net
+[ -x "$OURS" ] || cargo build --release -p vhost-user-net-daemon
 
 EAL=(--no-huge -m 1024 --no-pci)
 

@@ -17,13 +17,13 @@
 #   bash benches/vhost-user/uml_throughput.sh        (KEEP=1 keeps the temp dir)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ -x target/release/vhost-user-net ] || cargo build --release -p vhost-user-net
+[ -x target/release/vhost-user-net ] || cargo build --release -p vhost-user-net-daemon
 DIR=$(mktemp -d /tmp/uml-bench.XXXXXX)
 TAP=vutap-bench HOST=10.79.0.1 GUEST=10.79.0.2 MIB=64
 cleanup() { pkill -f "$DIR" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$DIR"; }
 trap cleanup EXIT
 
-cc -shared -fPIC -O2 -o "$DIR/shim.so" crates/vhost-user-net/tests/uml/xstate_shim.c -ldl
+cc -shared -fPIC -O2 -o "$DIR/shim.so" crates/vhost-user-net-daemon/tests/uml/xstate_shim.c -ldl
 MODS=$(dirname "$(find /usr/lib/uml/modules -name net_failover.ko | head -1)")/../..
 R="$DIR/root"; mkdir -p "$R"/{bin,proc,sys,mod,dev,www}
 cp /bin/busybox "$R/bin/"

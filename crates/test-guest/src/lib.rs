@@ -20,7 +20,9 @@
 mod clock;
 mod endpoint;
 mod enumerate;
+mod env;
 mod guest;
+mod irq;
 mod pciehp;
 pub mod virtio;
 
@@ -33,5 +35,7 @@ pub struct ReadmeDoctests;
 pub use clock::VirtualClock;
 pub use endpoint::StubEndpoint;
 pub use enumerate::{Enumerator, Found, FoundBar};
-pub use guest::{Env, Guest, IrqQueue};
+pub use env::Env;
+pub use guest::Guest;
+pub use irq::IrqQueue;
 pub use pciehp::{Pciehp, PciehpState, Timings};

@@ -20,7 +20,7 @@ use pci::pcie::{
     SLTSTA_PDC, SLTSTA_PDS, SLTSTA_PFD,
 };
 
-use crate::guest::Env;
+use crate::env::Env;
 
 /// pciehp's synthetic "disable slot" request (bit 16 of its pending events).
 const DISABLE_SLOT: u32 = 1 << 16;

@@ -4,7 +4,7 @@ use pci::Bdf;
 use pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 
 use crate::enumerate::Found;
-use crate::guest::Env;
+use crate::env::Env;
 
 use virtio_device::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 

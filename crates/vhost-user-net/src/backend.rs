@@ -62,11 +62,13 @@ pub enum Error {
 /// Result of creating a [`VhostUserNet`].
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Guest memory as the vhost-user handler maps it (no dirty bitmap).
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// The guest memory type of a device served over vhost-user: the regions the
+/// frontend shares with `SET_MEM_TABLE`, as the handler maps them (no dirty
+/// bitmap). Build the [`StandbyNet`] handed to [`VhostUserNet::new`] over it.
+pub type VhostUserMemory = GuestMemoryMmap<()>;
 
 /// The vring type the handler gives the backend.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+pub type Vring = VringRwLock<GuestMemoryAtomic<VhostUserMemory>>;
 
 /// The protocol features the backend offers: the frontend reads the
 /// configuration space from us (`CONFIG`), learns of its changes through the
@@ -111,7 +113,7 @@ const POLL_SETTLE_PAUSES: u32 = 32;
 /// State of the current connection.
 #[derive(Default)]
 struct Conn {
-    mem: Option<GuestMemoryAtomic<GuestMemory>>,
+    mem: Option<GuestMemoryAtomic<VhostUserMemory>>,
     /// The vrings the device was activated on.
     vrings: Vec<Vring>,
     /// The queue indices it was activated with.
@@ -125,9 +127,9 @@ struct Conn {
 /// clone to change the link or read counters while it runs.
 pub struct VhostUserNet<B: NetBackend + 'static> {
     name: String,
-    device: Mutex<StandbyNet<GuestMemory, B>>,
-    pairs: Vec<QueuePairHandle<GuestMemory, B>>,
-    ctrl: ControlQueueHandle<GuestMemory, B>,
+    device: Mutex<StandbyNet<VhostUserMemory, B>>,
+    pairs: Vec<QueuePairHandle<VhostUserMemory, B>>,
+    ctrl: ControlQueueHandle<VhostUserMemory, B>,
     queue_size: u16,
     num_queues: usize,
     offered: Features,
@@ -190,7 +192,10 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
     ///
     /// Fails if the device has more queues than one vhost-user worker serves
     /// (64).
-    pub fn new(name: impl Into<String>, device: StandbyNet<GuestMemory, B>) -> Result<Arc<Self>> {
+    pub fn new(
+        name: impl Into<String>,
+        device: StandbyNet<VhostUserMemory, B>,
+    ) -> Result<Arc<Self>> {
         let pairs = device.queue_pairs().to_vec();
         let offered = device.offered_features();
         let num_queues = device.queue_max_sizes().len();
@@ -234,7 +239,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
 
     /// Runs `f` on the device (to add STANDBY listeners, snapshot, read
     /// features). Do not activate or reset it from here: the frontend does.
-    pub fn with_device<R>(&self, f: impl FnOnce(&mut StandbyNet<GuestMemory, B>) -> R) -> R {
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut StandbyNet<VhostUserMemory, B>) -> R) -> R {
         f(&mut lock(&self.device))
     }
 
@@ -337,7 +342,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
     }
 
     /// Stops the device and writes its queues' positions into the vrings.
-    fn stop_device(&self, dev: &mut StandbyNet<GuestMemory, B>) {
+    fn stop_device(&self, dev: &mut StandbyNet<VhostUserMemory, B>) {
         if !dev.is_active() {
             return;
         }
@@ -640,7 +645,7 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<VhostUserMemory>) -> io::Result<()> {
         // The handler swaps the map inside the same atomic; an active device
         // follows through its memory watch.
         lock(&self.conn).mem = Some(mem);

@@ -22,6 +22,10 @@
 //! listening socket and reconnection), [`relay`] (message framing and frontend
 //! quirks), [`channel`] (configuration-change notifications), [`control`] (a
 //! text control socket for the daemon).
+//!
+//! The `vhost-user-net` daemon built on this library is the
+//! `vhost-user-net-daemon` package (`cargo run -p vhost-user-net-daemon -- --help`),
+//! so that the library does not depend on its command line and logging crates.
 
 #![deny(missing_docs)]
 
@@ -31,6 +35,6 @@ pub mod control;
 pub mod relay;
 pub mod server;
 
-pub use backend::{GuestMemory, VhostUserNet, protocol_features};
+pub use backend::{VhostUserMemory, VhostUserNet, protocol_features};
 pub use channel::BackendChannel;
 pub use server::{Server, ServerStats, ShutdownHandle};

@@ -3,7 +3,7 @@
 //! For each frontend that connects, the server starts a fresh
 //! `vhost_user_backend::VhostUserDaemon` (so no vring state leaks from one
 //! connection into the next) and relays the frontend's socket to it through
-//! the [`relay`](crate::relay). When the frontend goes away, or sends something
+//! the [`relay`]. When the frontend goes away, or sends something
 //! the protocol forbids, the error is logged, the device is reset and the server
 //! waits for the next frontend.
 

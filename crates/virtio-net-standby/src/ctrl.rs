@@ -13,17 +13,18 @@ use virtio_bindings::virtio_net::*;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{NetBackend, copy_from_iovecs, copy_to_iovecs};
+use crate::backend::NetBackend;
 use crate::chain::{Access, ChainBuf, walk};
 use crate::config::STATUS_ANNOUNCE;
 use crate::counters::NetCounters;
 use crate::features::{Features, GUEST_OFFLOADS};
 use crate::filter::{MAC_TABLE_ENTRIES, MacAddr, RxFilter};
+use crate::iovec::{copy_from_iovecs, copy_to_iovecs};
 use crate::memory::{GuestRam, MemoryWatch};
+use crate::processed::Processed;
 use crate::queue_pair::QueuePairHandle;
 use crate::ring::{self, RingFeatures, SplitRing};
 use crate::shared::Shared;
-use crate::tx::Processed;
 use virtio_device::{ActivateQueue, VirtioInterrupt, VirtioInterruptType};
 
 use crate::device;
@@ -499,8 +500,8 @@ mod tests {
     use crate::StandbyNetBuilder;
     use crate::device::StandbyNet;
     use crate::features::DEFAULT_OFFER;
+    use crate::processed::Processed;
     use crate::testing::{GuestDriver, GuestMem, RecordingBackend, TestMemory};
-    use crate::tx::Processed;
 
     const C_OK: u8 = VIRTIO_NET_OK as u8;
     const C_ERR: u8 = VIRTIO_NET_ERR as u8;

@@ -23,11 +23,11 @@ use crate::filter::{MacAddr, RxFilter};
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN};
 use crate::memory;
 use crate::memory::MemoryWatch;
+use crate::processed::Processed;
 use crate::queue_pair::{QueuePair, QueuePairHandle, RxGeometry};
 use crate::ring;
 use crate::shared::Shared;
 use crate::snapshot::{self, NetState, SavedPair, SavedQueue};
-use crate::tx::Processed;
 
 /// The most queue pairs a device can have: 2N + 1 queues (the control queue
 /// last) must fit a 16-bit queue index. (The control command allows 32768.)

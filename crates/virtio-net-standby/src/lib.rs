@@ -26,27 +26,31 @@
 //! ```
 //!
 //! Modules, one concept each: [`features`] (bits and negotiation), [`config`]
-//! (the configuration space), [`header`] (the virtio-net header), [`ring`] and
-//! [`chain`] (the split virtqueue over host pointers), [`memory`] (guest memory
-//! as host pointers), [`backend`] (tap and in-process pair), [`filter`] (the
-//! receive filter), [`snapshot`] (saved state), [`counters`], [`worker`] (the
-//! optional epoll worker). The transport boundary ([`VirtioDevice`],
-//! [`VirtioInterrupt`], [`ActivateQueue`]) and the STANDBY event
-//! ([`FeaturesAcked`]) come from the `virtio-device` crate and are re-exported
-//! here.
+//! (the configuration space), [`header`] (the virtio-net header), [`ring`] (the
+//! split virtqueue over host pointers), [`memory`] (guest memory as host
+//! pointers), [`backend`] (tap, in-process pair, sink and generator),
+//! [`snapshot`] (saved state), [`worker`] (the optional epoll worker). The
+//! receive filter ([`RxFilter`]), the counters ([`NetCounters`]), the rules a
+//! chain can break ([`ChainError`]) and what a processing call did
+//! ([`Processed`]) are at the crate root. The transport boundary
+//! ([`VirtioDevice`], [`VirtioInterrupt`], [`ActivateQueue`]) and the STANDBY
+//! event ([`FeaturesAcked`]) come from the `virtio-device` crate and are
+//! re-exported here.
 
 #![deny(missing_docs)]
 
 pub mod backend;
-pub mod chain;
+pub(crate) mod chain;
 pub mod config;
-pub mod counters;
+pub(crate) mod counters;
 mod ctrl;
 mod device;
 pub mod features;
-pub mod filter;
+pub(crate) mod filter;
 pub mod header;
+mod iovec;
 pub mod memory;
+mod processed;
 mod queue_pair;
 pub mod ring;
 mod rx;
@@ -68,12 +72,12 @@ pub use counters::NetCounters;
 pub use ctrl::ControlQueue;
 pub use device::{ControlQueueHandle, Error, Result, StandbyNet, StandbyNetBuilder};
 pub use features::Features;
-pub use filter::RxFilter;
+pub use filter::{MacAddr, RxFilter};
 pub use header::VirtioNetHdr;
+pub use processed::Processed;
 pub use queue_pair::{QueuePair, QueuePairHandle};
 pub use rx::PendingRx;
 pub use snapshot::NetState;
-pub use tx::Processed;
 pub use virtio_device::{
     ActivateQueue, FeaturesAcked, FeaturesListener, VirtioDevice, VirtioInterrupt,
     VirtioInterruptType,

@@ -12,7 +12,7 @@
 //! the next batch and rebuilds the view.
 //!
 //! Writes the device makes into guest memory are reported to the region's dirty
-//! bitmap ([`GuestRam::mark_dirty`]) so that live migration copies them.
+//! bitmap (`GuestRam::mark_dirty`) so that live migration copies them.
 
 use std::cell::Cell;
 use std::sync::Arc;

@@ -24,10 +24,11 @@ use crate::features::Features;
 use crate::filter::FilterView;
 use crate::header::MAX_BUFFER_LEN;
 use crate::memory::{GuestRam, MemoryWatch};
+use crate::processed::Processed;
 use crate::ring::{RingFeatures, SplitRing};
 use crate::rx::{PendingRx, RxQueue};
 use crate::shared::Shared;
-use crate::tx::{Processed, TxQueue};
+use crate::tx::TxQueue;
 use virtio_device::{ActivateQueue, VirtioInterrupt, VirtioInterruptType};
 
 use crate::device;

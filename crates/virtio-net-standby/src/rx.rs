@@ -24,14 +24,15 @@ use std::io;
 
 use vm_memory::GuestMemoryBackend;
 
-use crate::backend::{NetBackend, RxBuffers, RxPeek, copy_from_iovecs, copy_to_iovecs};
+use crate::backend::{NetBackend, RxBuffers, RxPeek};
 use crate::chain::{Access, ChainBuf, ChainError, MAX_SEGMENTS, walk};
 use crate::counters::NetCounters;
 use crate::filter::FilterView;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
+use crate::iovec::{copy_from_iovecs, copy_to_iovecs};
 use crate::memory::{DirtyLog, GuestRam};
+use crate::processed::Processed;
 use crate::ring::{self, SplitRing};
-use crate::tx::Processed;
 
 /// The most iovecs a `readv` takes without the kernel allocating a copy of the
 /// array (`UIO_FASTIOV`). Measured on a tap: 43 iovecs cost 70 ns more per read

@@ -25,28 +25,15 @@ use std::ptr;
 
 use vm_memory::GuestMemoryBackend;
 
-use crate::backend::{NetBackend, TxFrame, copy_from_iovecs};
+use crate::backend::{NetBackend, TxFrame};
 use crate::chain::{Access, ChainBuf, ChainError, MAX_SEGMENTS, walk};
 use crate::counters::NetCounters;
 use crate::features::Features;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, VirtioNetHdr};
+use crate::iovec::copy_from_iovecs;
 use crate::memory::GuestRam;
+use crate::processed::Processed;
 use crate::ring::{self, SplitRing};
-
-/// What one processing call did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Processed {
-    /// Chains taken from the available ring (sent, dropped or returned).
-    pub chains: usize,
-    /// The call stopped at its budget with work left: call it again soon (after
-    /// serving other queues) rather than waiting for a kick.
-    pub more: bool,
-    /// TX: the backend is full; wait for its readiness fd. RX: the guest has no
-    /// buffers; wait for its kick.
-    pub blocked: bool,
-    /// An interrupt was raised.
-    pub notified: bool,
-}
 
 /// Chains taken from the ring in one burst before the first of them is sent:
 /// the ring is then read and written in short sequential bursts rather than

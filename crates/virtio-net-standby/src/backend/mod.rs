@@ -13,20 +13,22 @@
 //! benchmarks), and [`Discard`] and [`Generator`] (a sink and a source with no
 //! network behind them, for measuring the device and a guest's driver alone).
 
+mod generator;
 mod pair;
-pub mod sink;
+mod sink;
 mod tap;
 
+pub use generator::{Error as GeneratorError, GENERATOR_ETHERTYPE, Generator};
 pub use pair::{PairBackend, PairConfig, pair};
-pub use sink::{Discard, Generator, SinkStats};
+pub use sink::{Discard, SinkStats};
 pub use tap::{Error as TapError, Tap};
 
 use std::io;
 use std::os::fd::RawFd;
-use std::ptr;
 
 use crate::features::Features;
 use crate::header::{HDR_LEN, VirtioNetHdr};
+use crate::iovec::{copy_from_iovecs, copy_to_iovecs};
 
 /// A frame the guest sent: its virtio-net header and Ethernet frame, as iovecs
 /// over guest memory. Only the device creates these, and only over memory it has
@@ -211,129 +213,6 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     }
 }
 
-/// Copies `n` bytes. Small copies (most frames are small) are done inline with
-/// overlapping unaligned 16-byte moves instead of a call into libc.
-///
-/// # Safety
-/// `src` must be readable and `dst` writable for `n` bytes, and they must not
-/// overlap.
-#[inline(always)]
-pub(crate) unsafe fn copy_bytes(dst: *mut u8, src: *const u8, n: usize) {
-    type Chunk = [u8; 16];
-    // SAFETY: in every arm, each read and write stays within `0..n` of `src` and
-    // `dst` respectively, which the caller guarantees are valid and disjoint.
-    unsafe {
-        let mv = |o: usize| {
-            let v = ptr::read_unaligned(src.add(o) as *const Chunk);
-            ptr::write_unaligned(dst.add(o) as *mut Chunk, v);
-        };
-        match n {
-            0..=15 => ptr::copy_nonoverlapping(src, dst, n),
-            16..=32 => {
-                mv(0);
-                mv(n - 16);
-            }
-            33..=64 => {
-                mv(0);
-                mv(16);
-                mv(n - 32);
-                mv(n - 16);
-            }
-            65..=128 => {
-                for o in [0, 16, 32, 48] {
-                    mv(o);
-                }
-                for o in [64, 48, 32, 16] {
-                    mv(n - o);
-                }
-            }
-            _ => ptr::copy_nonoverlapping(src, dst, n),
-        }
-    }
-}
-
-/// Copies from byte `offset` of the memory `iov` describes into `dst`.
-#[inline(always)]
-pub(crate) fn copy_from_iovecs(iov: &[libc::iovec], offset: usize, dst: &mut [u8]) -> usize {
-    if let [v] = iov {
-        // One buffer: the common case, inlined.
-        let n = v.iov_len.saturating_sub(offset).min(dst.len());
-        // SAFETY: the iovec is readable for `iov_len` bytes (constructor contract
-        // of the frame types); `offset + n <= iov_len` and `n <= dst.len()`.
-        unsafe { copy_bytes(dst.as_mut_ptr(), (v.iov_base as *const u8).add(offset), n) };
-        return n;
-    }
-    copy_from_iovecs_slow(iov, offset, dst)
-}
-
-#[inline(never)]
-fn copy_from_iovecs_slow(iov: &[libc::iovec], mut offset: usize, dst: &mut [u8]) -> usize {
-    let mut done = 0;
-    for v in iov {
-        if done == dst.len() {
-            break;
-        }
-        if offset >= v.iov_len {
-            offset -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - offset).min(dst.len() - done);
-        // SAFETY: the iovec is readable for `iov_len` bytes (constructor
-        // contract of the frame types, which are the only callers' sources);
-        // `offset + n <= iov_len` and `done + n <= dst.len()`.
-        unsafe {
-            copy_bytes(
-                dst.as_mut_ptr().add(done),
-                (v.iov_base as *const u8).add(offset),
-                n,
-            );
-        }
-        done += n;
-        offset = 0;
-    }
-    done
-}
-
-/// Copies `src` to byte `offset` of the memory `iov` describes.
-#[inline(always)]
-pub(crate) fn copy_to_iovecs(iov: &[libc::iovec], offset: usize, src: &[u8]) -> usize {
-    if let [v] = iov {
-        let n = v.iov_len.saturating_sub(offset).min(src.len());
-        // SAFETY: the iovec is writable for `iov_len` bytes (constructor contract
-        // of `RxBuffers` and of the staged buffers); `offset + n <= iov_len`.
-        unsafe { copy_bytes((v.iov_base as *mut u8).add(offset), src.as_ptr(), n) };
-        return n;
-    }
-    copy_to_iovecs_slow(iov, offset, src)
-}
-
-#[inline(never)]
-fn copy_to_iovecs_slow(iov: &[libc::iovec], mut offset: usize, src: &[u8]) -> usize {
-    let mut done = 0;
-    for v in iov {
-        if done == src.len() {
-            break;
-        }
-        if offset >= v.iov_len {
-            offset -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - offset).min(src.len() - done);
-        // SAFETY: the iovec is writable for `iov_len` bytes (constructor contract
-        // of `RxBuffers` and of the device's staged buffers); bounds as above.
-        unsafe {
-            copy_bytes(
-                (v.iov_base as *mut u8).add(offset),
-                src.as_ptr().add(done),
-                n,
-            );
-        }
-        done += n;
-        offset = 0;
-    }
-    done
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,35 +225,13 @@ mod tests {
     }
 
     #[test]
-    fn small_copies_are_exact_at_every_length() {
-        let src: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
-        for n in 0..300 {
-            let mut dst = vec![0u8; 302];
-            // SAFETY: both buffers hold at least n bytes (+1 for the offset).
-            unsafe { copy_bytes(dst.as_mut_ptr().add(1), src.as_ptr(), n) };
-            assert_eq!(&dst[1..1 + n], &src[..n], "n = {n}");
-            assert_eq!(dst[0], 0);
-            assert!(dst[1 + n..].iter().all(|b| *b == 0), "n = {n}: no overrun");
-        }
-    }
-
-    #[test]
-    fn copies_across_iovecs() {
+    fn tx_frame_reads_its_header_across_iovecs() {
         let mut a = [0u8; 5];
         let mut b = [0u8; 3];
         let mut c = [0u8; 10];
         let v = [iov(&mut a), iov(&mut b), iov(&mut c)];
         let src: Vec<u8> = (1..=18).collect();
         assert_eq!(copy_to_iovecs(&v, 0, &src), 18);
-        let mut out = [0u8; 18];
-        assert_eq!(copy_from_iovecs(&v, 0, &mut out), 18);
-        assert_eq!(&out[..], &src[..]);
-        // Offsets that land inside and past iovecs.
-        let mut two = [0u8; 2];
-        assert_eq!(copy_from_iovecs(&v, 4, &mut two), 2);
-        assert_eq!(two, [5, 6]);
-        assert_eq!(copy_to_iovecs(&v, 17, &[99, 98]), 1);
-        assert_eq!(copy_from_iovecs(&v, 30, &mut two), 0);
         // SAFETY: the iovecs point to live local arrays of their stated length.
         let frame = unsafe { TxFrame::new(&v, 18) };
         assert_eq!(frame.len(), 18);

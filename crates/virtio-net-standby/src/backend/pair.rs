@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{NetBackend, Readiness, RxBuffers, RxPeek, TxFrame, copy_to_iovecs};
+use super::{NetBackend, Readiness, RxBuffers, RxPeek, TxFrame};
 use crate::features::{Features, GUEST_OFFLOADS, HOST_OFFLOADS};
 use crate::header::{self, GSO_NONE, HDR_LEN, MAX_BUFFER_LEN, VirtioNetHdr};
+use crate::iovec::copy_to_iovecs;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_CSUM;
 
 /// Record header: length in the low 32 bits, kind in the high 32.
