@@ -6,6 +6,13 @@
 //!
 //! - `pair_tx/<size>` and `pair_rx/<size>`: the device on the in-process pair;
 //!   floor `memcpy/<size>`: copying the same bytes once.
+//! - `pair_tx/virtio_queue/<size>` and `pair_rx/virtio_queue/<size>`: the peer
+//!   floor, in the same groups: what a device built on virtio-queue does with
+//!   the same batch (`pop_descriptor_chain`, the bytes through vm-memory,
+//!   `add_used`, `enable_notification`/`needs_notification` with EVENT_IDX), over
+//!   rings laid out here, whose descriptors name the device row's guest buffers.
+//!   Each iteration runs one device batch and one floor batch, in alternating
+//!   order (see [`interleaved`]).
 //! - `tap_tx/<size>`: the device on a real tap; floor `tap_writev/<size>`: one raw
 //!   `writev` per frame of the same guest buffers into the same tap.
 //! - `tap_rx/<size>`: the device reading frames a packet socket injected; floor
@@ -13,18 +20,23 @@
 //!
 //! `python3 benches/report.py` prints ns/packet, Mpps or GB/s, and the ratios.
 
+use std::cell::RefCell;
 use std::hint::black_box;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use virtio_net_standby::features::DEFAULT_OFFER;
+use virtio_net_standby::features::{DEFAULT_OFFER, F_RING_EVENT_IDX};
+use virtio_net_standby::header::{MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
+use virtio_net_standby::ring::VRING_DESC_F_WRITE;
 use virtio_net_standby::testing::{
     GuestDriver, GuestMem, PacketSocket, TestMemory, pair_send, tcp4_frame, tso4_header,
 };
 use virtio_net_standby::{NetBackend, PairConfig, StandbyNet, StandbyNetBuilder, Tap, pair};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+};
 
 const BATCH: usize = 256;
 const QSIZE: u16 = 256;
@@ -57,6 +69,7 @@ struct Rig<B: NetBackend> {
     tx_heads: Vec<u16>,
     tx_addrs: Vec<u64>,
     rx_heads: Vec<u16>,
+    rx_addrs: Vec<u64>,
     frame_len: usize,
     tx_avail: u16,
     rx_avail: u16,
@@ -83,9 +96,11 @@ impl<B: NetBackend> Rig<B> {
             tx_addrs.push(a);
         }
         let mut rx_heads = Vec::new();
+        let mut rx_addrs = Vec::new();
         for _ in 0..BATCH {
             let a = mem.alloc(u64::from(rx_len), 64);
             rx_heads.push(g.rx[0].add_writable(&[a], &[rx_len]));
+            rx_addrs.push(a);
         }
         // Nothing is published yet: each iteration publishes a full batch.
         Rig {
@@ -93,6 +108,7 @@ impl<B: NetBackend> Rig<B> {
             tx_heads,
             tx_addrs,
             rx_heads,
+            rx_addrs,
             frame_len: frame.len(),
             tx_avail: 0,
             rx_avail: 0,
@@ -105,17 +121,7 @@ impl<B: NetBackend> Rig<B> {
     /// Makes `heads` available again on the queue whose avail ring is at `ring`
     /// (the device returned them all): what a guest driver writes.
     fn refill(&self, ring: u64, heads: &[u16], idx: &mut u16) {
-        let p = self.host_ptr(ring) as *mut u16;
-        for (i, h) in heads.iter().enumerate() {
-            let slot = usize::from(idx.wrapping_add(i as u16) % QSIZE);
-            // SAFETY: the avail ring holds QSIZE entries after its 4-byte header,
-            // inside guest memory this process mapped.
-            unsafe { p.add(2 + slot).write_volatile(h.to_le()) };
-        }
-        *idx = idx.wrapping_add(heads.len() as u16);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        // SAFETY: the avail index, as above.
-        unsafe { p.add(1).write_volatile(idx.to_le()) };
+        refill_avail(self.host_ptr(ring) as *mut u16, heads, idx);
     }
 
     fn refill_tx(&mut self) {
@@ -136,6 +142,325 @@ impl<B: NetBackend> Rig<B> {
             .arc()
             .get_host_address(GuestAddress(gpa))
             .unwrap()
+    }
+}
+
+/// Makes `heads` available on the avail ring at host address `p`, from avail
+/// index `idx` on: what a guest driver writes (entries, release fence, index).
+fn refill_avail(p: *mut u16, heads: &[u16], idx: &mut u16) {
+    for (i, h) in heads.iter().enumerate() {
+        let slot = usize::from(idx.wrapping_add(i as u16) % QSIZE);
+        // SAFETY: the avail ring holds QSIZE entries after its 4-byte header,
+        // inside guest memory this process mapped.
+        unsafe { p.add(2 + slot).write_volatile(h.to_le()) };
+    }
+    *idx = idx.wrapping_add(heads.len() as u16);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    // SAFETY: the avail index, as above.
+    unsafe { p.add(1).write_volatile(idx.to_le()) };
+}
+
+/// The pair's record header before each frame.
+const REC_HDR: usize = 8;
+/// A record header that says "continue at the start of the ring".
+const REC_PAD: u64 = u64::MAX;
+
+fn record_len(frame_len: usize) -> usize {
+    REC_HDR + frame_len.next_multiple_of(8)
+}
+
+/// A byte ring shaped like one direction of the pair (same capacity, 8-byte
+/// length before each frame, records padded to 8 bytes, a pad marker where a
+/// record would not fit before the end), so that the floor's copies touch
+/// host memory at the offsets and stride the device's backend does.
+struct Records {
+    buf: Vec<u8>,
+    head: usize,
+    tail: usize,
+    pending: usize,
+}
+
+impl Records {
+    fn new(capacity: usize) -> Self {
+        Records {
+            buf: vec![0; capacity],
+            head: 0,
+            tail: 0,
+            pending: 0,
+        }
+    }
+
+    /// Appends a record header for `len` frame bytes; returns where the frame
+    /// goes.
+    fn push(&mut self, len: usize) -> usize {
+        let rec = record_len(len);
+        assert!(rec <= self.buf.len(), "record larger than the ring");
+        if self.tail + rec > self.buf.len() {
+            if self.tail < self.buf.len() {
+                self.buf[self.tail..self.tail + REC_HDR].copy_from_slice(&REC_PAD.to_le_bytes());
+            }
+            self.tail = 0;
+        }
+        let at = self.tail;
+        self.buf[at..at + REC_HDR].copy_from_slice(&(len as u64).to_le_bytes());
+        self.tail += rec;
+        self.pending += 1;
+        at + REC_HDR
+    }
+
+    /// Takes the oldest record: where its frame is, and how long.
+    fn pop(&mut self) -> Option<(usize, usize)> {
+        if self.pending == 0 {
+            return None;
+        }
+        loop {
+            if self.head + REC_HDR > self.buf.len() {
+                self.head = 0;
+            }
+            let h =
+                u64::from_le_bytes(self.buf[self.head..self.head + REC_HDR].try_into().unwrap());
+            if h == REC_PAD {
+                self.head = 0;
+                continue;
+            }
+            let len = h as usize;
+            let at = self.head + REC_HDR;
+            self.head += record_len(len);
+            self.pending -= 1;
+            return Some((at, len));
+        }
+    }
+
+    /// Drops every record (what the pair's `discard_incoming` does).
+    fn discard(&mut self) {
+        self.head = self.tail;
+        self.pending = 0;
+    }
+}
+
+/// Where the areas of one split virtqueue sit in guest memory.
+#[derive(Debug, Clone, Copy)]
+struct RingLayout {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl RingLayout {
+    /// Lays out a queue of `size` entries with the split ring's alignments
+    /// (table 16, avail 2, used 4): the table on a fresh page, the avail ring
+    /// right after it, the used ring 4-aligned after the avail ring's last field
+    /// (`used_event`). Not virtio-queue 0.18's `MockSplitQueue`: it puts the used
+    /// ring at avail + 4 + size (`SplitQueueRing::end` adds entries, not bytes),
+    /// so with 256 entries the used index sits on avail entry 129 and the used
+    /// elements on entries 130 to 255 and `used_event`.
+    fn new(mem: &TestMemory, size: u16) -> Self {
+        let n = u64::from(size);
+        let (desc_len, avail_len, used_len) = (16 * n, 6 + 2 * n, 6 + 8 * n);
+        let used_off = (desc_len + avail_len).next_multiple_of(4);
+        let desc = mem.alloc(used_off + used_len, 4096);
+        let l = RingLayout {
+            desc,
+            avail: desc + desc_len,
+            used: desc + used_off,
+        };
+        let areas = [
+            (l.desc, desc_len, 16),
+            (l.avail, avail_len, 2),
+            (l.used, used_len, 4),
+        ];
+        for (i, &(a, a_len, align)) in areas.iter().enumerate() {
+            assert_eq!(a % align, 0, "ring area at {a:#x} is not {align}-aligned");
+            for &(b, b_len, _) in &areas[i + 1..] {
+                assert!(
+                    a + a_len <= b || b + b_len <= a,
+                    "ring areas {a:#x}+{a_len} and {b:#x}+{b_len} overlap"
+                );
+            }
+        }
+        l
+    }
+}
+
+/// The peer floor: a device built on virtio-queue 0.18 and vm-memory, doing the
+/// same batch as the device row over its own rings (a [`RingLayout`] in the
+/// row's guest memory) whose descriptors name the row's guest buffers.
+struct VqFloor {
+    mem: GuestMemoryAtomic<GuestMem>,
+    q: Queue,
+    ring: RingLayout,
+    avail: *mut u16,
+    heads: Vec<u16>,
+    avail_idx: u16,
+    /// One chain's descriptors, gathered before its record is placed.
+    segs: Vec<(GuestAddress, usize)>,
+    notifications: u64,
+    dropped: u64,
+}
+
+impl VqFloor {
+    /// A one-descriptor chain per buffer of `bufs`, `len` bytes each,
+    /// device-writable if `write`. Nothing is made available yet.
+    fn new(mem: &TestMemory, bufs: &[u64], len: u32, write: bool, event_idx: bool) -> Self {
+        let ring = RingLayout::new(mem, QSIZE);
+        let flags = if write { VRING_DESC_F_WRITE } else { 0 };
+        let heads: Vec<u16> = (0..bufs.len() as u16).collect();
+        for (&h, &a) in heads.iter().zip(bufs) {
+            mem.write_descriptor(ring.desc + 16 * u64::from(h), a, len, flags, 0);
+        }
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.try_set_desc_table_address(GuestAddress(ring.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(ring.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(ring.used))
+            .unwrap();
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        assert!(q.is_valid(&**mem.arc()));
+        let avail = mem
+            .arc()
+            .get_host_address(GuestAddress(ring.avail))
+            .unwrap()
+            .cast::<u16>();
+        VqFloor {
+            mem: mem.atomic(),
+            q,
+            ring,
+            avail,
+            heads,
+            avail_idx: 0,
+            segs: Vec::with_capacity(usize::from(QSIZE)),
+            notifications: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Makes every chain available again, as the device row's driver does.
+    fn refill(&mut self) {
+        refill_avail(self.avail, &self.heads, &mut self.avail_idx);
+    }
+
+    /// TX: every available chain's readable bytes into a record of `out`, each
+    /// chain returned with length 0. Returns the chains used.
+    fn tx_batch(&mut self, out: &mut Records) -> usize {
+        let guard = self.mem.memory();
+        let mem: &GuestMem = &guard;
+        let mut chains = 0;
+        loop {
+            self.q.disable_notification(mem).unwrap();
+            while let Some(chain) = self.q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                self.segs.clear();
+                let mut len = 0;
+                let mut ok = true;
+                for d in chain {
+                    len += d.len() as usize;
+                    if d.is_write_only() || len > MAX_BUFFER_LEN {
+                        ok = false;
+                        break;
+                    }
+                    self.segs.push((d.addr(), d.len() as usize));
+                }
+                if ok {
+                    let mut at = out.push(len);
+                    for &(addr, l) in &self.segs {
+                        mem.read_slice(&mut out.buf[at..at + l], addr).unwrap();
+                        at += l;
+                    }
+                } else {
+                    self.dropped += 1;
+                }
+                self.q.add_used(mem, head, 0).unwrap();
+                chains += 1;
+            }
+            if !self.q.enable_notification(mem).unwrap() {
+                break;
+            }
+        }
+        if self.q.needs_notification(mem).unwrap() {
+            self.notifications += 1;
+        }
+        chains
+    }
+
+    /// RX: every record of `src` into one available chain, `num_buffers` set to
+    /// 1, the chain returned with the frame's length. Returns the chains used.
+    fn rx_batch(&mut self, src: &mut Records) -> usize {
+        let guard = self.mem.memory();
+        let mem: &GuestMem = &guard;
+        let mut chains = 0;
+        self.q.disable_notification(mem).unwrap();
+        while src.pending > 0 {
+            let Some(chain) = self.q.pop_descriptor_chain(mem) else {
+                if self.q.enable_notification(mem).unwrap() {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let (at, len) = src.pop().unwrap();
+            let frame = &src.buf[at..at + len];
+            let (mut written, mut first) = (0, None);
+            for d in chain {
+                if !d.is_write_only() {
+                    break;
+                }
+                let l = (d.len() as usize).min(len - written);
+                mem.write_slice(&frame[written..written + l], d.addr())
+                    .unwrap();
+                first.get_or_insert(d.addr());
+                written += l;
+                if written == len {
+                    break;
+                }
+            }
+            match first {
+                Some(a) if written == len => {
+                    mem.write_obj(1u16.to_le(), a.unchecked_add(NUM_BUFFERS_OFFSET as u64))
+                        .unwrap();
+                    self.q.add_used(mem, head, len as u32).unwrap();
+                }
+                _ => {
+                    self.dropped += 1;
+                    self.q.add_used(mem, head, 0).unwrap();
+                }
+            }
+            chains += 1;
+        }
+        if self.q.needs_notification(mem).unwrap() {
+            self.notifications += 1;
+        }
+        chains
+    }
+
+    /// Checks the batch that moved the used index from `from`: every chain came
+    /// back once, in order, with length `len`, and the device's writes left the
+    /// driver's avail ring as the driver wrote it.
+    fn check_batch(&self, from: u16, len: u32) {
+        let m = self.mem.memory();
+        let u16_at = |a: u64| u16::from_le(m.read_obj(GuestAddress(a)).unwrap());
+        let u32_at = |a: u64| u32::from_le(m.read_obj(GuestAddress(a)).unwrap());
+        let n = self.heads.len() as u16;
+        assert_eq!(
+            u16_at(self.ring.used + 2),
+            from.wrapping_add(n),
+            "used index"
+        );
+        assert_eq!(u16_at(self.ring.avail + 2), self.avail_idx, "avail index");
+        for (i, &h) in self.heads.iter().enumerate() {
+            let pos = u64::from(from.wrapping_add(i as u16) % QSIZE);
+            let e = self.ring.used + 4 + 8 * pos;
+            assert_eq!((u32_at(e), u32_at(e + 4)), (u32::from(h), len), "used {i}");
+            let a = self.avail_idx.wrapping_sub(n).wrapping_add(i as u16) % QSIZE;
+            assert_eq!(
+                u16_at(self.ring.avail + 4 + 2 * u64::from(a)),
+                h,
+                "avail {i}"
+            );
+        }
+        assert_eq!(self.dropped, 0);
     }
 }
 
@@ -167,52 +492,134 @@ fn bench_pair(c: &mut Criterion) {
             capacity: (frame.len() + 16) * BATCH,
         };
         let (end, peer) = pair(ring).unwrap();
-        let peer = std::cell::RefCell::new(peer);
-        let rig = std::cell::RefCell::new(Rig::new(end, &frame, 1536));
+        let peer = RefCell::new(peer);
+        let rig = RefCell::new(Rig::new(end, &frame, 1536));
+        let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
+        // The peer floor reads the same guest buffers into a ring shaped like
+        // the pair's.
+        let floor = {
+            let r = rig.borrow();
+            let event_idx = r.g.features.has(F_RING_EVENT_IDX);
+            RefCell::new(VqFloor::new(
+                &r.g.mem,
+                &r.tx_addrs,
+                frame.len() as u32,
+                false,
+                event_idx,
+            ))
+        };
+        let out = RefCell::new(Records::new(peer.borrow().capacity()));
+        {
+            // One checked batch first, so that the floor cannot time nothing.
+            let (mut f, mut o) = (floor.borrow_mut(), out.borrow_mut());
+            f.refill();
+            assert_eq!(f.tx_batch(&mut o), BATCH);
+            f.check_batch(0, 0);
+            assert_eq!(o.pending, BATCH);
+            while let Some((at, len)) = o.pop() {
+                assert!(o.buf[at..at + len] == frame[..], "record at {at}");
+            }
+        }
+        let dev_tx = || {
+            rig.borrow_mut().refill_tx();
+            peer.borrow_mut().discard_incoming();
+            let mut q = qp.lock();
+            let start = Instant::now();
+            assert_eq!(q.process_tx().chains, BATCH);
+            start.elapsed()
+        };
+        let vq_tx = || {
+            let (mut f, mut o) = (floor.borrow_mut(), out.borrow_mut());
+            f.refill();
+            o.discard();
+            let start = Instant::now();
+            assert_eq!(f.tx_batch(&mut o), BATCH);
+            start.elapsed()
+        };
         let mut g = c.benchmark_group("pair_tx");
         g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter_custom(|iters| {
-                let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
-                let mut guard = qp.lock();
-                timed(
-                    iters,
-                    || {
-                        rig.borrow_mut().refill_tx();
-                        peer.borrow_mut().discard_incoming();
-                    },
-                    || assert_eq!(guard.process_tx().chains, BATCH),
-                )
-            })
-        });
+        for (id, device) in [
+            (BenchmarkId::new("virtio_queue", size), false),
+            (BenchmarkId::from_parameter(size), true),
+        ] {
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| interleaved(iters, device, dev_tx, vq_tx))
+            });
+        }
         g.finish();
+        assert_eq!(floor.borrow().dropped, 0);
+        black_box(floor.borrow().notifications);
 
         // RX from the pair: the peer queued 256 frames; the guest posted 256
         // buffers (1536 bytes, or one 64 KiB buffer per frame for 64 KiB frames).
+        // The peer floor takes the same frames from a ring shaped like the
+        // pair's, written just before as the peer writes its ring, into the same
+        // guest buffers.
         let (end, peer) = pair(ring).unwrap();
-        let peer = std::cell::RefCell::new(peer);
+        let peer = RefCell::new(peer);
         let rx_len = if size > 1514 { 65_562 } else { 1536 };
-        let rig = std::cell::RefCell::new(Rig::new(end, &frame, rx_len));
+        let rig = RefCell::new(Rig::new(end, &frame, rx_len));
+        let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
+        let floor = {
+            let r = rig.borrow();
+            let event_idx = r.g.features.has(F_RING_EVENT_IDX);
+            RefCell::new(VqFloor::new(&r.g.mem, &r.rx_addrs, rx_len, true, event_idx))
+        };
+        let src = RefCell::new(Records::new(peer.borrow().capacity()));
+        let stage = |src: &mut Records| {
+            for _ in 0..BATCH {
+                let at = src.push(frame.len());
+                src.buf[at..at + frame.len()].copy_from_slice(&frame);
+            }
+        };
+        {
+            let (mut f, mut s) = (floor.borrow_mut(), src.borrow_mut());
+            f.refill();
+            stage(&mut s);
+            assert_eq!(f.rx_batch(&mut s), BATCH);
+            assert_eq!(s.pending, 0);
+            f.check_batch(0, frame.len() as u32);
+            let mut expect = frame.clone();
+            expect[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&1u16.to_le_bytes());
+            let r = rig.borrow();
+            for &a in &r.rx_addrs {
+                assert!(r.g.mem.read(a, frame.len()) == expect, "frame at {a:#x}");
+            }
+        }
+        let dev_rx = || {
+            rig.borrow_mut().refill_rx();
+            {
+                let mut p = peer.borrow_mut();
+                for _ in 0..BATCH {
+                    pair_send(&mut p, &frame).unwrap();
+                }
+            }
+            let mut q = qp.lock();
+            let start = Instant::now();
+            assert_eq!(q.process_rx().chains, BATCH);
+            start.elapsed()
+        };
+        let vq_rx = || {
+            let (mut f, mut s) = (floor.borrow_mut(), src.borrow_mut());
+            f.refill();
+            stage(&mut s);
+            let start = Instant::now();
+            assert_eq!(f.rx_batch(&mut s), BATCH);
+            start.elapsed()
+        };
         let mut g = c.benchmark_group("pair_rx");
         g.throughput(Throughput::Elements(BATCH as u64));
-        g.bench_function(BenchmarkId::from_parameter(size), |b| {
-            b.iter_custom(|iters| {
-                let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
-                let mut guard = qp.lock();
-                timed(
-                    iters,
-                    || {
-                        rig.borrow_mut().refill_rx();
-                        let mut p = peer.borrow_mut();
-                        for _ in 0..BATCH {
-                            pair_send(&mut p, &frame).unwrap();
-                        }
-                    },
-                    || assert_eq!(guard.process_rx().chains, BATCH),
-                )
-            })
-        });
+        for (id, device) in [
+            (BenchmarkId::new("virtio_queue", size), false),
+            (BenchmarkId::from_parameter(size), true),
+        ] {
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| interleaved(iters, device, dev_rx, vq_rx))
+            });
+        }
         g.finish();
+        assert_eq!(floor.borrow().dropped, 0);
+        black_box(floor.borrow().notifications);
     }
 }
 
@@ -230,18 +637,6 @@ fn open_tap() -> Option<Tap> {
     );
     tap.set_up().ok()?;
     Some(tap)
-}
-
-/// Times `f` once per iteration after `setup`, summing only `f`'s time.
-fn timed<S: FnMut(), F: FnMut()>(iters: u64, mut setup: S, mut f: F) -> Duration {
-    let mut t = Duration::ZERO;
-    for _ in 0..iters {
-        setup();
-        let start = Instant::now();
-        f();
-        t += start.elapsed();
-    }
-    t
 }
 
 /// Runs `iters` rounds of one device batch and one floor batch, in alternating

@@ -77,7 +77,7 @@ pub enum ChainError {
     /// A readable buffer after a writable one.
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
-    /// More than [`MAX_SEGMENTS`] buffers.
+    /// More than `MAX_SEGMENTS` (1024, the kernel's `IOV_MAX`) buffers.
     #[error("the chain has more than {MAX_SEGMENTS} buffers")]
     TooManySegments,
 }
@@ -381,6 +381,7 @@ mod tests {
     use crate::testing::GuestMem as GuestMemoryMmap;
     use crate::testing::{DriverQueue, TestMemory};
     use std::sync::Arc;
+    use virtio_queue::QueueT;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -600,6 +601,45 @@ mod tests {
         assert_eq!(f.walk(h, Access::ReadOnly, false).unwrap().segments, 1024);
     }
 
+    /// The first two of a queue's areas (descriptor table, available ring, used
+    /// ring, each ring with its event field) that share a byte, if any.
+    fn ring_overlap(q: &virtio_queue::Queue) -> Option<String> {
+        let n = u64::from(q.size());
+        let areas = [
+            ("descriptor table", q.desc_table(), q.desc_table() + 16 * n),
+            ("avail ring", q.avail_ring(), q.avail_ring() + 6 + 2 * n),
+            ("used ring", q.used_ring(), q.used_ring() + 6 + 8 * n),
+        ];
+        for (i, &(a, a0, a1)) in areas.iter().enumerate() {
+            for &(b, b0, b1) in &areas[i + 1..] {
+                if a0 < b1 && b0 < a1 {
+                    return Some(format!(
+                        "{a} {a0:#x}..{a1:#x} overlaps {b} {b0:#x}..{b1:#x}"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn mock_used_ring_overlaps_its_avail_ring() {
+        // virtio-queue 0.18's `MockSplitQueue` places the used ring at
+        // `avail.end()`, which adds the entry count (16) instead of the entries'
+        // bytes (32): used = avail + 4 + 16, over avail entries 8 to 15 and
+        // `used_event`. This is why the test below moves it; if this fails, the
+        // mock was fixed and the move can go.
+        let mem = TestMemory::new(1 << 20);
+        let mock = MockSplitQueue::create(&**mem.arc(), GuestAddress(0x80000), 16);
+        assert_eq!(mock.used_addr(), GuestAddress(0x80100 + 4 + 16));
+        let q: virtio_queue::Queue = mock.create_queue().unwrap();
+        assert!(
+            ring_overlap(&q)
+                .unwrap()
+                .contains("avail ring 0x80100..0x80126 overlaps used ring 0x80114")
+        );
+    }
+
     #[test]
     fn agrees_with_virtio_queue_mock() {
         // Chains built by virtio-queue's own mock driver walk the same way.
@@ -612,7 +652,16 @@ mod tests {
             RawDescriptor::from(SplitDescriptor::new(0x6000, 64, VRING_DESC_F_WRITE, 0)),
         ];
         mock.add_desc_chains(&descs, 0).unwrap();
-        let q: virtio_queue::Queue = mock.create_queue().unwrap();
+        let mut q: virtio_queue::Queue = mock.create_queue().unwrap();
+        // The mock (0.18) lays its used ring over its avail ring:
+        // `SplitQueueRing::end` adds the entry count (16), not the entries' bytes
+        // (32), so the used ring starts at avail + 4 + 16 = avail entry 8 and
+        // covers entries 8 to 15 and `used_event`. Keep the mock's descriptor
+        // table and avail ring; give the queue a used ring of its own, past
+        // everything the mock wrote (its misplaced used-ring fields end at
+        // avail + 0x3a).
+        q.try_set_used_ring_address(GuestAddress(0x81000)).unwrap();
+        assert_eq!(ring_overlap(&q), None);
         let ram = GuestRam::new(Arc::clone(m)).unwrap();
         let mut ring = SplitRing::new(&q, &ram, RingFeatures::default()).unwrap();
         assert_eq!(ring.available().unwrap(), 1);
@@ -620,5 +669,16 @@ mod tests {
         let mut buf = ChainBuf::default();
         let s = walk(&ring, &ram, head, Access::ReadThenWrite, &mut buf).unwrap();
         assert_eq!((s.readable_len, s.writable_len, s.segments), (312, 64, 3));
+
+        // Returning the chain writes the used ring only: the driver's avail ring
+        // reads as the mock left it.
+        let avail = mem.read(q.avail_ring(), 6 + 2 * 16);
+        ring.push_used(head, 64);
+        ring.publish_used(&ram, 0);
+        assert_eq!(mem.read(q.avail_ring(), 6 + 2 * 16), avail);
+        let used = mem.read(q.used_ring(), 12);
+        let word = |at: usize| u32::from_le_bytes(used[at..at + 4].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([used[2], used[3]]), 1);
+        assert_eq!((word(4), word(8)), (u32::from(head), 64));
     }
 }
