@@ -55,6 +55,15 @@ impl Guest {
         g
     }
 
+    /// Live migration: the guest resumes on the destination's PCI segment and
+    /// interrupts. It keeps everything it enumerated and every driver's state,
+    /// as a migrated guest does; nothing is re-read, so the destination must
+    /// show it the same functions and registers.
+    pub fn resume_on(&mut self, root: Arc<PciRoot>, irqs: Arc<IrqQueue>) {
+        self.env.root = root;
+        self.env.irqs = irqs;
+    }
+
     /// The pciehp instance of `port`.
     pub fn pciehp(&self, port: Bdf) -> Option<&Pciehp> {
         self.hotplug.iter().find(|p| p.port == port)

@@ -39,3 +39,4 @@ pub use env::Env;
 pub use guest::Guest;
 pub use irq::IrqQueue;
 pub use pciehp::{Pciehp, PciehpState, Timings};
+pub use virtio::VirtioProbe;

@@ -59,6 +59,26 @@ impl DriverQueue {
         }
     }
 
+    /// The driver's half of a queue whose rings were already placed (by a probe
+    /// that programmed a transport's queue registers): `size` entries, the
+    /// descriptor table at `desc`, the available ring at `avail`, the used ring
+    /// at `used`, all still zeroed.
+    pub fn at(mem: &TestMemory, size: u16, desc: u64, avail: u64, used: u64) -> Self {
+        DriverQueue {
+            mem: mem.clone(),
+            size,
+            desc,
+            avail,
+            used,
+            free: (0..size).rev().collect(),
+            chain_len: vec![0; usize::from(size)],
+            avail_idx: 0,
+            published: 0,
+            last_used: 0,
+            event_idx: false,
+        }
+    }
+
     /// Declares whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
     pub fn set_event_idx(&mut self, on: bool) {
         self.event_idx = on;
