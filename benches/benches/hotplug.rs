@@ -1,7 +1,7 @@
 //! Config-space access and the cost of a full unplug/replug cycle.
 //!
 //! - `config/*`: one dword read or word write, at each layer a VMM may call:
-//!   the bare [`pci::ConfigSpace`], the root port as a `PciFunction`, and the
+//!   the bare [`vmm_pci::ConfigSpace`], the root port as a `PciFunction`, and the
 //!   bus (ECAM decode, routing, locking), on bus 0 and behind the port. The
 //!   floor is a 4-byte load from a 4 KiB array in the same run.
 //! - `cycle/*`: request unplug → the scripted Linux guest acts (5 s button
@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use pci::config::{COMMAND, COMMAND_MEMORY};
-use pci::pcie::{SLTCTL, SLTSTA};
-use pci::{Bdf, PciFunction, PciRoot};
 use pcie_hotplug::{HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder};
 use test_guest::{Guest, IrqQueue, StubEndpoint, Timings};
+use vmm_pci::config::{COMMAND, COMMAND_MEMORY};
+use vmm_pci::pcie::{SLTCTL, SLTSTA};
+use vmm_pci::{Bdf, PciFunction, PciRoot};
 
 fn topology() -> (Arc<PciRoot>, Arc<Mutex<RootPort>>, Arc<IrqQueue>) {
     let irqs = IrqQueue::new();
@@ -48,15 +48,15 @@ fn config(c: &mut Criterion) {
             u32::from_le_bytes(black_box(&floor)[off..off + 4].try_into().unwrap())
         })
     });
-    let mut cs = pci::ConfigSpace::new(
-        pci::HeaderType::Endpoint,
-        &pci::PciIds {
+    let mut cs = vmm_pci::ConfigSpace::new(
+        vmm_pci::HeaderType::Endpoint,
+        &vmm_pci::PciIds {
             vendor_id: 0x1af4,
             device_id: 0x1041,
             subsystem_vendor_id: 0,
             subsystem_id: 0,
             revision: 1,
-            class: pci::ClassCode::ETHERNET,
+            class: vmm_pci::ClassCode::ETHERNET,
         },
         true,
     );
@@ -79,14 +79,14 @@ fn config(c: &mut Criterion) {
     g.bench_function("read/bus_ecam_bus0", |b| {
         b.iter(|| {
             let mut d = [0u8; 4];
-            root.ecam_read(pci::ecam_offset(black_box(rp), cap + SLTCTL), &mut d);
+            root.ecam_read(vmm_pci::ecam_offset(black_box(rp), cap + SLTCTL), &mut d);
             u32::from_le_bytes(d)
         })
     });
     g.bench_function("read/bus_ecam_behind_port", |b| {
         b.iter(|| {
             let mut d = [0u8; 4];
-            root.ecam_read(pci::ecam_offset(black_box(ep), 0), &mut d);
+            root.ecam_read(vmm_pci::ecam_offset(black_box(ep), 0), &mut d);
             u32::from_le_bytes(d)
         })
     });
@@ -105,7 +105,7 @@ fn config(c: &mut Criterion) {
     g.bench_function("write/bus_ecam_slot_control", |b| {
         b.iter(|| {
             root.ecam_write(
-                pci::ecam_offset(rp, cap + SLTCTL),
+                vmm_pci::ecam_offset(rp, cap + SLTCTL),
                 &black_box(ctl).to_le_bytes(),
             )
         })

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use pci::config::{COMMAND, ConfigSpace, HeaderType};
-use pci::pcie::{
+use vmm_pci::config::{COMMAND, ConfigSpace, HeaderType};
+use vmm_pci::pcie::{
     self, LNKSTA, LNKSTA_DLLLA, PcieCapConfig, PortType, SLTCAP, SLTCAP_ABP, SLTCAP_AIP,
     SLTCAP_EIP, SLTCAP_HPC, SLTCAP_HPS, SLTCAP_PCP, SLTCAP_PIP, SLTCAP_PSN_SHIFT, SLTCTL,
     SLTCTL_ABPE, SLTCTL_AIC_OFF, SLTCTL_CCIE, SLTCTL_DLLSCE, SLTCTL_EIC, SLTCTL_HPIE,
@@ -12,7 +12,7 @@ use pci::pcie::{
     SLTCTL_PIC_OFF, SLTCTL_PIC_ON, SLTSTA, SLTSTA_ABP, SLTSTA_CC, SLTSTA_DLLSC, SLTSTA_EIS,
     SLTSTA_MRLSC, SLTSTA_PDC, SLTSTA_PDS, SLTSTA_PFD,
 };
-use pci::{
+use vmm_pci::{
     BarMove, BarRegions, BusRange, ClassCode, Delivery, IntxSink, MAX_BARS, Msi, MsiSink,
     PciFunction, PciHandle, PciIds,
 };

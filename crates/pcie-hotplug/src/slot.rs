@@ -1,6 +1,6 @@
 //! What a VMM's hot-plug manager sees of a slot, and the errors it gets.
 
-use pci::PciHandle;
+use vmm_pci::PciHandle;
 
 use crate::completion::Completion;
 

@@ -3,8 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use pci::config::HeaderType;
-use pci::{BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, PciFunction, PciHandle, PciIds};
+use vmm_pci::config::HeaderType;
+use vmm_pci::{
+    BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, PciFunction, PciHandle, PciIds,
+};
 
 /// See the module documentation. BAR reads return 0; writes are dropped.
 #[derive(Debug)]

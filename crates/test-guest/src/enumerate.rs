@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 
-use pci::config::{
+use vmm_pci::config::{
     BAR0, CAPABILITIES_POINTER, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, HEADER_TYPE, IO_BASE,
     IO_LIMIT, MEMORY_BASE, PREF_BASE_UPPER32, PREF_LIMIT_UPPER32, PREF_MEMORY_BASE, PRIMARY_BUS,
     STATUS, STATUS_CAP_LIST, SUBORDINATE_BUS,
 };
-use pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
-use pci::{Bdf, PciRoot, ecam_offset};
+use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
+use vmm_pci::{Bdf, PciRoot, ecam_offset};
 
 /// Linux's default hot-plug window reserve (`pci=hpmemsize`), per window.
 pub const HOTPLUG_RESERVE: u64 = 2 << 20;
@@ -327,7 +327,7 @@ impl Enumerator {
     }
 
     fn hotplug_capable(&mut self, root: &PciRoot, bdf: Bdf, idx: usize) -> bool {
-        let Some(cap) = self.found[idx].cap(pci::config::CAP_ID_PCIE) else {
+        let Some(cap) = self.found[idx].cap(vmm_pci::config::CAP_ID_PCIE) else {
             return false;
         };
         let flags = self.read(root, bdf, cap + FLAGS, 2) as u16;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pci::{Bdf, PciRoot};
+use vmm_pci::{Bdf, PciRoot};
 
 use crate::clock::VirtualClock;
 use crate::enumerate::Enumerator;
@@ -157,7 +157,7 @@ impl Env {
 
     /// pciehp's unconfigure step: unbind and forget the slot's functions.
     pub fn unconfigure_slot(&mut self, port: Bdf) {
-        let sec = (self.cfg_read(port, pci::config::PRIMARY_BUS, 4) >> 8 & 0xff) as u8;
+        let sec = (self.cfg_read(port, vmm_pci::config::PRIMARY_BUS, 4) >> 8 & 0xff) as u8;
         let gone: Vec<Bdf> = self
             .enumerator
             .found

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pci::config::{CAP_ID_MSI, CAP_ID_PCIE};
-use pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
-use pci::{Bdf, PciRoot, ecam_offset};
+use vmm_pci::config::{CAP_ID_MSI, CAP_ID_PCIE};
+use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
+use vmm_pci::{Bdf, PciRoot, ecam_offset};
 
 use crate::env::Env;
 use crate::irq::IrqQueue;

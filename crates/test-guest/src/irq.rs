@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use pci::{MsiMessage, MsiSink};
+use vmm_pci::{MsiMessage, MsiSink};
 
 /// The guest's interrupt controller: every MSI the devices send lands here, and
 /// the guest dispatches by message data. Give it to devices as their

@@ -10,9 +10,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pci::Bdf;
-use pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
-use pci::pcie::{
+use vmm_pci::Bdf;
+use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use vmm_pci::pcie::{
     LNKSTA, LNKSTA_DLLLA, SLTCAP, SLTCAP_ABP, SLTCAP_NCCS, SLTCAP_PCP, SLTCTL, SLTCTL_ABPE,
     SLTCTL_AIC, SLTCTL_AIC_OFF, SLTCTL_AIC_ON, SLTCTL_CCIE, SLTCTL_DLLSCE, SLTCTL_HPIE,
     SLTCTL_MRLSCE, SLTCTL_PCC, SLTCTL_PDCE, SLTCTL_PFDE, SLTCTL_PIC, SLTCTL_PIC_BLINK,
@@ -483,7 +483,8 @@ impl Pciehp {
                 return t.link_poll;
             }
             Step::CheckDevice => {
-                let sec = (env.cfg_read(self.port, pci::config::PRIMARY_BUS, 4) >> 8 & 0xff) as u8;
+                let sec =
+                    (env.cfg_read(self.port, vmm_pci::config::PRIMARY_BUS, 4) >> 8 & 0xff) as u8;
                 if env.cfg_read(Bdf::new(sec, 0, 0), 0, 2) == 0xffff {
                     self.fail_enable(env);
                 }

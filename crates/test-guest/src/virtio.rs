@@ -1,7 +1,7 @@
 //! The `virtio_pci_modern` probe sequence, as Linux runs it.
 
-use pci::Bdf;
-use pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use vmm_pci::Bdf;
+use vmm_pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 
 use crate::enumerate::Found;
 use crate::env::Env;

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pci::config::{CAP_ID_MSI, COMMAND};
-use pci::pcie::{SLTCTL, SLTCTL_PIC, SLTCTL_PIC_OFF, SLTCTL_PIC_ON};
-use pci::{Bdf, PciRoot};
 use pcie_hotplug::{Error, HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder};
 use test_guest::{Guest, IrqQueue, PciehpState, StubEndpoint, Timings, VirtualClock};
 use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
 use virtio_net_standby::{FeaturesAcked, StandbyNet, StandbyNetBuilder};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice};
+use vmm_pci::config::{CAP_ID_MSI, COMMAND};
+use vmm_pci::pcie::{SLTCTL, SLTCTL_PIC, SLTCTL_PIC_OFF, SLTCTL_PIC_ON};
+use vmm_pci::{Bdf, PciRoot};
 
 type Net = StandbyNet<GuestMem, RecordingBackend>;
 type Standby = VirtioPciDevice<GuestMem, Net>;
@@ -237,10 +237,10 @@ fn hot_plug_completes_when_the_guest_turns_the_indicator_on() {
     assert_eq!(bar.size, 0x4000);
     let base = g
         .env
-        .cfg_read(PRIMARY_PORT, pci::config::PREF_MEMORY_BASE, 4);
+        .cfg_read(PRIMARY_PORT, vmm_pci::config::PREF_MEMORY_BASE, 4);
     let upper = g
         .env
-        .cfg_read(PRIMARY_PORT, pci::config::PREF_BASE_UPPER32, 4) as u64;
+        .cfg_read(PRIMARY_PORT, vmm_pci::config::PREF_BASE_UPPER32, 4) as u64;
     let lower = upper << 32 | ((base & 0xfff0) as u64) << 16;
     let limit = upper << 32 | ((base >> 16 & 0xfff0) as u64) << 16 | 0xf_ffff;
     assert_eq!(limit + 1 - lower, 2 << 20, "Linux's 2 MiB reserve");

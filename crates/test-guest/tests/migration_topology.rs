@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use device_state::{Persist, from_bytes, to_bytes};
-use pci::{Bdf, PciHandle, PciRoot};
 use pcie_hotplug::{HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder, RootPortState};
 use test_guest::{Guest, IrqQueue, Timings, VirtioProbe};
 use virtio_net_standby::testing::{DriverQueue, GuestMem, RecordingBackend, TestMemory, frame};
@@ -22,6 +21,7 @@ use virtio_net_standby::{
     FeaturesAcked, FeaturesListener, NetState, StandbyNet, StandbyNetBuilder,
 };
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice, VirtioPciState};
+use vmm_pci::{Bdf, PciHandle, PciRoot};
 
 type Net = StandbyNet<GuestMem, RecordingBackend>;
 type Function = VirtioPciDevice<GuestMem, Net>;
@@ -226,7 +226,7 @@ fn config_dump(root: &PciRoot, bdf: Bdf) -> Vec<u8> {
     let mut out = Vec::new();
     for off in (0..0x1000u16).step_by(4) {
         let mut b = [0u8; 4];
-        root.ecam_read(pci::ecam_offset(bdf, off), &mut b);
+        root.ecam_read(vmm_pci::ecam_offset(bdf, off), &mut b);
         out.extend_from_slice(&b);
     }
     out

@@ -1,7 +1,7 @@
 //! Where the virtio structures live: BAR layout and vendor capabilities.
 
-use pci::ConfigSpace;
-use pci::config::{self, CAP_ID_VENDOR};
+use vmm_pci::ConfigSpace;
+use vmm_pci::config::{self, CAP_ID_VENDOR};
 
 /// `VIRTIO_PCI_CAP_COMMON_CFG`.
 pub const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;

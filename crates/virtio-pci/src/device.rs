@@ -2,12 +2,6 @@
 
 use std::sync::Arc;
 
-use pci::config::{STATUS, STATUS_INTERRUPT};
-use pci::pcie::{self, PcieCapConfig};
-use pci::{
-    BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, IntxSink, MsiSink, Msix,
-    PciFunction, PciIds,
-};
 use virtio_device::status::{
     DRIVER_OK as STATUS_DRIVER_OK, FEATURES_OK as STATUS_FEATURES_OK,
     NEEDS_RESET as STATUS_NEEDS_RESET,
@@ -20,6 +14,12 @@ use virtio_device::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
+use vmm_pci::config::{STATUS, STATUS_INTERRUPT};
+use vmm_pci::pcie::{self, PcieCapConfig};
+use vmm_pci::{
+    BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, IntxSink, MsiSink, Msix,
+    PciFunction, PciIds,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::caps::{
@@ -46,10 +46,10 @@ pub enum Error {
     QueueCount(usize),
     /// Config space layout failed (a bug in the transport).
     #[error("cannot lay out config space")]
-    Config(#[from] pci::config::Error),
+    Config(#[from] vmm_pci::config::Error),
     /// MSI-X setup failed.
     #[error("cannot set up MSI-X")]
-    Msix(#[from] pci::msix::Error),
+    Msix(#[from] vmm_pci::msix::Error),
     /// An eventfd could not be created.
     #[error("cannot create a queue notification eventfd")]
     EventFd(#[source] std::io::Error),

@@ -4,8 +4,8 @@ use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pci::{IntxSink, MsiSink, Msix};
 use virtio_device::{VirtioInterrupt, VirtioInterruptType};
+use vmm_pci::{IntxSink, MsiSink, Msix};
 
 use crate::common::NO_VECTOR;
 

@@ -20,13 +20,13 @@
 //! unmasked.
 
 use device_state::{Encode, Error, Persist, Reader, Result, Writer};
-use pci::{ConfigSpaceState, MsixState};
 use virtio_device::VirtioDevice;
 use virtio_device::status::{
     DRIVER_OK as STATUS_DRIVER_OK, FEATURES_OK as STATUS_FEATURES_OK,
     NEEDS_RESET as STATUS_NEEDS_RESET,
 };
 use vm_memory::GuestMemoryBackend;
+use vmm_pci::{ConfigSpaceState, MsixState};
 
 use crate::common::{CommonConfig, NO_VECTOR, QueueRegs};
 use crate::device::VirtioPciDevice;

@@ -25,11 +25,11 @@
 //! the saved registers, so the guest sees no presence change and no interrupt.
 
 use device_state::{Encode, Error, Persist, Reader, Result, Writer};
-use pci::config::{STATUS, STATUS_INTERRUPT};
-use pci::pcie::{
+use vmm_pci::config::{STATUS, STATUS_INTERRUPT};
+use vmm_pci::pcie::{
     LNKCAP, LNKSTA, LNKSTA_DLLLA, SLTCAP, SLTCTL, SLTCTL_PIC, SLTSTA, SLTSTA_ABP, SLTSTA_PDS,
 };
-use pci::{ConfigSpaceState, MsiState, PciHandle};
+use vmm_pci::{ConfigSpaceState, MsiState, PciHandle};
 
 use super::{Pending, RootPort};
 use crate::slot::Operation;
@@ -249,9 +249,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use device_state::{from_bytes, to_bytes};
-    use pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, MEMORY_BASE, PRIMARY_BUS};
-    use pci::pcie::*;
-    use pci::{
+    use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, MEMORY_BASE, PRIMARY_BUS};
+    use vmm_pci::pcie::*;
+    use vmm_pci::{
         BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, IntxSink, MsiMessage,
         MsiSink, PciFunction, PciIds,
     };
@@ -455,11 +455,11 @@ mod tests {
         dst.ack(SLTSTA_EVENTS);
 
         // The restored bridge forwards config cycles to the device behind it.
-        let mut root = pci::PciRoot::new();
+        let mut root = vmm_pci::PciRoot::new();
         let port = Arc::new(Mutex::new(dst.port));
         root.add(1, 0, port.clone()).unwrap();
         let mut b = [0; 4];
-        root.config_read(pci::Bdf::new(1, 0, 0), 0, &mut b);
+        root.config_read(vmm_pci::Bdf::new(1, 0, 0), 0, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0x154c_8086);
     }
 

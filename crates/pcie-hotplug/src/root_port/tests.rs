@@ -4,12 +4,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pci::config::{
+use vmm_pci::config::{
     BAR0, CLASS_PROG_IF, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
     HEADER_TYPE, INTERRUPT_PIN, PRIMARY_BUS, STATUS, STATUS_INTERRUPT,
 };
-use pci::pcie::*;
-use pci::{
+use vmm_pci::pcie::*;
+use vmm_pci::{
     BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, MsiMessage, MsiSink,
     PciFunction, PciIds,
 };
@@ -169,7 +169,7 @@ fn identity_and_capabilities() {
     assert!(
         r.port
             .config()
-            .find_capability(pci::config::CAP_ID_MSI)
+            .find_capability(vmm_pci::config::CAP_ID_MSI)
             .is_some()
     );
 
@@ -519,14 +519,14 @@ fn guest_powering_off_during_plug_aborts_it() {
 
 #[test]
 fn secondary_bus_routing_follows_power() {
-    let mut root = pci::PciRoot::new();
+    let mut root = vmm_pci::PciRoot::new();
     let msis = Arc::new(Msis::default());
     let port = Arc::new(Mutex::new(RootPortBuilder::new("rp0", 1).build(msis)));
     root.add(1, 0, port.clone()).unwrap();
-    let p = pci::Bdf::new(0, 1, 0);
+    let p = vmm_pci::Bdf::new(0, 1, 0);
     root.config_write(p, PRIMARY_BUS, &0x0001_0100u32.to_le_bytes());
-    let child = pci::Bdf::new(1, 0, 0);
-    let read = |root: &pci::PciRoot| {
+    let child = vmm_pci::Bdf::new(1, 0, 0);
+    let read = |root: &vmm_pci::PciRoot| {
         let mut b = [0; 4];
         root.config_read(child, 0, &mut b);
         u32::from_le_bytes(b)

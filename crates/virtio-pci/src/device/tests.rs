@@ -3,14 +3,14 @@
 
 use std::sync::Mutex;
 
-use pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
-use pci::msix::MSIX_CTRL_ENABLE;
-use pci::{MsiMessage, PciFunction};
 use virtio_device::testing::{ActivatedQueue, FakeDevice};
 use virtio_device::virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_STANDBY;
 use virtio_device::{FeaturesAcked, VirtioInterruptType};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use vmm_pci::msix::MSIX_CTRL_ENABLE;
+use vmm_pci::{MsiMessage, PciFunction};
 
 use super::*;
 use crate::caps::*;
@@ -93,12 +93,12 @@ fn identity_capabilities_and_bars() {
     assert_eq!(cs.get_u32(0), 0x1041_1af4);
     assert_eq!(cs.get_u32(0x08), 0x0200_0001);
     assert_eq!(cs.get_u32(0x2c), 0x1100_1af4);
-    assert!(cs.find_capability(pci::config::CAP_ID_PCIE).is_some());
+    assert!(cs.find_capability(vmm_pci::config::CAP_ID_PCIE).is_some());
     // The vendor capabilities, in order, with their BAR windows.
     let mut found = Vec::new();
     let mut p = cs.get_u8(0x34) as u16;
     while p != 0 {
-        if cs.get_u8(p) == pci::config::CAP_ID_VENDOR {
+        if cs.get_u8(p) == vmm_pci::config::CAP_ID_VENDOR {
             found.push((
                 cs.get_u8(p + 3),
                 cs.get_u8(p + 4),
@@ -121,7 +121,7 @@ fn identity_capabilities_and_bars() {
             (VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0),
         ]
     );
-    let msix = cs.find_capability(pci::config::CAP_ID_MSIX).unwrap();
+    let msix = cs.find_capability(vmm_pci::config::CAP_ID_MSIX).unwrap();
     assert_eq!(cs.get_u16(msix + 2) & 0x7ff, 3, "config + 3 queues");
     assert_eq!(d.config().bar_size(1), Some(0x1000));
     assert_eq!(d.config().bar_size(4), Some(0x4000));
@@ -211,7 +211,7 @@ fn driver_ok_activates_and_zero_resets_everything() {
     );
     let msix = d
         .config()
-        .find_capability(pci::config::CAP_ID_MSIX)
+        .find_capability(vmm_pci::config::CAP_ID_MSIX)
         .unwrap();
     d.write_config(msix + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
     for v in 0..4u64 {
@@ -305,7 +305,7 @@ fn isr_and_intx_without_msix() {
     d.interrupt().trigger(VirtioInterruptType::Config).unwrap();
     assert!(*line.0.lock().unwrap());
     let mut st = [0u8; 2];
-    d.read_config(pci::config::STATUS, &mut st);
+    d.read_config(vmm_pci::config::STATUS, &mut st);
     assert_ne!(u16::from_le_bytes(st) & STATUS_INTERRUPT, 0);
     let mut isr = [0u8];
     d.read_bar(VIRTIO_BAR, ISR_CFG_OFFSET, &mut isr);
@@ -483,7 +483,7 @@ fn running() -> (Dev, Arc<Msis>) {
     );
     let msix = d
         .config()
-        .find_capability(pci::config::CAP_ID_MSIX)
+        .find_capability(vmm_pci::config::CAP_ID_MSIX)
         .unwrap();
     d.write_config(msix + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
     for v in 0..4u64 {
