@@ -42,6 +42,7 @@ pub const MAX_CONFIG_LEN: usize = 17;
 
 /// The guest-visible configuration fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NetConfigSpace {
     /// The MAC address the guest reads.
     pub mac: [u8; 6],

@@ -71,6 +71,7 @@ pub const F_STANDBY: u32 = VIRTIO_NET_F_STANDBY;
 /// Bits are addressed by number, as the specification numbers them
 /// (`VIRTIO_NET_F_MAC` is 5, `VIRTIO_NET_F_STANDBY` is 62).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Features(u64);
 
 impl Features {

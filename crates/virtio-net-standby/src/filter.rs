@@ -25,6 +25,7 @@ pub type MacAddr = [u8; 6];
 
 /// The receive filter's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RxFilter {
     /// Accept every frame.
     pub promisc: bool,
@@ -49,8 +50,41 @@ pub struct RxFilter {
     /// The driver sent more multicast addresses than fit: accept all multicast.
     pub multicast_overflow: bool,
     /// Allowed VLAN IDs, one bit each; all set when VLAN filtering was not
-    /// negotiated.
+    /// negotiated. With the `serde` feature: a sequence of exactly 64 words.
+    #[cfg_attr(
+        feature = "serde",
+        serde(
+            serialize_with = "vlan_words::serialize",
+            deserialize_with = "vlan_words::deserialize"
+        )
+    )]
     pub vlans: Box<[u64; 64]>,
+}
+
+/// serde for [`RxFilter::vlans`]: serde derives arrays only up to 32 elements,
+/// so the table travels as a sequence of its 64 words and any other length is
+/// a deserialization error.
+#[cfg(feature = "serde")]
+mod vlan_words {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    const WORDS: usize = 64;
+
+    pub(super) fn serialize<S: Serializer>(vlans: &[u64; WORDS], s: S) -> Result<S::Ok, S::Error> {
+        vlans.as_slice().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Box<[u64; WORDS]>, D::Error> {
+        let words = Vec::<u64>::deserialize(d)?;
+        let len = words.len();
+        words
+            .into_boxed_slice()
+            .try_into()
+            .map_err(|_| D::Error::invalid_length(len, &"the 64 words of the VLAN table"))
+    }
 }
 
 impl RxFilter {

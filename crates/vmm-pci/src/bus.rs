@@ -347,56 +347,29 @@ mod tests {
     };
     use crate::ecam_offset;
     use crate::function::BusRange;
+    use crate::testing::StubEndpoint;
 
-    /// A minimal endpoint: a 4 KiB memory BAR of scratch registers.
-    struct Scratch {
-        cs: ConfigSpace,
-        regs: [u8; 16],
-    }
-    impl Scratch {
-        fn new(device_id: u16) -> Self {
-            let ids = PciIds {
-                vendor_id: 0x1234,
-                device_id,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
-                revision: 0,
-                class: ClassCode::ETHERNET,
-            };
-            let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
-            cs.add_bar(
-                0,
-                BarKind::Memory32 {
-                    prefetchable: false,
-                },
-                0x1000,
-            )
-            .unwrap();
-            Scratch { cs, regs: [0; 16] }
-        }
-    }
-    impl PciFunction for Scratch {
-        fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-            self.cs.read(offset, data)
-        }
-        fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarMove> {
-            self.cs.write(offset, data)
-        }
-        fn bar_regions(&self) -> BarRegions {
-            self.cs.bar_regions()
-        }
-        fn read_bar(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
-            let o = (offset as usize) % 16;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.regs[(o + i) % 16];
-            }
-        }
-        fn write_bar(&mut self, _bar: u8, offset: u64, data: &[u8]) {
-            let o = (offset as usize) % 16;
-            for (i, b) in data.iter().enumerate() {
-                self.regs[(o + i) % 16] = *b;
-            }
-        }
+    /// A minimal endpoint: vendor 0x1234, a 4 KiB memory BAR that reads back what
+    /// was written.
+    fn scratch(device_id: u16) -> StubEndpoint {
+        let ids = PciIds {
+            vendor_id: 0x1234,
+            device_id,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+            revision: 0,
+            class: ClassCode::ETHERNET,
+        };
+        let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
+        cs.add_bar(
+            0,
+            BarKind::Memory32 {
+                prefetchable: false,
+            },
+            0x1000,
+        )
+        .unwrap();
+        StubEndpoint::new(cs)
     }
 
     /// A plain bridge with one child at device 0.
@@ -469,23 +442,23 @@ mod tests {
     #[test]
     fn slots_and_errors() {
         let mut root = PciRoot::new();
-        root.add(1, 0, handle(Scratch::new(1))).unwrap();
+        root.add(1, 0, handle(scratch(1))).unwrap();
         assert_eq!(
-            root.add(1, 0, handle(Scratch::new(2))),
+            root.add(1, 0, handle(scratch(2))),
             Err(Error::Occupied {
                 device: 1,
                 function: 0
             })
         );
         assert_eq!(
-            root.add(2, 1, handle(Scratch::new(2))),
+            root.add(2, 1, handle(scratch(2))),
             Err(Error::NoFunctionZero {
                 device: 2,
                 function: 1
             })
         );
         assert_eq!(
-            root.add(32, 0, handle(Scratch::new(2))),
+            root.add(32, 0, handle(scratch(2))),
             Err(Error::InvalidSlot {
                 device: 32,
                 function: 0
@@ -513,11 +486,11 @@ mod tests {
 
     #[test]
     fn routing_through_a_bridge_and_bar_dispatch() {
-        let dev = handle(Scratch::new(0x77));
+        let dev = handle(scratch(0x77));
         let mut root = PciRoot::new();
         let moves = Arc::new(Moves::default());
         root.set_bar_listener(moves.clone());
-        root.add(0, 0, handle(Scratch::new(1))).unwrap();
+        root.add(0, 0, handle(scratch(1))).unwrap();
         root.add(1, 0, handle(bridge(Some(dev.clone())))).unwrap();
         let port = Bdf::new(0, 1, 0);
         let child = Bdf::new(2, 0, 0);

@@ -17,6 +17,9 @@
 //! [`MsixState`]; the [`msix`] module documentation gives the restore order of a
 //! function with MSI-X.
 //!
+//! Test doubles ([`MsiSink`] and [`IntxSink`] recorders, a stub endpoint) are in
+//! `testing`, behind the `test-utils` feature.
+//!
 //! Guest accesses never panic: an access that is not 1, 2 or 4 bytes within one
 //! dword, or that falls outside the space, reads as all-ones and is ignored when
 //! written, and each is counted.
@@ -32,6 +35,8 @@ mod interrupt;
 pub mod msi;
 pub mod msix;
 pub mod pcie;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use address::{Bdf, ecam_offset};
 pub use bar::{BarKind, BarMove, BarRegion, BarRegions, MAX_BARS};

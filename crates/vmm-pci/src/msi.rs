@@ -188,21 +188,7 @@ fn mask_of(vectors: u32) -> u32 {
 mod tests {
     use super::*;
     use crate::config::{COMMAND, COMMAND_BUS_MASTER, ClassCode, HeaderType, PciIds};
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    pub(crate) struct Log(
-        pub Mutex<Vec<(u16, MsiMessage)>>,
-        pub Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    );
-    impl MsiSink for Log {
-        fn deliver(&self, vector: u16, message: MsiMessage) {
-            self.0.lock().unwrap().push((vector, message));
-        }
-        fn update_route(&self, vector: u16, message: Option<MsiMessage>) {
-            self.1.lock().unwrap().push((vector, message));
-        }
-    }
+    use crate::testing::RecordingMsi;
 
     fn setup(vectors: u8) -> (ConfigSpace, Msi) {
         let ids = PciIds {
@@ -218,7 +204,7 @@ mod tests {
         (cs, msi)
     }
 
-    fn gw(cs: &mut ConfigSpace, msi: &Msi, off: u16, data: &[u8], sink: &Log) {
+    fn gw(cs: &mut ConfigSpace, msi: &Msi, off: u16, data: &[u8], sink: &RecordingMsi) {
         cs.write(msi.offset() + off, data);
         msi.config_written(cs, msi.offset() + off, data.len(), sink);
     }
@@ -240,7 +226,7 @@ mod tests {
     #[test]
     fn trigger_mask_pending_unmask() {
         let (mut cs, msi) = setup(4);
-        let log = Log::default();
+        let log = RecordingMsi::new();
         assert_eq!(msi.trigger(&mut cs, 0, &log), Delivery::Dropped);
         gw(
             &mut cs,
@@ -263,30 +249,29 @@ mod tests {
         cs.write(COMMAND, &COMMAND_BUS_MASTER.to_le_bytes());
         assert_eq!(msi.trigger(&mut cs, 1, &log), Delivery::Sent);
         assert_eq!(msi.trigger(&mut cs, 2, &log), Delivery::Dropped);
-        let sent = log.0.lock().unwrap().pop().unwrap();
         assert_eq!(
-            sent,
-            (
+            log.take_delivered(),
+            [(
                 1,
                 MsiMessage {
                     address: 0xfee0_1000,
                     data: 0x4043
                 }
-            )
+            )]
         );
         // Mask vector 0, raise it, then unmask: one delivery on unmask.
         gw(&mut cs, &msi, MSI_MASK, &1u32.to_le_bytes(), &log);
         assert_eq!(msi.trigger(&mut cs, 0, &log), Delivery::Pending);
         assert_eq!(cs.get_u32(msi.offset() + MSI_PENDING), 1);
-        assert!(log.0.lock().unwrap().is_empty());
+        assert!(log.delivered().is_empty());
         // Pending bits are read-only to the guest.
         gw(&mut cs, &msi, MSI_PENDING, &0u32.to_le_bytes(), &log);
         assert_eq!(cs.get_u32(msi.offset() + MSI_PENDING), 1);
         gw(&mut cs, &msi, MSI_MASK, &0u32.to_le_bytes(), &log);
         assert_eq!(cs.get_u32(msi.offset() + MSI_PENDING), 0);
         assert_eq!(
-            log.0.lock().unwrap().as_slice(),
-            &[(
+            log.delivered(),
+            [(
                 0,
                 MsiMessage {
                     address: 0xfee0_1000,
@@ -295,10 +280,8 @@ mod tests {
             )]
         );
         // Routes follow: the last update for vector 1 is live, vectors 2-3 are not.
-        let routes = log.1.lock().unwrap();
-        assert!(routes.iter().rev().find(|r| r.0 == 1).unwrap().1.is_some());
-        assert!(routes.iter().rev().find(|r| r.0 == 2).unwrap().1.is_none());
-        drop(routes);
+        assert!(log.last_route(1).unwrap().is_some());
+        assert_eq!(log.last_route(2), Some(None));
         // Only four mask bits exist.
         gw(&mut cs, &msi, MSI_MASK, &u32::MAX.to_le_bytes(), &log);
         assert_eq!(cs.get_u32(msi.offset() + MSI_MASK), 0xf);

@@ -368,18 +368,7 @@ impl Msix {
 mod tests {
     use super::*;
     use crate::config::{COMMAND, COMMAND_BUS_MASTER, ClassCode, HeaderType, PciIds};
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Log(Mutex<Vec<u16>>, Mutex<Vec<(u16, bool)>>);
-    impl MsiSink for Log {
-        fn deliver(&self, vector: u16, _m: MsiMessage) {
-            self.0.lock().unwrap().push(vector);
-        }
-        fn update_route(&self, vector: u16, m: Option<MsiMessage>) {
-            self.1.lock().unwrap().push((vector, m.is_some()));
-        }
-    }
+    use crate::testing::RecordingMsi;
 
     fn setup(vectors: u16) -> (ConfigSpace, Msix) {
         let ids = PciIds {
@@ -395,7 +384,7 @@ mod tests {
         (cs, msix)
     }
 
-    fn ctrl(cs: &mut ConfigSpace, m: &mut Msix, v: u16, log: &Log) {
+    fn ctrl(cs: &mut ConfigSpace, m: &mut Msix, v: u16, log: &RecordingMsi) {
         cs.write(m.offset() + MSIX_CTRL, &v.to_le_bytes());
         m.config_written(cs, log);
     }
@@ -426,7 +415,7 @@ mod tests {
     #[test]
     fn table_reads_writes_and_malformed_accesses() {
         let (_cs, mut m) = setup(2);
-        let log = Log::default();
+        let log = RecordingMsi::new();
         let mut d = [0u8; 4];
         m.read_table(12, &mut d);
         assert_eq!(u32::from_le_bytes(d), 1, "vectors start masked");
@@ -453,7 +442,7 @@ mod tests {
     #[test]
     fn masking_pending_and_function_mask() {
         let (mut cs, mut m) = setup(2);
-        let log = Log::default();
+        let log = RecordingMsi::new();
         assert_eq!(m.trigger(0, &log), Delivery::Dropped);
         cs.write(COMMAND, &COMMAND_BUS_MASTER.to_le_bytes());
         ctrl(&mut cs, &mut m, MSIX_CTRL_ENABLE, &log);
@@ -463,9 +452,9 @@ mod tests {
         m.read_pba(0, &mut q);
         assert_eq!(u64::from_le_bytes(q), 1);
         m.write_table(8, &0x30u32.to_le_bytes(), &log);
-        assert!(log.0.lock().unwrap().is_empty());
+        assert!(log.delivered().is_empty());
         m.write_table(12, &0u32.to_le_bytes(), &log);
-        assert_eq!(*log.0.lock().unwrap(), [0]);
+        assert_eq!(log.delivered_vectors(), [0]);
         assert!(!m.is_pending(0));
         // Function mask holds everything back, and releases it when cleared.
         ctrl(
@@ -477,11 +466,11 @@ mod tests {
         assert_eq!(m.trigger(0, &log), Delivery::Pending);
         assert_eq!(m.trigger(5, &log), Delivery::Dropped);
         ctrl(&mut cs, &mut m, MSIX_CTRL_ENABLE, &log);
-        assert_eq!(*log.0.lock().unwrap(), [0, 0]);
+        assert_eq!(log.delivered_vectors(), [0, 0]);
         assert_eq!(m.trigger(0, &log), Delivery::Sent);
         // Routes: vector 0 live after its unmask, dead under the function mask.
-        assert!(log.1.lock().unwrap().contains(&(0, false)));
-        assert_eq!(log.1.lock().unwrap().last(), Some(&(1, false)));
+        assert!(log.routes().contains(&(0, None)));
+        assert_eq!(log.routes().last(), Some(&(1, None)));
         m.reset(&mut cs);
         assert!(!m.enabled() && m.entry(0).unwrap().masked());
         assert_eq!(cs.get_u16(m.offset() + MSIX_CTRL), 1);

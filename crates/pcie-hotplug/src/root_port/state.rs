@@ -245,79 +245,22 @@ impl Persist for RootPort {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     use device_state::{from_bytes, to_bytes};
     use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, MEMORY_BASE, PRIMARY_BUS};
     use vmm_pci::pcie::*;
-    use vmm_pci::{
-        BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, IntxSink, MsiMessage,
-        MsiSink, PciFunction, PciIds,
-    };
+    use vmm_pci::{MsiMessage, PciFunction, PciIds};
 
     use super::*;
     use crate::completion::HotplugOutcome;
     use crate::root_port::RootPortBuilder;
     use crate::slot::HotplugSlot;
 
-    #[derive(Default)]
-    struct Msis {
-        sent: Mutex<Vec<MsiMessage>>,
-        routes: Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    }
-    impl MsiSink for Msis {
-        fn deliver(&self, _v: u16, m: MsiMessage) {
-            self.sent.lock().unwrap().push(m);
-        }
-        fn update_route(&self, v: u16, m: Option<MsiMessage>) {
-            self.routes.lock().unwrap().push((v, m));
-        }
-    }
-    impl Msis {
-        fn take(&self) -> usize {
-            std::mem::take(&mut *self.sent.lock().unwrap()).len()
-        }
-    }
-
-    #[derive(Default)]
-    struct Line(AtomicBool);
-    impl IntxSink for Line {
-        fn set_level(&self, asserted: bool) {
-            self.0.store(asserted, Ordering::SeqCst);
-        }
-    }
-
-    struct Nic(ConfigSpace);
-    impl PciFunction for Nic {
-        fn read_config(&mut self, o: u16, d: &mut [u8]) {
-            self.0.read(o, d)
-        }
-        fn write_config(&mut self, o: u16, d: &[u8]) -> Option<BarMove> {
-            self.0.write(o, d)
-        }
-        fn bar_regions(&self) -> BarRegions {
-            self.0.bar_regions()
-        }
-        fn read_bar(&mut self, _: u8, _: u64, d: &mut [u8]) {
-            d.fill(0)
-        }
-        fn write_bar(&mut self, _: u8, _: u64, _: &[u8]) {}
-    }
+    use vmm_pci::testing::{RecordingIntx as Line, RecordingMsi as Msis, StubEndpoint};
 
     fn nic() -> PciHandle {
-        let ids = PciIds {
-            vendor_id: 0x8086,
-            device_id: 0x154c,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-            revision: 1,
-            class: ClassCode::ETHERNET,
-        };
-        let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
-        cs.add_bar(0, BarKind::Memory64 { prefetchable: true }, 0x4000)
-            .unwrap();
-        Arc::new(Mutex::new(Nic(cs)))
+        StubEndpoint::ethernet(0x8086, 0x154c, 0x4000)
     }
 
     struct Rig {
@@ -385,7 +328,7 @@ mod tests {
             );
             let sta = self.sta();
             self.ack(sta & SLTSTA_EVENTS);
-            self.msis.take();
+            self.msis.take_delivered().len();
         }
         /// The whole config space as the guest reads it.
         fn view(&mut self) -> Vec<u32> {
@@ -420,7 +363,7 @@ mod tests {
         r.enable_notifications();
         r.cmd(SLTCTL_AIC_OFF, SLTCTL_AIC);
         assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_CC);
-        assert_eq!(r.msis.take(), 1);
+        assert_eq!(r.msis.take_delivered().len(), 1);
         r
     }
 
@@ -435,9 +378,13 @@ mod tests {
         assert_eq!(dst.view(), src.view());
         assert_eq!(dst.port.save().unwrap(), state);
         assert_eq!(dst.port.slot_state(), src.port.slot_state());
-        assert_eq!(dst.msis.take(), 0, "no interrupt from restoring");
-        assert!(!dst.line.0.load(Ordering::SeqCst));
-        let route = dst.msis.routes.lock().unwrap().last().copied();
+        assert_eq!(
+            dst.msis.take_delivered().len(),
+            0,
+            "no interrupt from restoring"
+        );
+        assert!(!dst.line.level());
+        let route = dst.msis.routes().last().copied();
         assert_eq!(
             route,
             Some((
@@ -451,7 +398,7 @@ mod tests {
         // The pending Command Completed already asserted the interrupt: another
         // event is no new edge, exactly as on the source.
         dst.cmd(0, 0);
-        assert_eq!(dst.msis.take(), 0);
+        assert_eq!(dst.msis.take_delivered().len(), 0);
         dst.ack(SLTSTA_EVENTS);
 
         // The restored bridge forwards config cycles to the device behind it.
@@ -472,7 +419,7 @@ mod tests {
         dst.ack(SLTSTA_EVENTS);
         let done = dst.port.request_unplug().unwrap();
         assert_eq!(dst.sta(), SLTSTA_PDS | SLTSTA_ABP);
-        assert_eq!(dst.msis.take(), 1);
+        assert_eq!(dst.msis.take_delivered().len(), 1);
         dst.ack(SLTSTA_ABP);
         dst.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
         dst.ack(SLTSTA_CC);
@@ -493,13 +440,13 @@ mod tests {
         let mut dst = Rig::hp();
         dst.port.restore(&state).unwrap();
         assert_eq!(dst.view(), src.view());
-        assert_eq!(dst.msis.take(), 0);
+        assert_eq!(dst.msis.take_delivered().len(), 0);
         let done = dst.port.plug(nic()).unwrap();
         assert_eq!(
             dst.sta(),
             SLTSTA_PDS | SLTSTA_PDC | SLTSTA_ABP | SLTSTA_DLLSC
         );
-        assert_eq!(dst.msis.take(), 1);
+        assert_eq!(dst.msis.take_delivered().len(), 1);
         dst.ack(SLTSTA_EVENTS);
         dst.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
         dst.cmd(0, SLTCTL_PCC);
@@ -516,7 +463,7 @@ mod tests {
         dst.port.cold_plug(nic()).unwrap();
         dst.port.restore(&state).unwrap();
         assert_eq!(dst.view(), src.view());
-        assert_eq!(dst.msis.take(), 0);
+        assert_eq!(dst.msis.take_delivered().len(), 0);
         // The device must be in the slot one way or the other, and only once.
         let mut empty = Rig::hp();
         let e = empty.port.restore(&state).unwrap_err();
@@ -706,37 +653,69 @@ mod tests {
         let msi = src.msi_offset();
         src.w32(msi + 0x10, 1);
         src.cmd(0, 0);
-        assert_eq!(src.msis.take(), 0);
+        assert_eq!(src.msis.take_delivered().len(), 0);
         assert_eq!(src.port.counters().msi_masked, 1);
         let state = src.migrate();
         let mut dst = Rig::hp();
         dst.port.restore_with_device(&state, Some(nic())).unwrap();
-        assert_eq!(dst.msis.take(), 0);
+        assert_eq!(dst.msis.take_delivered().len(), 0);
         assert_eq!(dst.view(), src.view());
         dst.w32(msi + 0x10, 0);
-        assert_eq!(dst.msis.take(), 1, "released on unmask");
+        assert_eq!(dst.msis.take_delivered().len(), 1, "released on unmask");
     }
 
     #[test]
     fn the_intx_level_is_restored() {
         let mut src = Rig::hp();
         src.cmd(SLTCTL_HPIE | SLTCTL_CCIE, SLTCTL_HPIE | SLTCTL_CCIE);
-        assert!(src.line.0.load(Ordering::SeqCst));
+        assert!(src.line.level());
         let state = src.migrate();
         let mut dst = Rig::hp();
         dst.port.restore(&state).unwrap();
-        assert!(dst.line.0.load(Ordering::SeqCst), "the line is high again");
+        assert!(dst.line.level(), "the line is high again");
         assert_eq!(dst.view(), src.view());
         assert_eq!(dst.port.counters().intx_assertions, 0);
         dst.ack(SLTSTA_CC);
-        assert!(!dst.line.0.load(Ordering::SeqCst));
-        assert_eq!(dst.msis.take(), 0);
+        assert!(!dst.line.level());
+        assert_eq!(dst.msis.take_delivered().len(), 0);
     }
 
     #[cfg(feature = "serde")]
     #[test]
-    fn state_type_is_serde() {
-        fn is_serde<T: serde::Serialize + serde::de::DeserializeOwned>() {}
-        is_serde::<RootPortState>();
+    fn json_round_trip_with_the_device_reads_the_same_and_raises_nothing() {
+        let mut src = running_source();
+        let state = src.port.save().unwrap();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: RootPortState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+
+        let mut dst = Rig::hp();
+        dst.port.restore_with_device(&back, Some(nic())).unwrap();
+        assert_eq!(dst.view(), src.view());
+        assert_eq!(dst.port.save().unwrap(), state);
+        assert_eq!(dst.port.slot_state(), src.port.slot_state());
+        assert_eq!(
+            dst.msis.take_delivered().len(),
+            0,
+            "no interrupt from restoring"
+        );
+        // The restored port goes on: acknowledging the pending Command
+        // Completed and unplugging behave as on the source.
+        dst.ack(SLTSTA_EVENTS);
+        let done = dst.port.request_unplug().unwrap();
+        assert_eq!(dst.sta(), SLTSTA_PDS | SLTSTA_ABP);
+        assert_eq!(dst.msis.take_delivered().len(), 1);
+        dst.ack(SLTSTA_ABP);
+        dst.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+        dst.ack(SLTSTA_CC);
+        dst.cmd(SLTCTL_PCC, SLTCTL_PCC);
+        assert_eq!(done.outcome(), Some(HotplugOutcome::Unplugged));
+
+        // A deserialized state is checked as a decoded one: an empty slot
+        // with Presence Detect set is impossible.
+        let mut empty: RootPortState = serde_json::from_str(&json).unwrap();
+        empty.occupied = false;
+        let e = Rig::hp().port.restore(&empty).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
     }
 }

@@ -1,85 +1,33 @@
 //! Register-level tests of the root port. Linux-like flows with timings are in
 //! the `test-guest` crate's scenarios.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use vmm_pci::PciFunction;
 use vmm_pci::config::{
     BAR0, CLASS_PROG_IF, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
     HEADER_TYPE, INTERRUPT_PIN, PRIMARY_BUS, STATUS, STATUS_INTERRUPT,
 };
 use vmm_pci::pcie::*;
-use vmm_pci::{
-    BarKind, BarMove, BarRegions, ClassCode, ConfigSpace, HeaderType, MsiMessage, MsiSink,
-    PciFunction, PciIds,
-};
+use vmm_pci::testing::{RecordingIntx, RecordingMsi, StubEndpoint};
 
 use super::*;
 
-#[derive(Default)]
-struct Msis(Mutex<Vec<MsiMessage>>);
-impl MsiSink for Msis {
-    fn deliver(&self, _v: u16, m: MsiMessage) {
-        self.0.lock().unwrap().push(m);
-    }
-}
-impl Msis {
-    fn take(&self) -> usize {
-        std::mem::take(&mut *self.0.lock().unwrap()).len()
-    }
-}
-
-#[derive(Default)]
-struct Line(AtomicBool);
-impl IntxSink for Line {
-    fn set_level(&self, asserted: bool) {
-        self.0.store(asserted, Ordering::SeqCst);
-    }
-}
-
-struct Nic(ConfigSpace);
-impl PciFunction for Nic {
-    fn read_config(&mut self, o: u16, d: &mut [u8]) {
-        self.0.read(o, d)
-    }
-    fn write_config(&mut self, o: u16, d: &[u8]) -> Option<BarMove> {
-        self.0.write(o, d)
-    }
-    fn bar_regions(&self) -> BarRegions {
-        self.0.bar_regions()
-    }
-    fn read_bar(&mut self, _: u8, _: u64, d: &mut [u8]) {
-        d.fill(0)
-    }
-    fn write_bar(&mut self, _: u8, _: u64, _: &[u8]) {}
-}
-
 fn nic() -> PciHandle {
-    let ids = PciIds {
-        vendor_id: 0x8086,
-        device_id: 0x154c,
-        subsystem_vendor_id: 0,
-        subsystem_id: 0,
-        revision: 1,
-        class: ClassCode::ETHERNET,
-    };
-    let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
-    cs.add_bar(0, BarKind::Memory64 { prefetchable: true }, 0x4000)
-        .unwrap();
-    Arc::new(Mutex::new(Nic(cs)))
+    StubEndpoint::ethernet(0x8086, 0x154c, 0x4000)
 }
 
 struct Rig {
     port: RootPort,
-    msis: Arc<Msis>,
-    line: Arc<Line>,
+    msis: Arc<RecordingMsi>,
+    line: Arc<RecordingIntx>,
     cap: u16,
 }
 
 impl Rig {
     fn new(b: RootPortBuilder) -> Rig {
-        let msis = Arc::new(Msis::default());
-        let line = Arc::new(Line::default());
+        let msis = Arc::new(RecordingMsi::new());
+        let line = Arc::new(RecordingIntx::new());
         let port = b.intx(line.clone()).build(msis.clone());
         let cap = port.pcie_cap_offset();
         Rig {
@@ -137,7 +85,7 @@ impl Rig {
         );
         let sta = self.sta();
         self.ack(sta & SLTSTA_EVENTS);
-        self.msis.take();
+        self.msis.take_delivered();
     }
 }
 
@@ -200,7 +148,7 @@ fn cold_plug_is_present_powered_and_silent() {
     assert_ne!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
     assert_eq!(r.ctl() & (SLTCTL_PCC | SLTCTL_PIC), SLTCTL_PIC_ON);
     assert_eq!(r.port.children().len(), 1);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     assert_eq!(r.port.cold_plug(nic()), Err(Error::Occupied("rp0".into())));
     // A port reset keeps a populated slot powered.
     r.port.reset();
@@ -218,7 +166,11 @@ fn command_completed_on_every_slot_control_write() {
         SLTSTA_CC,
         "even a write that changes nothing"
     );
-    assert_eq!(r.msis.take(), 0, "no CCIE/HPIE: no interrupt");
+    assert_eq!(
+        r.msis.take_delivered().len(),
+        0,
+        "no CCIE/HPIE: no interrupt"
+    );
     r.ack(SLTSTA_CC);
     assert_eq!(r.sta() & SLTSTA_CC, 0);
     // A dword write covering control and status is one command, and its status
@@ -226,7 +178,7 @@ fn command_completed_on_every_slot_control_write() {
     let ctl = r.ctl() | SLTCTL_CCIE | SLTCTL_HPIE;
     r.w32(r.cap + SLTCTL, (SLTSTA_CC as u32) << 16 | ctl as u32);
     assert_eq!(r.sta() & SLTSTA_CC, SLTSTA_CC);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     // Status-only writes are not commands.
     r.ack(SLTSTA_CC);
     r.ack(0);
@@ -240,49 +192,49 @@ fn interrupts_need_hpie_and_the_event_enable() {
     r.enable_msi();
     // Events with nothing enabled: no interrupt.
     r.port.plug(nic()).unwrap();
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     // HPIE alone: still none (CC raised by this write, CCIE off).
     r.cmd(SLTCTL_HPIE, SLTCTL_HPIE);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     // ABPE with ABP already set: rising edge, one MSI.
     r.cmd(SLTCTL_ABPE, SLTCTL_ABPE);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     // More events while the condition holds: no new edge.
     r.cmd(SLTCTL_PDCE, SLTCTL_PDCE);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     // Ack everything: condition drops; the next event is a new edge.
     r.ack(SLTSTA_EVENTS);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     r.cmd(SLTCTL_CCIE, SLTCTL_CCIE);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     r.ack(SLTSTA_EVENTS);
     // A masked MSI vector holds the interrupt pending, released on unmask.
     let msi = r.port.msi.unwrap().offset();
     r.w32(msi + 0x10, 1);
     r.cmd(0, 0);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
     assert_eq!(r.port.counters().msi_masked, 1);
     r.w32(msi + 0x10, 0);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
 }
 
 #[test]
 fn intx_fallback_follows_the_level() {
     let mut r = Rig::hp();
     r.cmd(SLTCTL_HPIE | SLTCTL_CCIE, SLTCTL_HPIE | SLTCTL_CCIE);
-    assert!(r.line.0.load(Ordering::SeqCst));
+    assert!(r.line.level());
     assert_ne!(r.r16(STATUS) & STATUS_INTERRUPT, 0);
     r.ack(SLTSTA_CC);
-    assert!(!r.line.0.load(Ordering::SeqCst));
+    assert!(!r.line.level());
     assert_eq!(r.r16(STATUS) & STATUS_INTERRUPT, 0);
     // INTx Disable in the command register keeps the line low.
     r.w16(COMMAND, COMMAND_INTX_DISABLE);
     r.cmd(0, 0);
-    assert!(!r.line.0.load(Ordering::SeqCst));
+    assert!(!r.line.level());
     r.w16(COMMAND, 0);
-    assert!(r.line.0.load(Ordering::SeqCst));
+    assert!(r.line.level());
     assert_eq!(r.port.counters().intx_assertions, 2);
-    assert_eq!(r.msis.take(), 0);
+    assert_eq!(r.msis.take_delivered().len(), 0);
 }
 
 #[test]
@@ -293,7 +245,7 @@ fn hot_plug_raises_presence_link_and_button_then_completes_on_indicator_on() {
     let done = r.port.plug(nic()).unwrap();
     assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_PDC | SLTSTA_ABP | SLTSTA_DLLSC);
     assert_ne!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     assert!(
         r.port.children().is_empty(),
         "unpowered: no config cycles reach it"
@@ -380,13 +332,13 @@ fn unplug_of_a_powered_off_slot_is_immediate() {
     // A plug the guest never acts on (no pciehp): the VMM takes it back.
     let plug = r.port.plug(nic()).unwrap();
     r.ack(SLTSTA_EVENTS);
-    r.msis.take();
+    r.msis.take_delivered();
     let c = r.port.request_unplug().unwrap();
     assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
     assert_eq!(plug.outcome(), Some(HotplugOutcome::Cancelled));
     assert_eq!(r.sta(), SLTSTA_PDC | SLTSTA_DLLSC, "no button press");
     assert_eq!(r.r16(r.cap + LNKSTA) & LNKSTA_DLLLA, 0);
-    assert_eq!(r.msis.take(), 1, "DLLSC is enabled");
+    assert_eq!(r.msis.take_delivered().len(), 1, "DLLSC is enabled");
     assert!(r.port.device().is_none());
 }
 
@@ -398,7 +350,7 @@ fn cooperative_unplug_detaches_at_power_off() {
     r.enable_notifications();
     let c = r.port.request_unplug().unwrap();
     assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_ABP);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     r.ack(SLTSTA_ABP);
     r.cmd(SLTCTL_PIC_BLINK | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
     r.ack(SLTSTA_CC);
@@ -441,10 +393,10 @@ fn cancel_inside_the_window_is_a_second_press() {
     r.ack(SLTSTA_ABP);
     r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
     r.ack(SLTSTA_CC);
-    r.msis.take();
+    r.msis.take_delivered();
     r.port.cancel_unplug().unwrap();
     assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     assert_eq!(c.outcome(), None, "the guest decides");
     r.ack(SLTSTA_ABP);
     r.cmd(SLTCTL_PIC_ON | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
@@ -461,7 +413,7 @@ fn cancel_between_ack_and_blink_presses_when_the_window_opens() {
     r.enable_notifications();
     let c = r.port.request_unplug().unwrap();
     r.ack(SLTSTA_ABP);
-    r.msis.take();
+    r.msis.take_delivered();
     r.port.cancel_unplug().unwrap();
     assert_eq!(
         r.sta() & SLTSTA_ABP,
@@ -470,7 +422,7 @@ fn cancel_between_ack_and_blink_presses_when_the_window_opens() {
     );
     r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
     assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
-    assert_eq!(r.msis.take(), 1);
+    assert_eq!(r.msis.take_delivered().len(), 1);
     r.ack(SLTSTA_ABP | SLTSTA_CC);
     r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
     assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
@@ -490,7 +442,7 @@ fn surprise_removal() {
     s.enable_notifications();
     s.cmd(SLTCTL_PDCE, SLTCTL_PDCE);
     s.ack(SLTSTA_CC);
-    s.msis.take();
+    s.msis.take_delivered();
     let c = s.port.request_unplug().unwrap();
     s.port.surprise_remove().unwrap();
     assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
@@ -498,7 +450,7 @@ fn surprise_removal() {
         s.sta() & (SLTSTA_PDS | SLTSTA_PDC | SLTSTA_DLLSC),
         SLTSTA_PDC | SLTSTA_DLLSC
     );
-    assert_eq!(s.msis.take(), 1);
+    assert_eq!(s.msis.take_delivered().len(), 1);
     assert_eq!(
         s.port.surprise_remove().err().unwrap(),
         Error::Empty("rp-s".into())
@@ -520,7 +472,7 @@ fn guest_powering_off_during_plug_aborts_it() {
 #[test]
 fn secondary_bus_routing_follows_power() {
     let mut root = vmm_pci::PciRoot::new();
-    let msis = Arc::new(Msis::default());
+    let msis = Arc::new(RecordingMsi::new());
     let port = Arc::new(Mutex::new(RootPortBuilder::new("rp0", 1).build(msis)));
     root.add(1, 0, port.clone()).unwrap();
     let p = vmm_pci::Bdf::new(0, 1, 0);

@@ -8,9 +8,10 @@ use virtio_device::virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_STANDBY;
 use virtio_device::{FeaturesAcked, VirtioInterruptType};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_pci::PciFunction;
 use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use vmm_pci::msix::MSIX_CTRL_ENABLE;
-use vmm_pci::{MsiMessage, PciFunction};
+use vmm_pci::testing::{RecordingIntx, RecordingMsi};
 
 use super::*;
 use crate::caps::*;
@@ -22,28 +23,20 @@ use virtio_device::status::{
 };
 use virtio_device::testing::FakeState;
 
-#[derive(Default)]
-struct Msis(Mutex<Vec<u16>>);
-impl MsiSink for Msis {
-    fn deliver(&self, vector: u16, _m: MsiMessage) {
-        self.0.lock().unwrap().push(vector);
-    }
-}
-
 type Mem = GuestMemoryMmap<()>;
 type Dev = VirtioPciDevice<Mem, FakeDevice>;
 
 /// What the fake net device offers: VERSION_1, EVENT_IDX and STANDBY.
 const OFFER: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << 29 | 1 << VIRTIO_NET_F_STANDBY;
 
-fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<Msis>) {
+fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<RecordingMsi>) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     // A net-typed device with two queues and a control queue, refusing sets
     // without VERSION_1 as a modern device does.
     let fake = FakeDevice::new(1, vec![256; 3], OFFER)
         .requiring(1 << VIRTIO_F_VERSION_1)
         .with_config(vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0]);
-    let msis = Arc::new(Msis::default());
+    let msis = Arc::new(RecordingMsi::new());
     let mut b = VirtioPciBuilder::new().id("net1");
     if let Some(line) = intx {
         b = b.intx(line);
@@ -54,7 +47,7 @@ fn dev_with(intx: Option<Arc<dyn IntxSink>>) -> (Dev, Arc<Msis>) {
     (d, msis)
 }
 
-fn dev() -> (Dev, Arc<Msis>) {
+fn dev() -> (Dev, Arc<RecordingMsi>) {
     dev_with(None)
 }
 
@@ -271,7 +264,7 @@ fn driver_ok_activates_and_zero_resets_everything() {
     let g = rc(&mut d, CONFIG_GENERATION as u64, 1);
     assert!(d.device().raise(VirtioInterruptType::Config));
     assert_eq!(rc(&mut d, CONFIG_GENERATION as u64, 1), g + 1);
-    assert_eq!(msis.0.lock().unwrap().last(), Some(&0));
+    assert_eq!(msis.delivered_vectors().last(), Some(&0));
     // A notification through the BAR reaches the queue's eventfd.
     d.write_bar(VIRTIO_BAR, NOTIFY_CFG_OFFSET + 8, &2u16.to_le_bytes());
     assert_eq!(d.queue_eventfd(2).unwrap().read().unwrap(), 1);
@@ -293,24 +286,17 @@ fn driver_ok_activates_and_zero_resets_everything() {
 
 #[test]
 fn isr_and_intx_without_msix() {
-    #[derive(Default)]
-    struct Line(Mutex<bool>);
-    impl IntxSink for Line {
-        fn set_level(&self, a: bool) {
-            *self.0.lock().unwrap() = a;
-        }
-    }
-    let line = Arc::new(Line::default());
+    let line = Arc::new(RecordingIntx::new());
     let (mut d, _) = dev_with(Some(line.clone()));
     d.interrupt().trigger(VirtioInterruptType::Config).unwrap();
-    assert!(*line.0.lock().unwrap());
+    assert!(line.level());
     let mut st = [0u8; 2];
     d.read_config(vmm_pci::config::STATUS, &mut st);
     assert_ne!(u16::from_le_bytes(st) & STATUS_INTERRUPT, 0);
     let mut isr = [0u8];
     d.read_bar(VIRTIO_BAR, ISR_CFG_OFFSET, &mut isr);
     assert_eq!(isr, [2]);
-    assert!(!*line.0.lock().unwrap());
+    assert!(!line.level());
     d.read_bar(VIRTIO_BAR, ISR_CFG_OFFSET, &mut isr);
     assert_eq!(isr, [0], "read clears");
 }
@@ -427,9 +413,9 @@ fn features_acked_is_raised_once_per_negotiation() {
     assert_eq!(late.lock().unwrap().len(), 2);
 }
 
-fn dev_from(fake: FakeDevice) -> (Dev, Arc<Msis>) {
+fn dev_from(fake: FakeDevice) -> (Dev, Arc<RecordingMsi>) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let msis = Arc::new(Msis::default());
+    let msis = Arc::new(RecordingMsi::new());
     let d = VirtioPciBuilder::new()
         .id("net1")
         .build(fake, GuestMemoryAtomic::new(mem), msis.clone())
@@ -475,7 +461,7 @@ fn guest_view(d: &mut Dev) -> Vec<u8> {
 
 /// A driver that brought the device up: MSI-X on with vector 3 masked, three
 /// queues, DRIVER_OK, then a queue-2 interrupt held pending by the mask.
-fn running() -> (Dev, Arc<Msis>) {
+fn running() -> (Dev, Arc<RecordingMsi>) {
     let (mut d, msis) = dev();
     d.write_config(
         COMMAND,
@@ -508,7 +494,7 @@ fn running() -> (Dev, Arc<Msis>) {
 fn a_running_function_moves_whole_and_the_driver_goes_on() {
     use device_state::{Persist, from_bytes, to_bytes};
     let (mut src, src_msis) = running();
-    assert_eq!(*src_msis.0.lock().unwrap(), [0], "vector 3 is masked");
+    assert_eq!(src_msis.delivered_vectors(), [0], "vector 3 is masked");
     let state = src.save().unwrap();
     let bytes = to_bytes(&state);
     let (mut dst, dst_msis) = dev();
@@ -535,12 +521,12 @@ fn a_running_function_moves_whole_and_the_driver_goes_on() {
             restored: true,
         }]
     );
-    assert!(dst_msis.0.lock().unwrap().is_empty());
+    assert!(dst_msis.delivered().is_empty());
     // The pending vector fires when the guest unmasks it; others on trigger.
     dst.write_bar(MSIX_BAR, 3 * 16 + 12, &0u32.to_le_bytes());
-    assert_eq!(*dst_msis.0.lock().unwrap(), [3]);
+    assert_eq!(dst_msis.delivered_vectors(), [3]);
     assert!(dst.device().raise(VirtioInterruptType::Queue(0)));
-    assert_eq!(*dst_msis.0.lock().unwrap(), [3, 1]);
+    assert_eq!(dst_msis.delivered_vectors(), [3, 1]);
     // Notifications reach the destination's eventfds.
     dst.write_bar(VIRTIO_BAR, NOTIFY_CFG_OFFSET + 4, &1u16.to_le_bytes());
     assert_eq!(dst.queue_eventfd(1).unwrap().read().unwrap(), 1);

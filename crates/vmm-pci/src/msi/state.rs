@@ -71,28 +71,10 @@ mod tests {
     use super::*;
     use crate::config::{COMMAND, COMMAND_BUS_MASTER, ClassCode, ConfigSpace, HeaderType, PciIds};
     use crate::msi::{MSI_ADDRESS_LO, MSI_CTRL, MSI_CTRL_ENABLE, MSI_DATA, MSI_MASK, MSI_PENDING};
-    use crate::{Delivery, MsiMessage, MsiSink};
+    use crate::{Delivery, MsiMessage};
     use device_state::{from_bytes, to_bytes};
-    use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct Log {
-        sent: Mutex<Vec<(u16, MsiMessage)>>,
-        routes: Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    }
-    impl MsiSink for Log {
-        fn deliver(&self, vector: u16, message: MsiMessage) {
-            self.sent.lock().unwrap().push((vector, message));
-        }
-        fn update_route(&self, vector: u16, message: Option<MsiMessage>) {
-            self.routes.lock().unwrap().push((vector, message));
-        }
-    }
-    impl Log {
-        fn sent(&self) -> Vec<(u16, MsiMessage)> {
-            std::mem::take(&mut *self.sent.lock().unwrap())
-        }
-    }
+    use crate::testing::RecordingMsi as Log;
 
     fn build(vectors: u8) -> (ConfigSpace, Msi) {
         let ids = PciIds {
@@ -117,8 +99,9 @@ mod tests {
         (0..cs.size()).step_by(4).map(|o| cs.read_u32(o)).collect()
     }
 
-    #[test]
-    fn round_trip_keeps_pending_and_delivers_after_restore() {
+    /// Four vectors at 0xfee0_1000 / 0x4040, enabled, bus master on, vector 1
+    /// masked with its pending bit set.
+    fn programmed() -> (ConfigSpace, Msi) {
         let (mut cs, msi) = build(4);
         let log = Log::default();
         gw(
@@ -139,7 +122,12 @@ mod tests {
         cs.write(COMMAND, &COMMAND_BUS_MASTER.to_le_bytes());
         gw(&mut cs, &msi, MSI_MASK, &0b10u32.to_le_bytes(), &log);
         assert_eq!(msi.trigger(&mut cs, 1, &log), Delivery::Pending);
-        log.sent();
+        (cs, msi)
+    }
+
+    #[test]
+    fn round_trip_keeps_pending_and_delivers_after_restore() {
+        let (mut cs, msi) = programmed();
 
         let cs_bytes = to_bytes(&crate::ConfigSpace::save(&cs).unwrap());
         let msi_bytes = to_bytes(&msi.save().unwrap());
@@ -154,8 +142,11 @@ mod tests {
 
         let new_sink = Log::default();
         dmsi.sync_routes(&dst, &new_sink);
-        assert!(new_sink.sent().is_empty(), "restoring sends nothing");
-        let routes = new_sink.routes.lock().unwrap().clone();
+        assert!(
+            new_sink.take_delivered().is_empty(),
+            "restoring sends nothing"
+        );
+        let routes = new_sink.routes();
         let m0 = MsiMessage {
             address: 0xfee0_1000,
             data: 0x4040,
@@ -172,9 +163,12 @@ mod tests {
         // An unmasked vector sends on its next trigger; the masked one was
         // pending and goes out when the guest unmasks it.
         assert_eq!(dmsi.trigger(&mut dst, 0, &new_sink), Delivery::Sent);
-        assert_eq!(new_sink.sent(), [(0, m0)]);
+        assert_eq!(new_sink.take_delivered(), [(0, m0)]);
         gw(&mut dst, &dmsi, MSI_MASK, &0u32.to_le_bytes(), &new_sink);
-        assert_eq!(new_sink.sent(), [(1, MsiMessage { data: 0x4041, ..m0 })]);
+        assert_eq!(
+            new_sink.take_delivered(),
+            [(1, MsiMessage { data: 0x4041, ..m0 })]
+        );
         assert_eq!(dst.get_u32(dmsi.offset() + MSI_PENDING), 0);
     }
 
@@ -213,5 +207,40 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(e, Error::Invalid(_)), "{e}");
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn json_round_trip_keeps_pending_and_delivers_after_restore() {
+        let (mut cs, msi) = programmed();
+        let cs_state = crate::ConfigSpace::save(&cs).unwrap();
+        let msi_state = msi.save().unwrap();
+        let cs_json = serde_json::to_string(&cs_state).unwrap();
+        let msi_json = serde_json::to_string(&msi_state).unwrap();
+        let cs_back: crate::ConfigSpaceState = serde_json::from_str(&cs_json).unwrap();
+        let msi_back: MsiState = serde_json::from_str(&msi_json).unwrap();
+        assert_eq!(cs_back, cs_state);
+        assert_eq!(msi_back, msi_state);
+
+        let (mut dst, mut dmsi) = build(4);
+        dst.restore(&cs_back).unwrap();
+        dmsi.restore(&msi_back).unwrap();
+        assert_eq!(dmsi.save().unwrap(), msi_state);
+        assert_eq!(guest_view(&mut dst), guest_view(&mut cs));
+        let sink = Log::default();
+        dmsi.sync_routes(&dst, &sink);
+        assert!(sink.take_delivered().is_empty(), "restoring sends nothing");
+        // The masked vector was pending: unmasking sends it.
+        gw(&mut dst, &dmsi, MSI_MASK, &0u32.to_le_bytes(), &sink);
+        let m1 = MsiMessage {
+            address: 0xfee0_1000,
+            data: 0x4041,
+        };
+        assert_eq!(sink.take_delivered(), [(1, m1)]);
+
+        // A deserialized layout is checked as a decoded one.
+        let mut other: MsiState = serde_json::from_str(&msi_json).unwrap();
+        other.vectors = 8;
+        assert!(build(4).1.restore(&other).is_err());
     }
 }

@@ -243,31 +243,10 @@ impl Msix {
 mod tests {
     use super::*;
     use crate::config::{COMMAND, COMMAND_BUS_MASTER, ClassCode, HeaderType, PciIds};
-    use crate::{BarKind, Delivery, MsiMessage, MsiSink};
+    use crate::{BarKind, Delivery, MsiMessage};
     use device_state::{from_bytes, to_bytes};
-    use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct Log {
-        sent: Mutex<Vec<(u16, MsiMessage)>>,
-        routes: Mutex<Vec<(u16, Option<MsiMessage>)>>,
-    }
-    impl MsiSink for Log {
-        fn deliver(&self, vector: u16, message: MsiMessage) {
-            self.sent.lock().unwrap().push((vector, message));
-        }
-        fn update_route(&self, vector: u16, message: Option<MsiMessage>) {
-            self.routes.lock().unwrap().push((vector, message));
-        }
-    }
-    impl Log {
-        fn sent(&self) -> Vec<(u16, MsiMessage)> {
-            std::mem::take(&mut *self.sent.lock().unwrap())
-        }
-        fn routes(&self) -> Vec<(u16, Option<MsiMessage>)> {
-            std::mem::take(&mut *self.routes.lock().unwrap())
-        }
-    }
+    use crate::testing::RecordingMsi as Log;
 
     fn build_with(vectors: u16, table: (u8, u32), pba: (u8, u32)) -> (ConfigSpace, Msix) {
         let ids = PciIds {
@@ -348,8 +327,8 @@ mod tests {
         entry(&mut m, 65, 0xfee0_2000, 0x43, true, &log);
         assert_eq!(m.trigger(1, &log), Delivery::Pending);
         assert_eq!(m.trigger(65, &log), Delivery::Pending);
-        log.sent();
-        log.routes();
+        log.take_delivered();
+        log.take_routes();
         (cs, m, log)
     }
 
@@ -383,18 +362,18 @@ mod tests {
             let sink = Log::default();
             assert!(dm.is_pending(1) && dm.is_pending(65) && !dm.is_pending(0));
             dm.sync_routes(&sink);
-            assert!(sink.sent().is_empty(), "restoring sends nothing");
-            let routes = sink.routes();
+            assert!(sink.take_delivered().is_empty(), "restoring sends nothing");
+            let routes = sink.take_routes();
             assert_eq!(routes.len(), 70);
             assert_eq!(routes[0], (0, Some(M0)));
             assert!(routes[1..].iter().all(|r| r.1.is_none()));
             // The config space agrees with the copy: a config write releases
             // nothing.
             dm.config_written(&dcs, &sink);
-            assert!(sink.sent().is_empty());
+            assert!(sink.take_delivered().is_empty());
             // Live vector: sent on its next trigger.
             assert_eq!(dm.trigger(0, &sink), Delivery::Sent);
-            assert_eq!(sink.sent(), [(0, M0)]);
+            assert_eq!(sink.take_delivered(), [(0, M0)]);
             // Masked vector: still masked, stays pending, goes out on unmask.
             assert_eq!(dm.trigger(1, &sink), Delivery::Pending);
             dm.write_table(16 + 12, &0u32.to_le_bytes(), &sink);
@@ -402,7 +381,7 @@ mod tests {
                 address: 0xfee0_1000,
                 data: 0x42,
             };
-            assert_eq!(sink.sent(), [(1, m1)]);
+            assert_eq!(sink.take_delivered(), [(1, m1)]);
             assert!(!dm.is_pending(1) && dm.is_pending(65));
             // Disabling and re-enabling goes through the restored copy.
             ctrl(&mut dcs, &mut dm, 0, &sink);
@@ -429,7 +408,11 @@ mod tests {
         let sink = Log::default();
         assert!(dm.is_pending(0) && dm.function_masked());
         ctrl(&mut dcs, &mut dm, MSIX_CTRL_ENABLE, &sink);
-        assert_eq!(sink.sent(), [(0, M0)], "released by clearing the mask");
+        assert_eq!(
+            sink.take_delivered(),
+            [(0, M0)],
+            "released by clearing the mask"
+        );
     }
 
     #[test]
@@ -583,9 +566,42 @@ mod tests {
 
     #[cfg(feature = "serde")]
     #[test]
-    fn state_types_are_serde() {
-        fn is_serde<T: serde::Serialize + serde::de::DeserializeOwned>() {}
-        is_serde::<MsixState>();
-        is_serde::<crate::MsiState>();
+    fn json_round_trip_keeps_table_pba_and_delivery() {
+        let (mut scs, mut sm, _) = programmed();
+        let cs_state = scs.save().unwrap();
+        let m_state = sm.save().unwrap();
+        let cs_json = serde_json::to_string(&cs_state).unwrap();
+        let m_json = serde_json::to_string(&m_state).unwrap();
+        let cs_back: crate::ConfigSpaceState = serde_json::from_str(&cs_json).unwrap();
+        let m_back: MsixState = serde_json::from_str(&m_json).unwrap();
+        assert_eq!(cs_back, cs_state);
+        assert_eq!(m_back, m_state);
+
+        let (mut dcs, mut dm) = build(70);
+        dcs.restore(&cs_back).unwrap();
+        dm.restore(&m_back).unwrap();
+        dm.check_config(&dcs).unwrap();
+        assert_eq!(dm.save().unwrap(), m_state);
+        assert_eq!(guest_view(&mut dm), guest_view(&mut sm));
+        assert_eq!(config_view(&mut dcs), config_view(&mut scs));
+        let sink = Log::default();
+        dm.sync_routes(&sink);
+        assert!(sink.take_delivered().is_empty(), "restoring sends nothing");
+        assert_eq!(sink.take_routes()[0], (0, Some(M0)));
+        assert_eq!(dm.trigger(0, &sink), Delivery::Sent);
+        assert_eq!(sink.take_delivered(), [(0, M0)]);
+        // Vector 65 (second PBA word) was masked and pending: unmasking sends.
+        dm.write_table(65 * 16 + 12, &0u32.to_le_bytes(), &sink);
+        let m65 = MsiMessage {
+            address: 0xfee0_2000,
+            data: 0x43,
+        };
+        assert_eq!(sink.take_delivered(), [(65, m65)]);
+
+        // A deserialized state is checked as a decoded one: a table of the
+        // wrong length is refused.
+        let mut short: MsixState = serde_json::from_str(&m_json).unwrap();
+        short.entries.pop();
+        assert!(build(70).1.restore(&short).is_err());
     }
 }
