@@ -134,16 +134,18 @@ fn copy_to_iovecs_slow(iov: &[libc::iovec], mut offset: usize, src: &[u8]) -> us
     done
 }
 
+/// An iovec over `b`, for tests.
+#[cfg(test)]
+pub(crate) fn iov(b: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: b.len(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iov(b: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        }
-    }
 
     #[test]
     fn small_copies_are_exact_at_every_length() {

@@ -248,7 +248,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use device_state::{from_bytes, to_bytes};
-    use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY, MEMORY_BASE, PRIMARY_BUS};
+    use vmm_pci::config::{MEMORY_BASE, PRIMARY_BUS};
     use vmm_pci::pcie::*;
     use vmm_pci::{MsiMessage, PciFunction, PciIds};
 
@@ -257,71 +257,12 @@ mod tests {
     use crate::root_port::RootPortBuilder;
     use crate::slot::HotplugSlot;
 
-    use vmm_pci::testing::{RecordingIntx as Line, RecordingMsi as Msis, StubEndpoint};
-
-    fn nic() -> PciHandle {
-        StubEndpoint::ethernet(0x8086, 0x154c, 0x4000)
-    }
-
-    struct Rig {
-        port: RootPort,
-        msis: Arc<Msis>,
-        line: Arc<Line>,
-        cap: u16,
-    }
+    use crate::root_port::tests::{Rig, nic};
 
     impl Rig {
-        fn new(b: RootPortBuilder) -> Rig {
-            let msis = Arc::new(Msis::default());
-            let line = Arc::new(Line::default());
-            let port = b.intx(line.clone()).build(msis.clone());
-            let cap = port.pcie_cap_offset();
-            Rig {
-                port,
-                msis,
-                line,
-                cap,
-            }
-        }
-        fn hp() -> Rig {
-            Rig::new(RootPortBuilder::new("rp0", 5))
-        }
-        fn r16(&mut self, off: u16) -> u16 {
-            let mut b = [0; 2];
-            self.port.read_config(off, &mut b);
-            u16::from_le_bytes(b)
-        }
-        fn w16(&mut self, off: u16, v: u16) {
-            self.port.write_config(off, &v.to_le_bytes());
-        }
-        fn w32(&mut self, off: u16, v: u32) {
-            self.port.write_config(off, &v.to_le_bytes());
-        }
-        fn ctl(&mut self) -> u16 {
-            self.r16(self.cap + SLTCTL)
-        }
-        fn sta(&mut self) -> u16 {
-            self.r16(self.cap + SLTSTA)
-        }
-        /// A Linux-style masked Slot Control command.
-        fn cmd(&mut self, value: u16, mask: u16) {
-            let ctl = self.ctl();
-            self.w16(self.cap + SLTCTL, (ctl & !mask) | value);
-        }
-        fn ack(&mut self, bits: u16) {
-            self.w16(self.cap + SLTSTA, bits);
-        }
-        fn msi_offset(&self) -> u16 {
-            self.port.msi.map(|m| m.offset()).unwrap_or(0)
-        }
-        fn enable_msi(&mut self) {
-            let msi = self.msi_offset();
-            self.w32(msi + 4, 0xfee0_0000);
-            self.w16(msi + 0xc, 0x30);
-            self.w16(msi + 2, 1);
-            self.w16(COMMAND, COMMAND_BUS_MASTER | COMMAND_MEMORY);
-        }
-        fn enable_notifications(&mut self) {
+        /// pciehp's notification enables with Presence Detect Changed too, and
+        /// the events that were pending acknowledged.
+        fn enable_all_notifications(&mut self) {
             self.cmd(
                 SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_PDCE | SLTCTL_HPIE | SLTCTL_CCIE,
                 SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_PDCE | SLTCTL_HPIE | SLTCTL_CCIE,
@@ -360,7 +301,7 @@ mod tests {
         r.w32(PRIMARY_BUS, 0x00_01_01_00);
         r.w32(MEMORY_BASE, 0xfe1f_fe00);
         r.enable_msi();
-        r.enable_notifications();
+        r.enable_all_notifications();
         r.cmd(SLTCTL_AIC_OFF, SLTCTL_AIC);
         assert_eq!(r.sta(), SLTSTA_PDS | SLTSTA_CC);
         assert_eq!(r.msis.take_delivered().len(), 1);
@@ -434,7 +375,7 @@ mod tests {
     fn restored_empty_slot_hot_plugs() {
         let mut src = Rig::hp();
         src.enable_msi();
-        src.enable_notifications();
+        src.enable_all_notifications();
         let state = src.migrate();
         assert!(!state.occupied);
         let mut dst = Rig::hp();
@@ -487,7 +428,7 @@ mod tests {
         // A plug the guest has not finished.
         let mut r = Rig::hp();
         r.enable_msi();
-        r.enable_notifications();
+        r.enable_all_notifications();
         let plug = r.port.plug(nic()).unwrap();
         let text = busy(&r);
         assert!(
@@ -649,8 +590,8 @@ mod tests {
         let mut src = Rig::hp();
         src.port.cold_plug(nic()).unwrap();
         src.enable_msi();
-        src.enable_notifications();
-        let msi = src.msi_offset();
+        src.enable_all_notifications();
+        let msi = src.port.msi.map(|m| m.offset()).unwrap_or(0);
         src.w32(msi + 0x10, 1);
         src.cmd(0, 0);
         assert_eq!(src.msis.take_delivered().len(), 0);

@@ -13,19 +13,20 @@ use vmm_pci::testing::{RecordingIntx, RecordingMsi, StubEndpoint};
 
 use super::*;
 
-fn nic() -> PciHandle {
+pub(super) fn nic() -> PciHandle {
     StubEndpoint::ethernet(0x8086, 0x154c, 0x4000)
 }
 
-struct Rig {
-    port: RootPort,
-    msis: Arc<RecordingMsi>,
-    line: Arc<RecordingIntx>,
-    cap: u16,
+/// A port with recording interrupt sinks; `root_port::state`'s tests use it too.
+pub(super) struct Rig {
+    pub(super) port: RootPort,
+    pub(super) msis: Arc<RecordingMsi>,
+    pub(super) line: Arc<RecordingIntx>,
+    pub(super) cap: u16,
 }
 
 impl Rig {
-    fn new(b: RootPortBuilder) -> Rig {
+    pub(super) fn new(b: RootPortBuilder) -> Rig {
         let msis = Arc::new(RecordingMsi::new());
         let line = Arc::new(RecordingIntx::new());
         let port = b.intx(line.clone()).build(msis.clone());
@@ -37,48 +38,48 @@ impl Rig {
             cap,
         }
     }
-    fn hp() -> Rig {
+    pub(super) fn hp() -> Rig {
         Rig::new(RootPortBuilder::new("rp0", 5))
     }
-    fn r16(&mut self, off: u16) -> u16 {
+    pub(super) fn r16(&mut self, off: u16) -> u16 {
         let mut b = [0; 2];
         self.port.read_config(off, &mut b);
         u16::from_le_bytes(b)
     }
-    fn r32(&mut self, off: u16) -> u32 {
+    pub(super) fn r32(&mut self, off: u16) -> u32 {
         let mut b = [0; 4];
         self.port.read_config(off, &mut b);
         u32::from_le_bytes(b)
     }
-    fn w16(&mut self, off: u16, v: u16) {
+    pub(super) fn w16(&mut self, off: u16, v: u16) {
         self.port.write_config(off, &v.to_le_bytes());
     }
-    fn w32(&mut self, off: u16, v: u32) {
+    pub(super) fn w32(&mut self, off: u16, v: u32) {
         self.port.write_config(off, &v.to_le_bytes());
     }
-    fn ctl(&mut self) -> u16 {
+    pub(super) fn ctl(&mut self) -> u16 {
         self.r16(self.cap + SLTCTL)
     }
-    fn sta(&mut self) -> u16 {
+    pub(super) fn sta(&mut self) -> u16 {
         self.r16(self.cap + SLTSTA)
     }
     /// A Linux-style masked Slot Control command.
-    fn cmd(&mut self, value: u16, mask: u16) {
+    pub(super) fn cmd(&mut self, value: u16, mask: u16) {
         let ctl = self.ctl();
         self.w16(self.cap + SLTCTL, (ctl & !mask) | value);
     }
-    fn ack(&mut self, bits: u16) {
+    pub(super) fn ack(&mut self, bits: u16) {
         self.w16(self.cap + SLTSTA, bits);
     }
     /// MSI on at 0xfee00000, bus master on, then pciehp's notification enables.
-    fn enable_msi(&mut self) {
+    pub(super) fn enable_msi(&mut self) {
         let msi = self.port.msi.unwrap().offset();
         self.w32(msi + 4, 0xfee0_0000);
         self.w16(msi + 0xc, 0x30);
         self.w16(msi + 2, 1);
         self.w16(COMMAND, COMMAND_BUS_MASTER | COMMAND_MEMORY);
     }
-    fn enable_notifications(&mut self) {
+    pub(super) fn enable_notifications(&mut self) {
         self.cmd(
             SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_HPIE | SLTCTL_CCIE,
             SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_PDCE | SLTCTL_HPIE | SLTCTL_CCIE,

@@ -216,13 +216,7 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iov(b: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        }
-    }
+    use crate::iovec::iov;
 
     #[test]
     fn tx_frame_reads_its_header_across_iovecs() {

@@ -438,14 +438,8 @@ impl NetBackend for PairBackend {
 mod tests {
     use super::*;
     use crate::header::{FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GSO_TCPV4};
+    use crate::iovec::iov;
     use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4;
-
-    fn iov(b: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        }
-    }
 
     fn send(p: &mut PairBackend, bytes: &mut [u8]) -> io::Result<()> {
         let v = [iov(bytes)];

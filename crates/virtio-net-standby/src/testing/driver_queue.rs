@@ -44,19 +44,7 @@ impl DriverQueue {
         let avail = mem.alloc(6 + 2 * n, 2);
         let used = mem.alloc(6 + 8 * n, 4);
         // Rings start zeroed (fresh mmap), as after a driver's allocation.
-        DriverQueue {
-            mem: mem.clone(),
-            size,
-            desc,
-            avail,
-            used,
-            free: (0..size).rev().collect(),
-            chain_len: vec![0; usize::from(size)],
-            avail_idx: 0,
-            published: 0,
-            last_used: 0,
-            event_idx: false,
-        }
+        Self::at(mem, size, desc, avail, used)
     }
 
     /// The driver's half of a queue whose rings were already placed (by a probe
