@@ -13,6 +13,13 @@
 
 #![deny(missing_docs)]
 
+pub mod dma;
+pub mod kernel;
 mod ops;
+pub mod pairing;
+pub mod sysfs;
 
+pub use dma::DmaMappings;
+pub use kernel::{KernelContainer, KernelVfioDevice};
 pub use ops::{DmaMapper, IrqInfo, RegionInfo, VfioDeviceOps, irq, region};
+pub use pairing::{BusKind, FailoverPair, FunctionHeader, Placement, Violation, Violations};

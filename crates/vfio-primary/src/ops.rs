@@ -102,9 +102,10 @@ pub trait DmaMapper: Send + Sync {
     /// # Safety
     ///
     /// `host_addr..host_addr + size` must stay mapped, and be accessed by the
-    /// VMM only through raw pointers or system calls, until
-    /// [`dma_unmap`](Self::dma_unmap) is called for the same range: the device
-    /// reads and writes it at any time.
+    /// VMM only through volatile or atomic operations on raw pointers (as
+    /// `vm-memory` does) or through system calls, never through Rust references,
+    /// until [`dma_unmap`](Self::dma_unmap) is called for the same range: the
+    /// device reads and writes it at any time.
     unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: u64) -> io::Result<()>;
 
     /// Removes the mapping of `size` bytes at `iova`.
