@@ -155,6 +155,7 @@ fn cycle(c: &mut Criterion) {
             let c = port2.lock().unwrap().request_unplug().unwrap();
             w(&port2, base | 0x0200); // power indicator blink
             w(&port2, base | 0x0600); // power off: the device leaves
+            w(&port2, base | 0x0700); // 1 s later, power indicator off (a plug waits for it)
             let c2 = port2.lock().unwrap().plug(StubEndpoint::vf()).unwrap();
             w(&port2, base | 0x0200); // power on, blink
             w(&port2, base | 0x0100); // indicator on: plugged

@@ -18,8 +18,8 @@ pub enum HotplugOutcome {
     /// VMM removed it by surprise). The slot is empty.
     Unplugged,
     /// The operation was withdrawn: an unplug the guest aborted on a second button
-    /// press (the device stays), or a plug the VMM unplugged before the guest
-    /// powered the slot (the device is gone).
+    /// press, or whose press it had not read yet (the device stays), or a plug
+    /// the VMM took back before the guest powered the slot (the device is gone).
     Cancelled,
     /// Plug: the guest powered the slot off before finishing (Linux does this when
     /// the link does not come up or enumeration fails). The device is gone.
@@ -50,9 +50,9 @@ impl Inner {
 
 /// The requester's side of a plug or unplug. Cloning shares it.
 ///
-/// Completion happens inside the guest's config write (with the port locked), so
-/// callbacks must be short and must not call back into the port; waiting threads,
-/// eventfds and futures have no such limit.
+/// Completion happens inside the guest's config access or the VMM's call on the
+/// port (with the port locked), so callbacks must be short and must not call back
+/// into the port; waiting threads, eventfds and futures have no such limit.
 #[derive(Clone, Default)]
 pub struct Completion {
     inner: Arc<Inner>,

@@ -12,13 +12,21 @@
 //! - [`HotplugSlot::plug`] (presence, link, events; the guest powers the slot);
 //! - [`HotplugSlot::request_unplug`] (guest-cooperative: the attention button;
 //!   the device leaves the moment the guest turns slot power off);
-//! - [`HotplugSlot::cancel_unplug`] (a second button press inside the guest's
-//!   5-second window);
+//! - [`HotplugSlot::cancel_unplug`] (the press taken back if the guest has not
+//!   read it, else a second press inside the guest's 5-second window; the
+//!   unplug's completion says whether it took);
 //! - [`HotplugSlot::surprise_remove`] (for ports built with hot-plug surprise).
 //!
 //! Plug and unplug return a [`Completion`] that resolves the moment the guest's
 //! register write finishes the operation: wait on it, poll its eventfd, `.await`
-//! it, or register a callback. There is no polling interval.
+//! it, or register a callback. There is no polling interval. Every operation
+//! completes once, with what the guest did: an unplug whose cancel came too late
+//! says `Unplugged`, not `Cancelled`.
+//!
+//! Linux 6.1 pciehp is the guest the port is built against (Debian's 6.1.192,
+//! `drivers/pci/hotplug/pciehp_{ctrl,hpc}.c`): a plug right after an unplug is
+//! held through the guest's 1 s wait after power off (see [`RootPort`]), and a
+//! cancel is judged against its 5 s button window on the port's [`Clock`].
 //!
 //! Migration: [`RootPort`] implements [`device_state::Persist`] with
 //! [`RootPortState`]. A port with a plug or unplug in flight refuses to be
@@ -32,5 +40,8 @@ mod root_port;
 mod slot;
 
 pub use completion::{Completion, HotplugOutcome};
-pub use root_port::{PortCounters, RootPort, RootPortBuilder, RootPortState};
+pub use root_port::{
+    CANCEL_MARGIN, Clock, LINUX_BUTTON_DELAY, PortCounters, RootPort, RootPortBuilder,
+    RootPortState,
+};
 pub use slot::{Error, HotplugSlot, Operation, Result, SlotState};

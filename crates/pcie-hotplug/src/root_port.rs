@@ -2,6 +2,7 @@
 //! slot.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_pci::config::{COMMAND, ConfigSpace, HeaderType};
 use vmm_pci::pcie::{
@@ -51,7 +52,42 @@ pub struct PortCounters {
     pub intx_assertions: u64,
     /// Attention button presses.
     pub button_presses: u64,
+    /// Plugs held until the guest had turned the power indicator off after a
+    /// power off (see [`RootPort`]).
+    pub plugs_held: u64,
+    /// Times the guest powered off a slot holding a device with no unplug
+    /// pending (a removal the VMM did not ask for, such as sysfs `power`).
+    pub guest_removals: u64,
 }
+
+/// What the port reads the time from: a monotonic time since any fixed origin.
+///
+/// The port never waits on it. It compares two readings to know whether a
+/// cancel can still land inside Linux's 5-second attention-button window (see
+/// [`HotplugSlot::cancel_unplug`]). The default is the host's monotonic clock;
+/// a guest on a virtual clock (the scripted guest) gives the port that clock.
+pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
+
+/// Linux's attention-button delay: `schedule_delayed_work(&ctrl->button_work,
+/// 5 * HZ)` in `pciehp_ctrl.c: pciehp_handle_button_press`.
+pub const LINUX_BUTTON_DELAY: Duration = Duration::from_secs(5);
+
+/// The earliest Linux's button work can run after the guest opened its window:
+/// one jiffy short of [`LINUX_BUTTON_DELAY`] at HZ=100, the coarsest tick
+/// (timers never fire early by more than the partial first jiffy).
+const BUTTON_WORK_EARLIEST: Duration = Duration::from_millis(4990);
+
+/// A cancel is pressed only while the guest has at least this long left in its
+/// window to take the press (its interrupt handler and thread); later, it is
+/// not pressed and the unplug goes on (see [`HotplugSlot::cancel_unplug`]).
+pub const CANCEL_MARGIN: Duration = Duration::from_millis(500);
+
+/// When the guest restores the power indicator so late in its window that its
+/// button work may already have queued the power off (`DISABLE_SLOT`), the
+/// port waits for the power off. Linux reads Slot Control at once when it
+/// starts one (`pciehp_ctrl.c: __pciehp_disable_slot`); without that read for
+/// this long, the guest kept the device.
+const RESTORED_QUIET: Duration = Duration::from_secs(1);
 
 /// Builds a [`RootPort`].
 #[derive(Clone)]
@@ -63,6 +99,7 @@ pub struct RootPortBuilder {
     surprise: bool,
     ids: PciIds,
     intx: Option<Arc<dyn IntxSink>>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for RootPortBuilder {
@@ -88,6 +125,7 @@ impl RootPortBuilder {
             surprise: false,
             ids: DEFAULT_IDS,
             intx: None,
+            clock: host_clock(),
         }
     }
 
@@ -126,6 +164,13 @@ impl RootPortBuilder {
         self
     }
 
+    /// The clock the port compares guest register writes on (default: the
+    /// host's monotonic clock). Give a guest on a virtual clock that clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Builds the port; its hot-plug MSI goes to `msi` (vector 0).
     pub fn build(self, msi: Arc<dyn MsiSink>) -> RootPort {
         let mut port = RootPort {
@@ -137,6 +182,7 @@ impl RootPortBuilder {
             pending: None,
             irq_asserted: false,
             intx_level: false,
+            guest_powering_off: false,
             counters: PortCounters::default(),
             cfg: self,
         };
@@ -145,16 +191,85 @@ impl RootPortBuilder {
     }
 }
 
+fn host_clock() -> Clock {
+    let origin = Instant::now();
+    Arc::new(move || origin.elapsed())
+}
+
+/// Where a VMM's cancel of an unplug stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancel {
+    /// Not asked.
+    None,
+    /// Asked after the guest took the first press and before it opened its
+    /// window: a press now would merge with the first, so it is pressed when
+    /// the guest starts blinking.
+    Held,
+    /// The second press was sent inside the window.
+    Pressed,
+    /// Asked with less than [`CANCEL_MARGIN`] left in the guest's window: not
+    /// pressed (it could land with the power off in one `pciehp_ist` batch, or
+    /// after it, where Linux takes it for a power-on request on the emptied
+    /// slot). The unplug goes on.
+    TooLate,
+}
+
+/// The guest put the power indicator back on (BLINK -> ON) so late in its
+/// window that its button work may have queued the power off already.
+#[derive(Debug, Clone, Copy)]
+struct Restored {
+    at: Duration,
+    /// The guest read Slot Control since: a power off is under way.
+    slot_control_read: bool,
+}
+
 struct Pending {
     op: Operation,
     completion: Completion,
-    /// Unplug: the guest started blinking the power indicator (its 5 s window).
-    saw_blink: bool,
-    /// Unplug: cancel was asked before the guest blinked; press when it does.
-    cancel_on_blink: bool,
+    /// Unplug: when the guest started blinking the power indicator (its 5 s
+    /// window).
+    window_opened: Option<Duration>,
+    /// Unplug: the guest read Slot Status with the press set, so the press may
+    /// be in its hands (its interrupt handler reads, then writes back).
+    press_seen: bool,
+    /// Unplug: the VMM's cancel.
+    cancel: Cancel,
+    /// Unplug: see [`Restored`].
+    restored: Option<Restored>,
+    /// Plug: the device, held until the guest turns the power indicator off
+    /// after its power off.
+    held: Option<PciHandle>,
+}
+
+impl Pending {
+    fn new(op: Operation, completion: Completion) -> Pending {
+        Pending {
+            op,
+            completion,
+            window_opened: None,
+            press_seen: false,
+            cancel: Cancel::None,
+            restored: None,
+            held: None,
+        }
+    }
 }
 
 /// A PCI Express root port with one hot-plug slot. See the crate documentation.
+///
+/// # The replug window
+///
+/// After Linux powers a slot off (`pciehp_ctrl.c: remove_board`) it sleeps 1 s,
+/// discards the Presence Detect Changed and Data Link Layer State Changed
+/// events that arrived meanwhile, then turns the power indicator off. An unplug
+/// completes at the power off, so a VMM can plug again at once; the events of
+/// such a plug would be discarded, and Linux would see only its attention
+/// button: a 5 s blink before it powers the slot on. So a plug requested after
+/// the guest powered the slot off (or after a surprise removal of a powered
+/// slot) and before it turned the power indicator off is held, and delivered
+/// (presence and link, without the button) by the write that turns the
+/// indicator off. Linux then enables the slot at once: 0.12 s later with the
+/// scripted Linux 6.1 guest.
 ///
 /// Put it on the bus as a [`PciHandle`] (an `Arc<Mutex<RootPort>>` coerces to
 /// one) and keep a typed clone for the [`HotplugSlot`] calls.
@@ -171,6 +286,10 @@ pub struct RootPort {
     pending: Option<Pending>,
     irq_asserted: bool,
     intx_level: bool,
+    /// The guest powered the slot off (or the device was removed by surprise
+    /// from a powered slot) and has not turned the power indicator off yet: a
+    /// plug is held. See "The replug window".
+    guest_powering_off: bool,
     counters: PortCounters,
 }
 
@@ -291,18 +410,35 @@ impl RootPort {
     /// its reset values, slot power and power indicator on iff a device is
     /// present, interlock released, events cleared. A pending unplug completes
     /// (the rebooting guest cannot act on it); a pending plug completes when the
-    /// device is reachable, which it now is.
+    /// device is reachable, which it now is (a held plug's device goes into the
+    /// slot).
     pub fn reset(&mut self) {
-        if let Some(p) = self.pending.take() {
+        if let Some(mut p) = self.pending.take() {
             match p.op {
                 Operation::Unplug => {
                     self.device = None;
                     p.completion.complete(HotplugOutcome::Unplugged);
                 }
-                Operation::Plug => p.completion.complete(HotplugOutcome::Plugged),
+                Operation::Plug => {
+                    if let Some(d) = p.held.take() {
+                        self.device = Some(d);
+                    }
+                    p.completion.complete(HotplugOutcome::Plugged)
+                }
             }
         }
+        self.guest_powering_off = false;
         self.init_config();
+    }
+
+    /// Whether a plug is held until the guest turns the power indicator off
+    /// (see "The replug window"). Its device is not in the slot yet.
+    pub fn plug_held(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.held.is_some())
+    }
+
+    fn now(&self) -> Duration {
+        (self.cfg.clock)()
     }
 
     fn ctl(&self) -> u16 {
@@ -353,7 +489,63 @@ impl RootPort {
     fn press_button(&mut self) {
         self.counters.button_presses += 1;
         self.cs.set_bits_u16(self.cap + SLTSTA, SLTSTA_ABP);
-        self.update_interrupt();
+    }
+
+    /// Puts `device` in the slot as a hot plug: presence and link up with their
+    /// change events, and the attention button when `button` (QEMU presses it
+    /// with every plug). Completes at once when the guest left the empty slot
+    /// powered with its indicator on. Callers follow with `update_interrupt`.
+    fn insert(&mut self, device: PciHandle, button: bool) {
+        self.device = Some(device);
+        self.cs
+            .set_bits_u16(self.cap + SLTSTA, SLTSTA_PDS | SLTSTA_PDC);
+        if button {
+            self.press_button();
+        }
+        self.set_link(true);
+        if self.powered() && self.ctl() & SLTCTL_PIC == SLTCTL_PIC_ON {
+            // The guest left the empty slot powered with its indicator on: the
+            // device is reachable already.
+            self.finish(HotplugOutcome::Plugged);
+        }
+    }
+
+    /// Resolves an unplug whose guest restored the indicator late (see
+    /// [`Restored`]) once it has kept quiet long enough: the guest kept the
+    /// device. Runs on every access and request, since the port has no timer.
+    fn expire(&mut self) {
+        let Some(r) = self.pending.as_ref().and_then(|p| p.restored) else {
+            return;
+        };
+        if !r.slot_control_read && self.now() >= r.at.saturating_add(RESTORED_QUIET) {
+            log::info!(
+                "{}: the guest kept the device after restoring its power indicator",
+                self.cfg.name
+            );
+            self.finish(HotplugOutcome::Cancelled);
+        }
+    }
+
+    /// Notes what a guest read of `offset..offset+len` tells: the guest's
+    /// interrupt handler saw the press, or Linux started a power off after
+    /// restoring the indicator.
+    fn config_read(&mut self, offset: u16, len: usize) {
+        let (sta_read, ctl_read) = (
+            overlaps(offset, len, self.cap + SLTSTA, 2),
+            overlaps(offset, len, self.cap + SLTCTL, 2),
+        );
+        if !sta_read && !ctl_read {
+            return;
+        }
+        let abp = self.sta() & SLTSTA_ABP != 0;
+        if let Some(p) = self.pending.as_mut().filter(|p| p.op == Operation::Unplug) {
+            if sta_read && abp {
+                p.press_seen = true;
+            }
+            if let Some(r) = p.restored.as_mut().filter(|_| ctl_read) {
+                r.slot_control_read = true;
+            }
+        }
     }
 
     fn set_intx(&mut self, level: bool) {
@@ -413,40 +605,78 @@ impl RootPort {
         }
         let was_on = old_ctl & SLTCTL_PCC == 0;
         let on = ctl & SLTCTL_PCC == 0;
-        if was_on && !on && self.device.is_some() {
-            // Power off: the device leaves now, not when the indicator goes off.
-            self.detach();
-            let outcome = match self.pending.as_ref().map(|p| p.op) {
-                Some(Operation::Plug) => HotplugOutcome::Aborted,
-                _ => HotplugOutcome::Unplugged,
-            };
-            if self.pending.is_some() {
-                self.finish(outcome);
-            } else {
-                log::info!(
-                    "{}: guest powered the slot off; device removed",
+        let (old_pic, pic) = (old_ctl & SLTCTL_PIC, ctl & SLTCTL_PIC);
+        if was_on && !on {
+            // Linux sleeps 1 s after a power off and discards the presence and
+            // link events of that second before it turns the indicator off
+            // (pciehp_ctrl.c: remove_board): plugs wait for that write.
+            if pic != SLTCTL_PIC_OFF {
+                self.guest_powering_off = true;
+            }
+            if self.device.is_some() {
+                // The device leaves now, not when the indicator goes off.
+                self.detach();
+                self.device_powered_off();
+            }
+        } else if self.guest_powering_off && (on || pic == SLTCTL_PIC_OFF) {
+            self.guest_powering_off = false;
+            if let Some(device) = self.pending.as_mut().and_then(|p| p.held.take()) {
+                log::debug!(
+                    "{}: the guest turned the power indicator off; delivering the held plug",
                     self.cfg.name
                 );
+                // Presence and link only: Linux enables an occupied slot on
+                // those alone (pciehp_ctrl.c: pciehp_handle_presence_or_link_change).
+                // A button press could be taken after a surprise removal's
+                // re-check has already enabled the slot, as an unplug request.
+                self.insert(device, false);
             }
         }
-        let (old_pic, pic) = (old_ctl & SLTCTL_PIC, ctl & SLTCTL_PIC);
         let present = self.device.is_some();
         let mut press = false;
         let mut outcome = None;
         if let Some(p) = self.pending.as_mut() {
             match p.op {
                 Operation::Unplug => {
-                    if pic == SLTCTL_PIC_BLINK && old_pic != SLTCTL_PIC_BLINK {
-                        p.saw_blink = true;
-                        if std::mem::take(&mut p.cancel_on_blink) {
+                    let restores = old_pic == SLTCTL_PIC_BLINK && pic == SLTCTL_PIC_ON;
+                    if p.window_opened.is_none()
+                        && pic == SLTCTL_PIC_BLINK
+                        && old_pic != SLTCTL_PIC_BLINK
+                    {
+                        p.window_opened = Some((self.cfg.clock)());
+                        if p.cancel == Cancel::Held {
+                            p.cancel = Cancel::Pressed;
                             press = true;
                         }
-                    } else if p.saw_blink
-                        && old_pic == SLTCTL_PIC_BLINK
-                        && pic == SLTCTL_PIC_ON
-                        && on
-                        && present
+                    } else if let Some(opened) = p
+                        .window_opened
+                        .filter(|_| restores && on && present && p.restored.is_none())
                     {
+                        // The guest aborted (pciehp_ctrl.c:
+                        // pciehp_handle_button_press, BLINKINGOFF -> ON).
+                        let now = (self.cfg.clock)();
+                        if now < opened.saturating_add(BUTTON_WORK_EARLIEST) {
+                            // Its button work cannot have run: nothing will
+                            // power the slot off.
+                            outcome = Some(HotplugOutcome::Cancelled);
+                        } else {
+                            // The work may have queued DISABLE_SLOT already, in
+                            // this pciehp_ist batch or the next: Linux then
+                            // powers the slot off anyway.
+                            log::info!(
+                                "{}: the guest restored its power indicator at the end of its window; \
+                                 waiting to see whether it powers the slot off",
+                                self.cfg.name
+                            );
+                            p.restored = Some(Restored {
+                                at: now,
+                                slot_control_read: false,
+                            });
+                        }
+                    } else if p.restored.is_some() && on {
+                        // A command other than the power off: Linux's disable
+                        // path writes none before it, so the guest moved on
+                        // with the device.
                         outcome = Some(HotplugOutcome::Cancelled);
                     }
                 }
@@ -462,10 +692,35 @@ impl RootPort {
         }
         self.cs.set_bits_u16(self.cap + SLTSTA, SLTSTA_CC);
         if press {
-            self.counters.button_presses += 1;
-            self.cs.set_bits_u16(self.cap + SLTSTA, SLTSTA_ABP);
+            self.press_button();
         }
         self.update_interrupt();
+    }
+
+    /// The guest powered off the slot holding a device, which has just left:
+    /// completes what was pending with what happened.
+    fn device_powered_off(&mut self) {
+        let Some(p) = self.pending.as_ref() else {
+            self.counters.guest_removals += 1;
+            log::warn!(
+                "{}: the guest powered the slot off with no unplug pending; the device left",
+                self.cfg.name
+            );
+            return;
+        };
+        match p.op {
+            Operation::Plug => self.finish(HotplugOutcome::Aborted),
+            Operation::Unplug => {
+                if p.cancel != Cancel::None || p.restored.is_some() {
+                    log::warn!(
+                        "{}: the guest powered the slot off after the cancel: it came too late; \
+                         the unplug completes, the device left",
+                        self.cfg.name
+                    );
+                }
+                self.finish(HotplugOutcome::Unplugged);
+            }
+        }
     }
 }
 
@@ -486,6 +741,7 @@ impl HotplugSlot for RootPort {
     }
 
     fn plug(&mut self, device: PciHandle) -> Result<Completion> {
+        self.expire();
         if !self.hotplug_capable() {
             return Err(Error::PlugUnsupported(self.cfg.name.clone()));
         }
@@ -501,30 +757,33 @@ impl HotplugSlot for RootPort {
                 port: self.cfg.name.clone(),
             });
         }
-        self.device = Some(device);
-        self.cs
-            .set_bits_u16(self.cap + SLTSTA, SLTSTA_PDS | SLTSTA_PDC | SLTSTA_ABP);
-        self.counters.button_presses += 1;
-        self.set_link(true);
         let completion = Completion::new();
-        self.pending = Some(Pending {
-            op: Operation::Plug,
-            completion: completion.clone(),
-            saw_blink: false,
-            cancel_on_blink: false,
-        });
-        if self.powered() && self.ctl() & SLTCTL_PIC == SLTCTL_PIC_ON {
-            // The guest left the empty slot powered with its indicator on: the
-            // device is reachable already.
-            self.finish(HotplugOutcome::Plugged);
+        let mut pending = Pending::new(Operation::Plug, completion.clone());
+        if self.guest_powering_off {
+            log::debug!(
+                "{}: plug held until the guest turns the power indicator off",
+                self.cfg.name
+            );
+            self.counters.plugs_held += 1;
+            pending.held = Some(device);
+            self.pending = Some(pending);
+            return Ok(completion);
         }
+        self.pending = Some(pending);
+        self.insert(device, true);
         self.update_interrupt();
         Ok(completion)
     }
 
     fn request_unplug(&mut self) -> Result<Completion> {
+        self.expire();
         if !self.hotplug_capable() {
             return Err(Error::UnplugUnsupported(self.cfg.name.clone()));
+        }
+        if self.plug_held() {
+            // The device never reached the slot: the guest saw nothing.
+            self.finish(HotplugOutcome::Cancelled);
+            return Ok(Completion::done(HotplugOutcome::Unplugged));
         }
         if self.sta() & SLTSTA_EIS != 0 {
             return Err(Error::Locked);
@@ -553,45 +812,81 @@ impl HotplugSlot for RootPort {
             });
         }
         let completion = Completion::new();
-        self.pending = Some(Pending {
-            op: Operation::Unplug,
-            completion: completion.clone(),
-            saw_blink: false,
-            cancel_on_blink: false,
-        });
+        self.pending = Some(Pending::new(Operation::Unplug, completion.clone()));
         self.press_button();
+        self.update_interrupt();
         Ok(completion)
     }
 
-    fn cancel_unplug(&mut self) -> Result<()> {
-        let sta = self.sta();
-        let Some(p) = self.pending.as_mut().filter(|p| p.op == Operation::Unplug) else {
+    fn cancel_unplug(&mut self) -> Result<Completion> {
+        self.expire();
+        let now = self.now();
+        let Some(p) = self.pending.as_ref().filter(|p| p.op == Operation::Unplug) else {
             return Err(Error::NoUnplugPending(self.cfg.name.clone()));
         };
-        if p.saw_blink {
-            // Inside the guest's window this aborts the unplug; after it, the
-            // guest ignores the press and the unplug completes.
-            self.press_button();
-        } else if sta & SLTSTA_ABP != 0 {
-            // The guest has not read the press yet: take it back.
-            self.cs.clear_bits_u16(self.cap + SLTSTA, SLTSTA_ABP);
-            self.finish(HotplugOutcome::Cancelled);
-            self.update_interrupt();
-        } else {
-            // The guest took the press but has not started its window: a press
-            // now would merge with the first. Press when it starts blinking.
-            p.cancel_on_blink = true;
+        let completion = p.completion.clone();
+        if p.cancel != Cancel::None || p.restored.is_some() {
+            // Asked already, or the guest has aborted: one press is enough (a
+            // second would start a new unplug once the guest is back ON).
+            return Ok(completion);
         }
-        Ok(())
+        let cancel = match p.window_opened {
+            None if self.sta() & SLTSTA_ABP != 0 && !p.press_seen => {
+                // The guest has not read the press: take it back. It never
+                // saw it, so nothing else happens.
+                self.cs.clear_bits_u16(self.cap + SLTSTA, SLTSTA_ABP);
+                self.finish(HotplugOutcome::Cancelled);
+                self.update_interrupt();
+                return Ok(completion);
+            }
+            // The guest read the press (its interrupt handler reads Slot
+            // Status, then writes it back) or took it: it will open its
+            // window, and a press before that would merge with the first.
+            None => Cancel::Held,
+            Some(opened)
+                if now.saturating_add(CANCEL_MARGIN)
+                    < opened.saturating_add(BUTTON_WORK_EARLIEST) =>
+            {
+                Cancel::Pressed
+            }
+            Some(opened) => {
+                log::warn!(
+                    "{}: cancel asked {:?} into the guest's 5 s window: too late to land in it; \
+                     not pressed, the unplug goes on",
+                    self.cfg.name,
+                    now.saturating_sub(opened)
+                );
+                Cancel::TooLate
+            }
+        };
+        if let Some(p) = self.pending.as_mut() {
+            p.cancel = cancel;
+        }
+        if cancel == Cancel::Pressed {
+            self.press_button();
+            self.update_interrupt();
+        }
+        Ok(completion)
     }
 
     fn surprise_remove(&mut self) -> Result<PciHandle> {
+        self.expire();
         if self.cs.get_u32(self.cap + SLTCAP) & SLTCAP_HPS == 0 {
             return Err(Error::NoSurprise(self.cfg.name.clone()));
         }
+        if let Some(dev) = self.pending.as_mut().and_then(|p| p.held.take()) {
+            self.finish(HotplugOutcome::Cancelled);
+            return Ok(dev);
+        }
+        let powered = self.powered();
         let Some(dev) = self.detach() else {
             return Err(Error::Empty(self.cfg.name.clone()));
         };
+        if powered {
+            // Linux powers the emptied slot off, sleeps 1 s, turns the
+            // indicator off (pciehp_ctrl.c: remove_board): plugs wait for it.
+            self.guest_powering_off = true;
+        }
         let outcome = match self.pending.as_ref().map(|p| p.op) {
             Some(Operation::Plug) => HotplugOutcome::Cancelled,
             _ => HotplugOutcome::Unplugged,
@@ -618,10 +913,13 @@ impl HotplugSlot for RootPort {
 
 impl PciFunction for RootPort {
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        self.expire();
         self.cs.read(offset, data);
+        self.config_read(offset, data.len());
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarMove> {
+        self.expire();
         let old_ctl = self.ctl();
         let moved = self.cs.write(offset, data);
         let len = data.len();

@@ -48,7 +48,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// An operation that completes asynchronously.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
-    /// Hot plug: waiting for the guest to power the slot and turn the indicator on.
+    /// Hot plug: waiting for the guest to power the slot and turn the indicator
+    /// on (or, held, for it to finish powering the slot off first).
     Plug,
     /// Unplug: waiting for the guest to turn slot power off.
     Unplug,
@@ -89,22 +90,41 @@ pub trait HotplugSlot {
     /// Link Layer State Changed and Attention Button Pressed, with an interrupt
     /// where enabled. Completes when the guest has powered the slot and turned the
     /// power indicator on.
+    ///
+    /// Right after an unplug (the guest powered the slot off and has not yet
+    /// turned the power indicator off, its 1 s wait) the plug is held and
+    /// delivered when the guest turns the indicator off: events sent inside that
+    /// second are discarded by Linux. The completion covers the wait.
     fn plug(&mut self, device: PciHandle) -> Result<Completion>;
 
     /// Asks the guest to release the device. Refused when the slot is not
     /// hot-plug capable, is locked, or the guest is busy (power indicator
-    /// blinking). If the slot is powered off the device leaves at once; otherwise
-    /// the attention button is pressed and the device leaves the moment the guest
+    /// blinking). If the slot is powered off the device leaves at once (a held
+    /// plug is withdrawn: its completion says `Cancelled`); otherwise the
+    /// attention button is pressed and the device leaves the moment the guest
     /// turns slot power off.
     fn request_unplug(&mut self) -> Result<Completion>;
 
-    /// Withdraws a pending unplug by pressing the attention button again. Linux
-    /// aborts if the press comes inside its 5-second window; after that the
-    /// unplug proceeds. The unplug's completion tells which happened.
-    fn cancel_unplug(&mut self) -> Result<()>;
+    /// Withdraws a pending unplug. Returns the unplug's [`Completion`], which
+    /// says how the cancel ended: [`Cancelled`](crate::HotplugOutcome::Cancelled)
+    /// if it took (the device stays), [`Unplugged`](crate::HotplugOutcome::Unplugged)
+    /// if it came too late (the device left). It completes once, with what the
+    /// guest did:
+    /// - a press the guest has not read yet is taken back: `Cancelled` at once;
+    /// - a press the guest has read (or taken) is followed by a second press as
+    ///   soon as the guest opens its 5-second window, and one inside the window
+    ///   is pressed now; Linux aborts (`Cancelled`, when it turns the power
+    ///   indicator back on) unless its button timer already queued the power off,
+    ///   which it then does anyway (`Unplugged`, at the power off);
+    /// - with less than [`CANCEL_MARGIN`](crate::CANCEL_MARGIN) left in the
+    ///   window, nothing is pressed and the unplug goes on (`Unplugged`).
+    ///
+    /// Calling it again returns the same completion and presses nothing more.
+    fn cancel_unplug(&mut self) -> Result<Completion>;
 
     /// Removes the device without the guest's help (ports built with hot-plug
     /// surprise only): presence and link drop at once, with their change events.
+    /// A held plug is withdrawn instead (its completion says `Cancelled`).
     fn surprise_remove(&mut self) -> Result<PciHandle>;
 
     /// The device in the slot, if any.

@@ -31,4 +31,11 @@ impl VirtualClock {
     pub fn advance_to(&self, t: Duration) {
         self.ns.fetch_max(t.as_nanos() as u64, Ordering::AcqRel);
     }
+
+    /// This clock as a function, the form `pcie_hotplug::RootPortBuilder::clock`
+    /// takes.
+    pub fn now_fn(&self) -> Arc<dyn Fn() -> Duration + Send + Sync> {
+        let c = self.clone();
+        Arc::new(move || c.now())
+    }
 }

@@ -45,9 +45,10 @@ pub struct Env {
 }
 
 impl Env {
-    /// A fresh environment: nothing enumerated or bound yet, the clock at zero.
+    /// A fresh environment on `clock`: nothing enumerated or bound yet.
     /// Virtio rings are placed in guest memory from `ring_base` up to `ring_end`.
     pub(crate) fn new(
+        clock: VirtualClock,
         root: Arc<PciRoot>,
         irqs: Arc<IrqQueue>,
         timings: Timings,
@@ -56,7 +57,7 @@ impl Env {
     ) -> Env {
         Env {
             root,
-            clock: VirtualClock::new(),
+            clock,
             irqs,
             enumerator: Enumerator::new(),
             timings,
@@ -155,8 +156,9 @@ impl Env {
         added
     }
 
-    /// pciehp's unconfigure step: unbind and forget the slot's functions.
-    pub fn unconfigure_slot(&mut self, port: Bdf) {
+    /// pciehp's unconfigure step: unbind and forget the slot's functions;
+    /// returns them.
+    pub fn unconfigure_slot(&mut self, port: Bdf) -> Vec<Bdf> {
         let sec = (self.cfg_read(port, vmm_pci::config::PRIMARY_BUS, 4) >> 8 & 0xff) as u8;
         let gone: Vec<Bdf> = self
             .enumerator
@@ -165,10 +167,13 @@ impl Env {
             .filter(|f| f.bdf.bus == sec)
             .map(|f| f.bdf)
             .collect();
-        for b in gone {
+        // Linux removes them in reverse (pciehp_unconfigure_device: "remove
+        // the VFs first, then the PF").
+        for &b in gone.iter().rev() {
             self.unbind(b);
         }
         let root = self.root.clone();
         self.enumerator.remove_slot(&root, port);
+        gone.into_iter().rev().collect()
     }
 }

@@ -7,6 +7,7 @@ use vmm_pci::config::{CAP_ID_MSI, CAP_ID_PCIE};
 use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
 use vmm_pci::{Bdf, PciRoot, ecam_offset};
 
+use crate::clock::VirtualClock;
 use crate::env::Env;
 use crate::irq::IrqQueue;
 use crate::pciehp::{Pciehp, Timings};
@@ -29,9 +30,37 @@ impl Guest {
         irqs: Arc<IrqQueue>,
         timings: Timings,
         virtio_features: u64,
+        rings: (u64, u64),
+    ) -> Guest {
+        Guest::boot_with_clock(
+            VirtualClock::new(),
+            root,
+            irqs,
+            timings,
+            virtio_features,
+            rings,
+        )
+    }
+
+    /// [`Guest::boot`] on `clock`, which the VMM side shares (give a
+    /// `pcie_hotplug::RootPortBuilder::clock` [`VirtualClock::now_fn`], so the
+    /// ports judge the guest's windows on the guest's time).
+    pub fn boot_with_clock(
+        clock: VirtualClock,
+        root: Arc<PciRoot>,
+        irqs: Arc<IrqQueue>,
+        timings: Timings,
+        virtio_features: u64,
         (ring_base, ring_end): (u64, u64),
     ) -> Guest {
-        let mut env = Env::new(root, irqs, timings, virtio_features, (ring_base, ring_end));
+        let mut env = Env::new(
+            clock,
+            root,
+            irqs,
+            timings,
+            virtio_features,
+            (ring_base, ring_end),
+        );
         let root = env.root.clone();
         env.enumerator.scan(&root);
         let found = env.enumerator.found.clone();
@@ -67,6 +96,11 @@ impl Guest {
     /// The pciehp instance of `port`.
     pub fn pciehp(&self, port: Bdf) -> Option<&Pciehp> {
         self.hotplug.iter().find(|p| p.port == port)
+    }
+
+    /// The pciehp instance of `port`, to set a hook on.
+    pub fn pciehp_mut(&mut self, port: Bdf) -> Option<&mut Pciehp> {
+        self.hotplug.iter_mut().find(|p| p.port == port)
     }
 
     /// Handles queued interrupts and lets idle interrupt threads run, until

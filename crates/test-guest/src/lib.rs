@@ -8,10 +8,12 @@
 //!   capability lists.
 //! - [`virtio`]: the `virtio_pci_modern` probe sequence, including re-reading
 //!   `FEATURES_OK` and MSI-X vector read-back.
-//! - [`Pciehp`]: Linux pciehp's state machine (`OFF`, `ON`, `BLINKINGON`,
-//!   `BLINKINGOFF`, `POWERON`, `POWEROFF`), its interrupt handler and thread, the
-//!   command-completed handshake, the 5 s button delay, link wait and 100 ms
-//!   settle, and the 1 s wait after power off.
+//! - [`Pciehp`]: Linux 6.1 pciehp (Debian's 6.1.192), step for step: its state
+//!   machine (`OFF`, `ON`, `BLINKINGON`, `BLINKINGOFF`, `POWERON`, `POWEROFF`),
+//!   interrupt handler and thread, the command-completed handshake, the 5 s
+//!   button delay, the link wait (20 ms, then polls every 10 ms for 1 s, then
+//!   100 ms), the vendor ID check (every 20 ms for up to 1 s), and the 1 s wait
+//!   after power off; [`PciehpHook`] lands a test's VMM call at an exact point.
 //! - [`Guest`]: all of it wired together with an interrupt queue that stands in
 //!   for the local APIC.
 
@@ -36,7 +38,7 @@ pub use enumerate::{Enumerator, Found, FoundBar};
 pub use env::Env;
 pub use guest::Guest;
 pub use irq::IrqQueue;
-pub use pciehp::{Pciehp, PciehpState, Timings};
+pub use pciehp::{Pciehp, PciehpHook, PciehpState, Timings};
 pub use virtio::VirtioProbe;
 /// A stub endpoint for devices whose insides a scenario does not need (such as
 /// the VF a failover test plugs); defined in `vmm-pci`'s `test-utils`.

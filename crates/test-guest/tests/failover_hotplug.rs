@@ -7,14 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use device_state::{Persist, from_bytes, to_bytes};
 use pcie_hotplug::{Error, HotplugOutcome, HotplugSlot, RootPort, RootPortBuilder};
-use test_guest::{Guest, IrqQueue, PciehpState, StubEndpoint, Timings, VirtualClock};
+use test_guest::{Guest, IrqQueue, PciehpHook, PciehpState, StubEndpoint, Timings, VirtualClock};
 use virtio_net_standby::testing::{GuestMem, RecordingBackend, TestMemory};
 use virtio_net_standby::{FeaturesAcked, StandbyNet, StandbyNetBuilder};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice};
 use vmm_pci::config::{CAP_ID_MSI, COMMAND};
-use vmm_pci::pcie::{SLTCTL, SLTCTL_PIC, SLTCTL_PIC_OFF, SLTCTL_PIC_ON};
-use vmm_pci::{Bdf, PciRoot};
+use vmm_pci::pcie::{SLTCTL, SLTCTL_PIC, SLTCTL_PIC_OFF, SLTCTL_PIC_ON, SLTSTA_ABP};
+use vmm_pci::{Bdf, MsiSink, PciRoot};
 
 type Net = StandbyNet<GuestMem, RecordingBackend>;
 type Standby = VirtioPciDevice<GuestMem, Net>;
@@ -25,6 +26,8 @@ const STANDBY_BIT: u64 = 1 << 62;
 const GUEST_FEATURES: u64 = u64::MAX;
 
 struct Vmm {
+    /// Guest time, which the ports read too.
+    clock: VirtualClock,
     root: Arc<PciRoot>,
     irqs: Arc<IrqQueue>,
     standby: Arc<Mutex<Standby>>,
@@ -43,6 +46,11 @@ const STANDBY_FN: Bdf = Bdf::new(1, 0, 0);
 const PRIMARY_FN: Bdf = Bdf::new(2, 0, 0);
 
 fn vmm() -> Vmm {
+    vmm_on(VirtualClock::new())
+}
+
+/// The VMM, its ports reading `clock` (the guest's).
+fn vmm_on(clock: VirtualClock) -> Vmm {
     let mem = TestMemory::new(4 << 20);
     let irqs = IrqQueue::new();
     let mut net: Net = StandbyNetBuilder::new()
@@ -61,7 +69,11 @@ fn vmm() -> Vmm {
             .build(net, mem.atomic(), irqs.clone())
             .unwrap(),
     ));
-    let port = |name: &str, slot: u16| RootPortBuilder::new(name, slot).port_number(slot as u8);
+    let port = |name: &str, slot: u16| {
+        RootPortBuilder::new(name, slot)
+            .port_number(slot as u8)
+            .clock(clock.now_fn())
+    };
     let standby_port = Arc::new(Mutex::new(port("rp-standby", 1).build(irqs.clone())));
     let primary_port = Arc::new(Mutex::new(port("rp-primary", 2).build(irqs.clone())));
     let fixed_port = Arc::new(Mutex::new(
@@ -86,6 +98,7 @@ fn vmm() -> Vmm {
     root.add(3, 0, fixed_port.clone()).unwrap();
     root.add(4, 0, surprise_port.clone()).unwrap();
     Vmm {
+        clock,
         root: Arc::new(root),
         irqs,
         standby,
@@ -98,7 +111,8 @@ fn vmm() -> Vmm {
 }
 
 fn boot(v: &Vmm) -> Guest {
-    Guest::boot(
+    Guest::boot_with_clock(
+        v.clock.clone(),
         v.root.clone(),
         v.irqs.clone(),
         Timings::default(),
@@ -226,8 +240,9 @@ fn hot_plug_completes_when_the_guest_turns_the_indicator_on() {
     let at = stamp(&c, &g.env.clock);
     g.settle(Duration::from_secs(10));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Plugged));
-    // Linux: power on, blink, link already up, 100 ms settle, enumerate, light.
-    assert_eq!(at.lock().unwrap().unwrap() - t0, Duration::from_millis(100));
+    // Linux 6.1: power on, blink, 20 ms before the first Link Active poll (link
+    // already up), 100 ms settle, vendor ID found, enumerate, light.
+    assert_eq!(at.lock().unwrap().unwrap() - t0, Duration::from_millis(120));
     assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::On);
     assert!(g.env.bound.contains(&PRIMARY_FN));
     let f = g.env.enumerator.get(PRIMARY_FN).unwrap();
@@ -327,21 +342,170 @@ fn cancel_before_the_guest_sees_the_press_is_withdrawn_silently() {
 }
 
 #[test]
-fn cancel_after_the_window_is_ignored_by_the_guest() {
+fn cancel_after_the_window_is_too_late_and_not_pressed() {
     let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
     let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
-    // 5 s passed: the guest is unbinding the driver (20 ms) when the press comes.
+    // 5 s passed: the guest is unbinding the driver (20 ms) when the cancel comes.
     g.run_for(Duration::from_millis(5010));
     assert_eq!(
         g.pciehp(PRIMARY_PORT).unwrap().state(),
         PciehpState::PowerOff
     );
-    v.primary_port.lock().unwrap().cancel_unplug().unwrap();
+    let presses = v.primary_port.lock().unwrap().counters().button_presses;
+    let cancel = v.primary_port.lock().unwrap().cancel_unplug().unwrap();
+    assert_eq!(
+        v.primary_port.lock().unwrap().counters().button_presses,
+        presses,
+        "nothing pressed: the window is over"
+    );
     g.settle(Duration::from_secs(20));
+    // The cancel's result is the unplug's: too late, the device left.
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
     assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
     assert!(v.primary_port.lock().unwrap().device().is_none());
-    // Linux took the late press for a power-on request on an empty slot, blinked
-    // for 5 s and gave up.
+    // A press now would have been taken, once the slot was off, for a power-on
+    // request on the empty slot: 5 s of blinking. None came.
+    assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::Off);
+    assert_eq!(pic(&v.primary_port), SLTCTL_PIC_OFF);
+    assert!(
+        !g.env
+            .log
+            .iter()
+            .any(|(t, l)| *t > t0 && l.contains("Powering on"))
+    );
+}
+
+#[test]
+fn cancel_in_the_last_half_second_of_the_window_is_not_pressed() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    let at = stamp(&c, &g.env.clock);
+    g.run_for(Duration::from_millis(4600));
+    let presses = v.primary_port.lock().unwrap().counters().button_presses;
+    let cancel = v.primary_port.lock().unwrap().cancel_unplug().unwrap();
+    assert_eq!(
+        v.primary_port.lock().unwrap().counters().button_presses,
+        presses
+    );
+    g.settle(Duration::from_secs(20));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(
+        at.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(5020)
+    );
+    assert!(!g.env.log.iter().any(|(_, l)| l.contains("Button cancel")));
+}
+
+/// The VMM takes the press back between the guest ISR's read of Slot Status
+/// and its write back: the guest has the press already, so withdrawing it
+/// would be a lie (it goes on to blink and, 5 s later, remove the device). The
+/// port presses again inside the window instead, and reports what the guest
+/// does.
+#[test]
+fn cancel_between_the_isr_read_and_its_write_back_is_pressed_in_the_window() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    let presses = v.primary_port.lock().unwrap().counters().button_presses;
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    let at = stamp(&c, &g.env.clock);
+    let cancel = Arc::new(Mutex::new(None));
+    let (port, cancel2) = (v.primary_port.clone(), cancel.clone());
+    g.pciehp_mut(PRIMARY_PORT)
+        .unwrap()
+        .set_hook(move |at: PciehpHook| {
+            let mut cancel = cancel2.lock().unwrap();
+            if let (PciehpHook::IsrRead(sta), None) = (at, cancel.as_ref()) {
+                assert_ne!(sta & SLTSTA_ABP, 0, "the ISR read the press");
+                let c = port.lock().unwrap().cancel_unplug().unwrap();
+                assert_eq!(c.outcome(), None, "not withdrawn: the guest read it");
+                *cancel = Some(c);
+            }
+        });
+    g.settle(Duration::from_secs(10));
+    let cancel = cancel.lock().unwrap().take().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Cancelled));
+    // Decided at once: the guest aborted as soon as it opened its window.
+    assert_eq!(at.lock().unwrap().unwrap(), t0);
+    assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::On);
+    assert!(g.env.bound.contains(&PRIMARY_FN));
+    assert!(v.primary_port.lock().unwrap().device().is_some());
+    assert_eq!(pic(&v.primary_port), SLTCTL_PIC_ON);
+    assert_eq!(
+        v.primary_port.lock().unwrap().counters().button_presses - presses,
+        2,
+        "the unplug's press and the cancel's"
+    );
+    let lines: Vec<&str> = g
+        .env
+        .log
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .filter(|l| l.contains("PRIMARY") || l.contains("Slot(2)"))
+        .collect();
+    let pos = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap();
+    assert!(pos("Powering off due to button press") < pos("Action canceled"));
+    // Nothing left to happen: 10 s later the device is still there.
+    g.run_for(Duration::from_secs(10));
+    assert!(g.env.bound.contains(&PRIMARY_FN));
+}
+
+/// The cancel press and the 5 s timer's DISABLE_SLOT land in the same
+/// `pciehp_ist` batch (the guest's vCPU took the press only when its timer
+/// fired): Linux handles the press first (power indicator back on), then the
+/// disable, which powers the slot off anyway. The unplug says Unplugged, and so
+/// does the cancel's result.
+#[test]
+fn cancel_taken_with_the_button_work_reports_the_unplug() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    let at = stamp(&c, &g.env.clock);
+    g.run_for(Duration::from_millis(4400));
+    let presses = v.primary_port.lock().unwrap().counters().button_presses;
+    let cancel = v.primary_port.lock().unwrap().cancel_unplug().unwrap();
+    assert_eq!(
+        v.primary_port.lock().unwrap().counters().button_presses,
+        presses + 1,
+        "pressed: 0.6 s were left in the window"
+    );
+    // The vCPU stalls: the cancel's interrupt waits until the timer fires.
+    let stalled = v.irqs.drain();
+    assert_eq!(stalled.len(), 1);
+    let irqs = v.irqs.clone();
+    let mut stalled = Some(stalled);
+    g.pciehp_mut(PRIMARY_PORT)
+        .unwrap()
+        .set_hook(move |at: PciehpHook| {
+            if at == PciehpHook::ButtonWork {
+                for m in stalled.take().into_iter().flatten() {
+                    irqs.deliver(0, m);
+                }
+            }
+        });
+    g.run_for(Duration::from_millis(600));
+    assert_eq!(g.env.clock.now() - t0, Duration::from_secs(5));
+    // Linux restored the indicator and is already unbinding for the power off.
+    assert_eq!(
+        g.pciehp(PRIMARY_PORT).unwrap().state(),
+        PciehpState::PowerOff
+    );
+    assert_eq!(pic(&v.primary_port), SLTCTL_PIC_ON);
+    assert_eq!(c.outcome(), None, "not Cancelled: the power off may follow");
+    g.settle(Duration::from_secs(10));
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(
+        at.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(5020)
+    );
+    assert!(v.primary_port.lock().unwrap().device().is_none());
+    assert!(!g.env.bound.contains(&PRIMARY_FN));
+    let log: Vec<&str> = g.env.log.iter().map(|(_, l)| l.as_str()).collect();
+    let pos = |s: &str| log.iter().position(|l| l.contains(s)).unwrap();
+    assert!(pos("Action canceled due to button press") < pos(&format!("{PRIMARY_FN}: removed")));
     assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::Off);
     assert_eq!(pic(&v.primary_port), SLTCTL_PIC_OFF);
 }
@@ -370,6 +534,121 @@ fn failed_migration_plugs_the_primary_back() {
             .count(),
         1
     );
+}
+
+/// The replug window: a failed migration's replug requested the moment the
+/// unplug completes (the guest's power off) lands in Linux's 1 s wait after
+/// power off, whose presence and link events Linux discards; it would see only
+/// the attention button, blink 5 s and power on about 5.1 s later. The port
+/// holds the plug until the guest turns the power indicator off; Linux then
+/// enables the slot 0.12 s later.
+#[test]
+fn replug_requested_at_once_is_held_through_the_guests_second() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    let done = stamp(&c, &g.env.clock);
+    g.run_for(Duration::from_millis(5020));
+    assert_eq!(
+        done.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(5020)
+    );
+    // The coordinator replugs the moment the unplug completes.
+    let replug = v
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
+    let at = stamp(&replug, &g.env.clock);
+    {
+        let p = v.primary_port.lock().unwrap();
+        assert!(p.plug_held());
+        assert!(!p.slot_state().present, "nothing the guest could see yet");
+        assert_eq!(p.counters().plugs_held, 1);
+    }
+    // The guest's second: the indicator goes off at t0 + 6.02 s, which
+    // delivers the plug; Linux starts enabling the slot at once.
+    g.run_for(Duration::from_millis(999));
+    assert!(v.primary_port.lock().unwrap().plug_held());
+    g.run_for(Duration::from_millis(1));
+    assert!(!v.primary_port.lock().unwrap().plug_held(), "delivered");
+    let off = g
+        .env
+        .log
+        .iter()
+        .filter(|(_, l)| l.contains("Card present"))
+        .map(|(t, _)| *t - t0)
+        .next_back();
+    assert_eq!(off, Some(Duration::from_millis(6020)));
+    assert_eq!(
+        g.pciehp(PRIMARY_PORT).unwrap().state(),
+        PciehpState::PowerOn
+    );
+    assert_eq!(replug.outcome(), None);
+    g.settle(Duration::from_secs(10));
+    assert_eq!(replug.outcome(), Some(HotplugOutcome::Plugged));
+    let at = at.lock().unwrap().unwrap() - t0;
+    assert_eq!(
+        at,
+        Duration::from_millis(6140),
+        "0.12 s after the indicator"
+    );
+    assert_eq!(g.pciehp(PRIMARY_PORT).unwrap().state(), PciehpState::On);
+    assert!(g.env.bound.contains(&PRIMARY_FN));
+    // Enabled on presence and link: no attention button, no 5 s blink.
+    let after: Vec<&str> = g
+        .env
+        .log
+        .iter()
+        .filter(|(t, _)| *t >= t0 + Duration::from_millis(5020))
+        .map(|(_, l)| l.as_str())
+        .collect();
+    assert!(
+        !after.iter().any(|l| l.contains("Attention button")),
+        "{after:?}"
+    );
+    assert!(
+        after.iter().any(|l| l.contains("Card present")),
+        "{after:?}"
+    );
+}
+
+/// The same window across a migration: the source's guest powered the slot
+/// off and migrates inside its second; the destination restores the port
+/// (which says so) and plugs its primary before the guest resumes.
+#[test]
+fn the_replug_window_crosses_a_migration() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    g.run_for(Duration::from_millis(5020));
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    let state = v.primary_port.lock().unwrap().save().unwrap();
+    assert!(state.guest_powering_off);
+    let bytes = to_bytes(&state);
+    let d = vmm_on(g.env.clock.clone());
+    d.primary_port
+        .lock()
+        .unwrap()
+        .restore(&from_bytes(&bytes).unwrap())
+        .unwrap();
+    let replug = d
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
+    assert!(d.primary_port.lock().unwrap().plug_held());
+    let at = stamp(&replug, &g.env.clock);
+    g.resume_on(d.root.clone(), d.irqs.clone());
+    g.settle(Duration::from_secs(10));
+    assert_eq!(replug.outcome(), Some(HotplugOutcome::Plugged));
+    assert_eq!(
+        at.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(6140)
+    );
+    assert!(g.env.bound.contains(&PRIMARY_FN));
 }
 
 #[test]
@@ -433,6 +712,84 @@ fn surprise_removal_is_handled_by_the_guest() {
     assert!(!g.env.bound.contains(&vf));
     assert_eq!(g.pciehp(SURPRISE_PORT).unwrap().state(), PciehpState::Off);
     assert_eq!(g.config_read32(vf, 0), u32::MAX);
+}
+
+/// What the hold saves: the same replug delivered inside the guest's second
+/// (a destination port told nothing of the window, as a port without the hold
+/// behaves). Linux discards the presence and link events, keeps the attention
+/// button, blinks 5 s on it, and enables the slot 5.12 s after the indicator
+/// went off instead of 0.12 s.
+#[test]
+fn without_the_hold_linux_sees_only_the_button() {
+    let (v, mut g) = booted_with_primary();
+    let t0 = g.env.clock.now();
+    v.primary_port.lock().unwrap().request_unplug().unwrap();
+    g.run_for(Duration::from_millis(5020));
+    let mut state = v.primary_port.lock().unwrap().save().unwrap();
+    state.guest_powering_off = false;
+    let d = vmm_on(g.env.clock.clone());
+    d.primary_port.lock().unwrap().restore(&state).unwrap();
+    let replug = d
+        .primary_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
+    assert!(!d.primary_port.lock().unwrap().plug_held());
+    let at = stamp(&replug, &g.env.clock);
+    g.resume_on(d.root.clone(), d.irqs.clone());
+    g.settle(Duration::from_secs(20));
+    assert_eq!(replug.outcome(), Some(HotplugOutcome::Plugged));
+    assert_eq!(
+        at.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(11_140)
+    );
+    assert!(
+        g.env
+            .log
+            .iter()
+            .any(|(t, l)| *t > t0 + Duration::from_secs(6)
+                && l.contains("Powering on due to button press"))
+    );
+}
+
+/// A plug right after a surprise removal: Linux powers the emptied slot off,
+/// waits 1 s, turns the indicator off and re-checks presence in the same run
+/// (`pciehp_handle_presence_or_link_change`). The held plug is delivered by
+/// the indicator write, so that re-check finds the new device and enables it;
+/// nothing is left over to be taken later for an unplug request.
+#[test]
+fn a_plug_after_a_surprise_removal_is_enabled_by_linuxs_recheck() {
+    let v = vmm();
+    let mut g = boot(&v);
+    let vf = Bdf::new(4, 0, 0);
+    let t0 = g.env.clock.now();
+    v.surprise_port
+        .lock()
+        .unwrap()
+        .surprise_remove()
+        .map(|_| ())
+        .unwrap();
+    let c = v
+        .surprise_port
+        .lock()
+        .unwrap()
+        .plug(StubEndpoint::vf())
+        .unwrap();
+    assert!(v.surprise_port.lock().unwrap().plug_held());
+    let at = stamp(&c, &g.env.clock);
+    g.settle(Duration::from_secs(20));
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Plugged));
+    // Unbind 20 ms, power off, 1 s, indicator off, then enable: 120 ms.
+    assert_eq!(
+        at.lock().unwrap().unwrap() - t0,
+        Duration::from_millis(1140)
+    );
+    assert!(g.env.bound.contains(&vf));
+    assert_eq!(g.pciehp(SURPRISE_PORT).unwrap().state(), PciehpState::On);
+    g.run_for(Duration::from_secs(10));
+    assert_eq!(g.pciehp(SURPRISE_PORT).unwrap().state(), PciehpState::On);
+    assert!(g.env.bound.contains(&vf));
 }
 
 #[test]

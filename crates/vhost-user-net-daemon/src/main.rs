@@ -15,15 +15,28 @@ use virtio_net_standby::{Discard, Generator, NetBackend, StandbyNetBuilder, Tap}
 /// (--discard), or the guest receives generated frames (--generate). The server
 /// waits for a frontend, serves it, and waits for the next one when it leaves.
 ///
-/// Example, with QEMU as the frontend:
+/// Example, with QEMU's failover as the frontend (the standby on this socket,
+/// a passthrough primary with the same MAC whose failover_pair_id names
+/// QEMU's -device id of the standby):
 ///
-///   vhost-user-net --socket /run/vu-net0.sock --tap vu-tap0 --mac 52:54:00:12:34:56
+///   vhost-user-net --socket /run/vu-net0.sock --tap vu-tap0 --mac 52:54:00:12:34:56 \
+///     --id net1 --control /run/vu-net0.ctl
 ///
-///   qemu-system-x86_64 ... -chardev socket,id=c0,path=/run/vu-net0.sock
-///     -netdev vhost-user,id=n0,chardev=c0
-///     -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,failover=on
+///   qemu-system-x86_64 ... -m 4G \
+///     -object memory-backend-memfd,id=mem0,size=4G,share=on -numa node,memdev=mem0 \
+///     -chardev socket,id=c0,path=/run/vu-net0.sock,reconnect=1 \
+///     -netdev vhost-user,id=n0,chardev=c0 \
+///     -device virtio-net-pci,netdev=n0,id=net1,mac=52:54:00:12:34:56,failover=on \
+///     -device vfio-pci,host=0000:3b:02.0,id=hostdev0,failover_pair_id=net1
 ///
-/// Logging goes to stderr; set RUST_LOG=debug for more.
+/// QEMU refuses vhost-user without guest memory it can share (share=on). It
+/// keeps the MAC, MTU and link status the guest reads itself, so "link down"
+/// on --control disconnects it (its guest sees the link down) and closes the
+/// socket until "link up"; reconnect=1 brings QEMU back, after a link change
+/// or a daemon restart.
+///
+/// Logging goes to stderr; set RUST_LOG=debug for more (every vhost-user
+/// request the frontend sends is logged, decoded).
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 #[command(group(ArgGroup::new("backend").required(true).args(["tap", "discard", "generate"])))]
@@ -73,7 +86,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     standby: OnOff,
 
-    /// Identifier of the device, as a primary's failover_pair_id names it.
+    /// Identifier of the device, as a primary's failover_pair_id names it (with
+    /// QEMU, failover_pair_id names QEMU's -device id=; give the same name here
+    /// for the logs).
     #[arg(long, default_value = "net0")]
     id: String,
 

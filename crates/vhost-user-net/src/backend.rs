@@ -75,6 +75,15 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<VhostUserMemory>>;
 /// backend-request channel (`BACKEND_REQ`), may ask for acknowledgements
 /// (`REPLY_ACK`), may use several queue pairs (`MQ`) and may reset the device
 /// without reconnecting (`RESET_DEVICE`).
+///
+/// `CONFIG` is offered to every frontend: User-Mode Linux's `virtio_uml` reads
+/// MAC, MTU and link status only through it, and nothing tells one frontend
+/// from another before this answer. QEMU's virtio-net keeps its own
+/// configuration space; QEMU masks `CONFIG` out of `SET_PROTOCOL_FEATURES` and
+/// prints `vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU
+/// does not`, which costs nothing else: configuration changes go only to a
+/// frontend that acknowledged `CONFIG`, and a link change reaches QEMU's guest
+/// through the connection instead (see [`Server`](crate::Server)).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
@@ -243,10 +252,24 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         f(&mut lock(&self.device))
     }
 
-    /// Sets the link state the guest sees; a change is notified through the
-    /// backend-request channel.
+    /// Sets the link state the guest sees. A frontend that acknowledged
+    /// `CONFIG` is notified through the backend-request channel; one that did
+    /// not (QEMU's virtio-net) is disconnected by the [`Server`](crate::Server)
+    /// while the link is down, which QEMU shows its guest as link down.
     pub fn set_link_up(&self, up: bool) {
         lock(&self.device).set_link_up(up);
+        self.channel.bump();
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        lock(&self.device).link_up()
+    }
+
+    /// Whether the current frontend's features were acknowledged and accepted
+    /// (the driver is starting or running the device).
+    pub(crate) fn features_accepted(&self) -> bool {
+        lock(&self.device).acked_features().is_some()
     }
 
     /// Asks the guest to announce itself (gratuitous ARP), if it negotiated
@@ -613,6 +636,8 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         } else {
             log::info!("{}: features {:#x} accepted", self.name, consistent.bits());
         }
+        drop(dev);
+        self.channel.bump();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -8,6 +8,11 @@
 //! keeps the channel open for as long as the connection lives: User-Mode Linux
 //! takes an end-of-file on it for a disconnect.
 //!
+//! The message belongs to `VHOST_USER_PROTOCOL_F_CONFIG`: it goes only to a
+//! frontend that acknowledged `CONFIG`. QEMU's virtio-net does not (it keeps the
+//! configuration space itself and masks the bit out); the
+//! [`Server`](crate::Server) shows it a link change by disconnecting instead.
+//!
 //! The device raises configuration interrupts with its own locks held, and a
 //! frontend may be waiting on us at that moment, so the interrupt path only
 //! marks a notification pending ([`BackendChannel::notify_config_changed`]); a
@@ -32,7 +37,8 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 #[derive(Debug, Default)]
 struct Inner {
     sock: Option<UnixStream>,
-    protocol_features: u64,
+    /// What `SET_PROTOCOL_FEATURES` acknowledged on this connection, once it came.
+    protocol_features: Option<u64>,
     sent: u64,
 }
 
@@ -49,6 +55,10 @@ pub struct BackendChannel {
     inner: Mutex<Inner>,
     pending: Mutex<Pending>,
     wakeup: Condvar,
+    /// Bumped when the negotiation or the link changes, for whoever watches
+    /// whether the frontend can still be told ([`Server`](crate::Server)).
+    changes: Mutex<u64>,
+    changed: Condvar,
 }
 
 impl Drop for BackendChannel {
@@ -93,7 +103,36 @@ impl BackendChannel {
 
     /// Records the protocol features the frontend acknowledged.
     pub(crate) fn set_protocol_features(&self, features: u64) {
-        self.lock().protocol_features = features;
+        self.lock().protocol_features = Some(features);
+        self.bump();
+    }
+
+    /// Whether the frontend takes configuration-change notifications: it
+    /// acknowledged `CONFIG` and `BACKEND_REQ`. `None` until it acknowledged
+    /// protocol features on this connection. QEMU's virtio-net says no: it
+    /// keeps its own configuration space and masks `CONFIG` out.
+    pub fn takes_config_changes(&self) -> Option<bool> {
+        let need = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ;
+        self.lock()
+            .protocol_features
+            .map(|f| f & need.bits() == need.bits())
+    }
+
+    /// Wakes [`wait_changed`](Self::wait_changed).
+    pub(crate) fn bump(&self) {
+        *self.changes.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until something changed after `seen` (a value this returned
+    /// before; 0 at first), or `timeout`; returns the current count.
+    pub(crate) fn wait_changed(&self, seen: u64, timeout: Duration) -> u64 {
+        let g = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |n| *n == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
     }
 
     /// Takes the channel the frontend handed over.
@@ -105,7 +144,9 @@ impl BackendChannel {
     pub(crate) fn detach(&self) {
         let mut g = self.lock();
         g.sock = None;
-        g.protocol_features = 0;
+        g.protocol_features = None;
+        drop(g);
+        self.bump();
     }
 
     /// Whether a channel is attached.
@@ -126,7 +167,10 @@ impl BackendChannel {
         let mut g = self.lock();
         let r = Self::send_config_change(&mut g);
         if let Err(e) = &r {
-            if e.kind() != io::ErrorKind::NotConnected && e.kind() != io::ErrorKind::Other {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::NotConnected | io::ErrorKind::Other | io::ErrorKind::Unsupported
+            ) {
                 g.sock = None;
             }
         } else {
@@ -136,10 +180,19 @@ impl BackendChannel {
     }
 
     fn send_config_change(g: &mut Inner) -> io::Result<()> {
-        let need_reply = g.protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
         let Some(sock) = g.sock.as_mut() else {
             return Err(not_attached());
         };
+        let protocol = g.protocol_features.unwrap_or(0);
+        if protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 {
+            // The message belongs to CONFIG; QEMU's virtio-net masks it out
+            // and would answer with a refusal.
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the frontend did not acknowledge VHOST_USER_PROTOCOL_F_CONFIG",
+            ));
+        }
+        let need_reply = protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
         sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let request = BackendReq::CONFIG_CHANGE_MSG as u32;
         let flags = FLAG_VERSION_1 | if need_reply { FLAG_NEED_REPLY } else { 0 };
@@ -193,8 +246,12 @@ fn notifier(ch: Weak<BackendChannel>) {
         }
         p.config = false;
         drop(p);
-        if let Err(e) = c.config_changed() {
-            log::warn!("cannot notify the frontend of a configuration change: {e}");
+        match c.config_changed() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                log::debug!("configuration change not notified: {e}");
+            }
+            Err(e) => log::warn!("cannot notify the frontend of a configuration change: {e}"),
         }
     }
 }
@@ -212,13 +269,26 @@ mod tests {
         );
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ch.attach(ours);
+        assert_eq!(ch.takes_config_changes(), None);
+        // Without CONFIG (QEMU's virtio-net): nothing is sent, the channel stays.
+        ch.set_protocol_features(VhostUserProtocolFeatures::BACKEND_REQ.bits());
+        assert_eq!(ch.takes_config_changes(), Some(false));
+        assert_eq!(
+            ch.config_changed().unwrap_err().kind(),
+            io::ErrorKind::Unsupported
+        );
+        assert!(ch.is_attached());
+        let config =
+            (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ).bits();
+        ch.set_protocol_features(config);
+        assert_eq!(ch.takes_config_changes(), Some(true));
         ch.config_changed().unwrap();
         let mut m = [0u8; 12];
         theirs.read_exact(&mut m).unwrap();
         assert_eq!(m[0], BackendReq::CONFIG_CHANGE_MSG as u8);
         assert_eq!(m[4], FLAG_VERSION_1 as u8);
         // With REPLY_ACK: the frontend's answer is awaited and checked.
-        ch.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK.bits());
+        ch.set_protocol_features(config | VhostUserProtocolFeatures::REPLY_ACK.bits());
         let t = std::thread::spawn(move || {
             let mut m = [0u8; 12];
             theirs.read_exact(&mut m).unwrap();
@@ -237,8 +307,11 @@ mod tests {
         assert!(ch.config_changed().is_err());
         t.join().unwrap();
         assert_eq!(ch.notifications_sent(), 2);
+        let seen = ch.wait_changed(0, Duration::ZERO);
         ch.detach();
         assert!(!ch.is_attached());
+        assert_eq!(ch.takes_config_changes(), None);
+        assert!(ch.wait_changed(seen, Duration::from_secs(5)) > seen);
     }
 
     #[test]
@@ -246,13 +319,16 @@ mod tests {
         let ch = BackendChannel::new("t").unwrap();
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ch.attach(ours);
+        let config =
+            (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ).bits();
+        ch.set_protocol_features(config);
         ch.notify_config_changed().unwrap();
         let mut m = [0u8; 12];
         theirs.read_exact(&mut m).unwrap();
         assert_eq!(m[0], BackendReq::CONFIG_CHANGE_MSG as u8);
         // With REPLY_ACK and a frontend that never answers: after the timeout
         // the channel is dropped, not left one reply behind.
-        ch.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK.bits());
+        ch.set_protocol_features(config | VhostUserProtocolFeatures::REPLY_ACK.bits());
         assert_eq!(
             ch.config_changed().unwrap_err().kind(),
             io::ErrorKind::WouldBlock

@@ -8,6 +8,19 @@
 //! - User-Mode Linux sizes `SET_MEM_TABLE` for more regions than it describes;
 //!   the `vhost` crate insists on the exact size and would drop the connection.
 //!   The relay trims the payload to the regions the message counts.
+//! - QEMU sends `SET_VRING_ENABLE` before `SET_FEATURES`: it takes
+//!   `VHOST_USER_F_PROTOCOL_FEATURES` as negotiated once `GET_FEATURES` offered
+//!   it and `SET_PROTOCOL_FEATURES` went through, as the specification's
+//!   protocol-feature negotiation reads, and enables a queue pair's rings as
+//!   soon as its virtio-net device attaches the queues, at every device reset
+//!   (see the `QEMU` section below). The `vhost` crate's
+//!   handler (and `vhost-user-backend`'s, behind it) only accept
+//!   `SET_VRING_ENABLE` once `SET_FEATURES` acknowledged bit 30, and end the
+//!   connection otherwise (`inactive feature: 1073741824`). The relay holds such
+//!   an early `SET_VRING_ENABLE`, acknowledges it itself if the frontend asked
+//!   for a reply, and hands the handler the last state of each held ring right
+//!   after the `SET_FEATURES` that acknowledges bit 30; without bit 30 the rings
+//!   start enabled and the held states are dropped, as the specification says.
 //!
 //! It refuses, by closing the connection with a logged reason, what no frontend
 //! may send: a message longer than the protocol's 4096-byte limit, a header cut
@@ -16,15 +29,63 @@
 //! It also watches two messages on their way through: the protocol features the
 //! frontend acknowledged and the backend-request channel it hands over, which the
 //! [`BackendChannel`] uses to send configuration-change notifications.
+//!
+//! Every request is logged at debug level (`RUST_LOG=vhost_user_net::relay=debug`),
+//! decoded: the way to see a frontend's message sequence.
+//!
+//! # QEMU
+//!
+//! What QEMU 7.2's `-netdev vhost-user` under `-device virtio-net-pci` sends, in
+//! its order, as this relay logged it (Debian's 7.2, a Linux 6.1 guest booting,
+//! running, losing and regaining the link, powering off), and what the daemon
+//! does with each. QEMU keeps one `vhost_dev` per queue pair: per-device
+//! requests go once, per-ring ones for rings 0 and 1 (and the rings of further
+//! pairs with `queues=`); the control queue stays in QEMU.
+//!
+//! | # | QEMU sends | when | the daemon |
+//! |---|---|---|---|
+//! | 1 | `GET_FEATURES` | connection (`vhost_user_backend_init`) | the device's virtio features and bit 30 |
+//! | 2 | `GET_PROTOCOL_FEATURES` | | `CONFIG`, `MQ`, `REPLY_ACK`, `BACKEND_REQ`, `RESET_DEVICE` |
+//! | 3 | `SET_PROTOCOL_FEATURES 0x2029` | | recorded; QEMU masked `CONFIG` out (and warns that it did) |
+//! | 4 | `GET_QUEUE_NUM` | `MQ` | the device's queue count |
+//! | 5 | `SET_BACKEND_REQ_FD`, reply wanted | `BACKEND_REQ` | kept; no configuration change is sent on it, since `CONFIG` is not acknowledged |
+//! | 6 | `SET_OWNER` | `vhost_dev_init` | accepted |
+//! | 7 | `GET_FEATURES` | | as 1 |
+//! | 8 | `SET_VRING_CALL`, `SET_VRING_ERR`, rings 0 and 1 | `vhost_virtqueue_init` | stored |
+//! | 9 | `SET_VRING_ENABLE` rings 0 and 1 → 1 | machine reset, then every reset and feature write of the guest's driver (`peer_attach`) | **before `SET_FEATURES`: held** by the relay (acknowledged if a reply is wanted; 7.2 wants none) |
+//! | 10 | `SET_FEATURES` with bit 30 | the driver's `DRIVER_OK` (`vhost_net_start`) | the device negotiates; the relay then hands over the held ring states (QEMU 7.2 sends no `SET_VRING_ENABLE` after starting the rings: without them the rings would stay disabled) |
+//! | 11 | `SET_MEM_TABLE`, reply wanted | | mapped; QEMU refuses vhost-user without shared guest memory (`memory-backend-memfd,share=on`) |
+//! | 12 | `SET_VRING_NUM`, `SET_VRING_BASE`, `SET_VRING_ADDR`, `SET_VRING_KICK`, `SET_VRING_CALL`, ring 0 then ring 1 | | rings started; the device activates on the first kick |
+//! | 13 | `GET_VRING_BASE` rings 0 and 1 | the driver's reset or power-off, QEMU's link down | the device stops and returns each ring's position |
+//! | 14 | `SET_VRING_ENABLE` rings 0 and 1 → 1 | the reset that follows | passed on (features are acknowledged by then) |
+//!
+//! With `queues=N` (and `--queue-pairs N`), every further pair's `vhost_dev`
+//! repeats 1 to 3 and 7 to 13 for its own rings (`SET_FEATURES` once per pair,
+//! per-device requests once), and at each reset QEMU enables pair 0 and
+//! disables the others (`SET_VRING_ENABLE` → 0 for rings 2 and up) until the
+//! guest raises the pair count through the control queue QEMU serves.
+//!
+//! After a disconnection QEMU (with `reconnect=`) starts over at 1, and at 10
+//! resends the features it had, with `SET_VRING_BASE` at the positions it
+//! recovered from the used rings. QEMU acknowledges only the virtio bits a
+//! vhost-user net backend may carry: not `STANDBY`, `CTRL_VQ`, `CTRL_RX`,
+//! `MAC` or `STATUS`, which its own virtio-net serves; it forwards
+//! `GUEST_ANNOUNCE` without `CTRL_VQ` (the backend prunes it). It sends no
+//! `GET_CONFIG`, `SET_CONFIG`, `RESET_OWNER` or `RESET_DEVICE`. User-Mode
+//! Linux and DPDK's virtio-user send `SET_FEATURES` before any
+//! `SET_VRING_ENABLE`, which is why only QEMU met the `vhost` crate's check.
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vhost::vhost_user::message::{
+    FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 
 use crate::channel::BackendChannel;
 
@@ -36,6 +97,10 @@ const MEM_TABLE_HEAD: usize = 8;
 const MEM_REGION_LEN: usize = 32;
 /// The protocol's limit on regions in one `SET_MEM_TABLE`.
 const MAX_MEM_REGIONS: usize = 8;
+/// Header flags: the protocol version, a reply, a reply wanted.
+const FLAG_VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
 
 /// Errors that end a relayed connection.
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +155,17 @@ impl Relay {
         channel: Arc<BackendChannel>,
     ) -> io::Result<Relay> {
         let (f_in, h_out) = (frontend.try_clone()?, handler.try_clone()?);
-        let (h_in, f_out) = (handler.try_clone()?, frontend.try_clone()?);
+        let h_in = handler.try_clone()?;
+        // Both directions answer the frontend: the handler's replies, and the
+        // relay's own acknowledgements of the requests it holds. One message
+        // at a time goes out whole.
+        let f_out = Arc::new(Mutex::new(frontend.try_clone()?));
+        let f_ack = Arc::clone(&f_out);
         let tag = name.to_string();
         let down = thread::Builder::new()
             .name(format!("{name}-relay-in"))
             .spawn(move || {
-                let r = forward_requests(&f_in, &h_out, &channel);
+                let r = forward_requests(&tag, &f_in, &f_ack, &h_out, &channel);
                 match &r {
                     Ok(()) => log::info!("{tag}: the connection closed"),
                     Err(e) => log::error!("{tag}: dropping the frontend's connection: {e}"),
@@ -111,7 +181,7 @@ impl Relay {
                 if let Err(e) = forward_replies(&h_in, &f_out) {
                     log::debug!("{tag}: reply path closed: {e}");
                 }
-                let _ = f_out.shutdown(Shutdown::Both);
+                let _ = lock(&f_out).shutdown(Shutdown::Both);
                 let _ = h_in.shutdown(Shutdown::Both);
             })?;
         Ok(Relay {
@@ -135,51 +205,300 @@ impl Relay {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads one message: its header, the descriptors attached to it and its
+/// payload (into `payload`). `None` at end of file before a header.
+fn recv_message(
+    s: &UnixStream,
+    payload: &mut Vec<u8>,
+) -> Result<Option<([u8; HEADER_LEN], Vec<OwnedFd>)>> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let (n, fds) = recv_with_fds(s, &mut hdr)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < HEADER_LEN {
+        read_exact(s, &mut hdr[n..])?;
+    }
+    let (request, size) = (field(&hdr, 0), field(&hdr, 8));
+    if size as usize > MAX_MSG_SIZE {
+        return Err(Error::Oversized { request, size });
+    }
+    payload.clear();
+    payload.resize(size as usize, 0);
+    read_exact(s, payload)?;
+    Ok(Some((hdr, fds)))
+}
+
+/// The little-endian `u32` at `at`.
+fn field(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// The payload as one `u64`, if it is one.
+fn as_u64(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(payload.try_into().ok()?))
+}
+
 /// Frontend to handler: one message at a time, quirks mended.
 fn forward_requests(
+    name: &str,
     frontend: &UnixStream,
+    frontend_out: &Mutex<UnixStream>,
     handler: &UnixStream,
     channel: &BackendChannel,
 ) -> Result<()> {
     let mut payload = Vec::with_capacity(MAX_MSG_SIZE);
+    let mut negotiation = Negotiation::default();
     loop {
-        let mut hdr = [0u8; HEADER_LEN];
-        let (n, fds) = recv_with_fds(frontend, &mut hdr)?;
-        if n == 0 {
+        let Some((mut hdr, fds)) = recv_message(frontend, &mut payload)? else {
             return Ok(());
-        }
-        if n < HEADER_LEN {
-            read_exact(frontend, &mut hdr[n..])?;
-        }
-        let request = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
-        let size = u32::from_le_bytes(hdr[8..12].try_into().expect("4 bytes"));
-        if size as usize > MAX_MSG_SIZE {
-            return Err(Error::Oversized { request, size });
-        }
-        payload.clear();
-        payload.resize(size as usize, 0);
-        read_exact(frontend, &mut payload)?;
+        };
+        let request = field(&hdr, 0);
+        log::debug!("{name}: frontend: {}", describe(&hdr, &payload, fds.len()));
         if let Some(q) = mend(request, &mut payload) {
-            log::debug!("relay: {q:?}");
+            log::debug!("{name}: relay: {q:?}");
             hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         }
         observe(request, &payload, &fds, channel);
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        send_with_fds(handler, &[&hdr, &payload], &raw)?;
+        match negotiation.before(&hdr, &payload) {
+            Action::Forward => {
+                let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                send_with_fds(handler, &[&hdr, &payload], &raw)?;
+            }
+            Action::Hold { ack } => {
+                log::debug!(
+                    "{name}: relay: holding SET_VRING_ENABLE until SET_FEATURES acknowledges VHOST_USER_F_PROTOCOL_FEATURES{}",
+                    if ack.is_some() { " (acknowledged)" } else { "" }
+                );
+                if let Some(ack) = ack {
+                    send_with_fds(&lock(frontend_out), &[&ack], &[])?;
+                }
+                continue;
+            }
+        }
+        for (held, m) in negotiation.after(request, &payload) {
+            match held {
+                Held::Replay => log::debug!(
+                    "{name}: relay: replaying {}",
+                    describe(
+                        m[..HEADER_LEN].try_into().expect("a header"),
+                        &m[HEADER_LEN..],
+                        0
+                    )
+                ),
+                Held::Dropped => log::info!(
+                    "{name}: relay: the frontend acknowledged no VHOST_USER_F_PROTOCOL_FEATURES; every ring starts enabled, dropping its earlier {}",
+                    describe(
+                        m[..HEADER_LEN].try_into().expect("a header"),
+                        &m[HEADER_LEN..],
+                        0
+                    )
+                ),
+            }
+            if held == Held::Replay {
+                send_with_fds(handler, &[&m], &[])?;
+            }
+        }
     }
 }
 
-/// Handler to frontend: bytes and descriptors as they come.
-fn forward_replies(handler: &UnixStream, frontend: &UnixStream) -> Result<()> {
-    let mut buf = vec![0u8; HEADER_LEN + MAX_MSG_SIZE];
+/// Handler to frontend: message by message, descriptors included.
+fn forward_replies(handler: &UnixStream, frontend: &Mutex<UnixStream>) -> Result<()> {
+    let mut payload = Vec::with_capacity(MAX_MSG_SIZE);
     loop {
-        let (n, fds) = recv_with_fds(handler, &mut buf)?;
-        if n == 0 {
+        let Some((hdr, fds)) = recv_message(handler, &mut payload)? else {
             return Ok(());
-        }
+        };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        send_with_fds(frontend, &[&buf[..n]], &raw)?;
+        send_with_fds(&lock(frontend), &[&hdr, &payload], &raw)?;
     }
+}
+
+/// What the relay does with a request, per [`Negotiation::before`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Pass it to the handler.
+    Forward,
+    /// Keep it for later; send `ack` to the frontend now if it wants a reply.
+    Hold {
+        /// The acknowledgement (header and a zero `u64`).
+        ack: Option<[u8; HEADER_LEN + 8]>,
+    },
+}
+
+/// What becomes of a held request, per [`Negotiation::after`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Send it to the handler now.
+    Replay,
+    /// The negotiation made it moot.
+    Dropped,
+}
+
+/// The relay's view of the negotiation, for the requests it must hold.
+///
+/// `SET_VRING_ENABLE` is valid, in the specification's terms, once
+/// `VHOST_USER_F_PROTOCOL_FEATURES` is negotiated; frontends read that as
+/// "the backend offered bit 30 and `SET_PROTOCOL_FEATURES` went through"
+/// (QEMU enables rings long before `SET_FEATURES`), the `vhost` crate as
+/// "`SET_FEATURES` acknowledged bit 30". Between the two, the relay holds the
+/// request: the last state asked for each ring is handed over right after the
+/// `SET_FEATURES` that acknowledges bit 30. Nothing is lost by the wait: no
+/// ring runs before `SET_FEATURES`. A `SET_FEATURES` without bit 30 enables
+/// every ring, and the held states are dropped; `RESET_OWNER` and
+/// `RESET_DEVICE` forget the acknowledgement, and requests are held again.
+#[derive(Debug, Default)]
+pub(crate) struct Negotiation {
+    /// What `SET_PROTOCOL_FEATURES` acknowledged, once it came.
+    protocol: Option<u64>,
+    /// A `SET_FEATURES` with bit 30 reached the handler.
+    features_acked: bool,
+    /// Held `SET_VRING_ENABLE` states: (ring, 0 or 1), the last per ring.
+    held: Vec<(u32, u32)>,
+}
+
+impl Negotiation {
+    /// Decides what to do with the request `hdr`/`payload` before it is sent.
+    pub(crate) fn before(&mut self, hdr: &[u8; HEADER_LEN], payload: &[u8]) -> Action {
+        let (request, flags) = (field(hdr, 0), field(hdr, 4));
+        if request != FrontendReq::SET_VRING_ENABLE as u32
+            || self.features_acked
+            || payload.len() != 8
+        {
+            return Action::Forward;
+        }
+        // Without SET_PROTOCOL_FEATURES the frontend never negotiated bit 30:
+        // the handler refuses it, as it should.
+        let Some(protocol) = self.protocol else {
+            return Action::Forward;
+        };
+        let (ring, num) = (field(payload, 0), field(payload, 4));
+        if num > 1 {
+            return Action::Forward;
+        }
+        self.held.retain(|&(r, _)| r != ring);
+        self.held.push((ring, num));
+        let wants_ack = flags & FLAG_NEED_REPLY != 0
+            && protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+        Action::Hold {
+            ack: wants_ack.then(|| {
+                let mut m = [0u8; HEADER_LEN + 8];
+                m[0..4].copy_from_slice(&request.to_le_bytes());
+                m[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+                m[8..12].copy_from_slice(&8u32.to_le_bytes());
+                m
+            }),
+        }
+    }
+
+    /// Notes a request that went to the handler; returns the held requests it
+    /// settles, each a whole message (sent without `NEED_REPLY`: the frontend
+    /// has had its answer).
+    pub(crate) fn after(&mut self, request: u32, payload: &[u8]) -> Vec<(Held, Vec<u8>)> {
+        let held = |h: Held, list: Vec<(u32, u32)>| {
+            list.into_iter()
+                .map(|(ring, num)| {
+                    let mut m = Vec::with_capacity(HEADER_LEN + 8);
+                    m.extend_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
+                    m.extend_from_slice(&FLAG_VERSION_1.to_le_bytes());
+                    m.extend_from_slice(&8u32.to_le_bytes());
+                    m.extend_from_slice(&ring.to_le_bytes());
+                    m.extend_from_slice(&num.to_le_bytes());
+                    (h, m)
+                })
+                .collect()
+        };
+        match (request, as_u64(payload)) {
+            (r, Some(v)) if r == FrontendReq::SET_PROTOCOL_FEATURES as u32 => {
+                self.protocol = Some(v);
+            }
+            (r, Some(v)) if r == FrontendReq::SET_FEATURES as u32 => {
+                self.features_acked = v & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+                let list = std::mem::take(&mut self.held);
+                return held(
+                    if self.features_acked {
+                        Held::Replay
+                    } else {
+                        Held::Dropped
+                    },
+                    list,
+                );
+            }
+            (r, _)
+                if r == FrontendReq::RESET_OWNER as u32
+                    || r == FrontendReq::RESET_DEVICE as u32 =>
+            {
+                self.features_acked = false;
+                self.held.clear();
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+}
+
+/// A request decoded for the log: its name, flags, size, descriptors and, for
+/// the common payloads, what they say.
+pub(crate) fn describe(hdr: &[u8; HEADER_LEN], payload: &[u8], fds: usize) -> String {
+    let (code, flags, size) = (field(hdr, 0), field(hdr, 4), field(hdr, 8));
+    let Ok(req) = FrontendReq::try_from(code) else {
+        return format!("request {code} (unknown), flags {flags:#x}, {size} bytes, {fds} fds");
+    };
+    let body =
+        match req {
+            FrontendReq::SET_FEATURES | FrontendReq::SET_PROTOCOL_FEATURES => {
+                as_u64(payload).map(|v| format!(" {v:#x}"))
+            }
+            FrontendReq::SET_VRING_NUM
+            | FrontendReq::SET_VRING_BASE
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::SET_VRING_ENABLE
+                if payload.len() == 8 =>
+            {
+                Some(format!(
+                    " ring {} num {}",
+                    field(payload, 0),
+                    field(payload, 4)
+                ))
+            }
+            FrontendReq::SET_VRING_KICK
+            | FrontendReq::SET_VRING_CALL
+            | FrontendReq::SET_VRING_ERR => as_u64(payload).map(|v| {
+                format!(
+                    " ring {}{}",
+                    v & 0xff,
+                    if v & 0x100 != 0 { " (no fd)" } else { "" }
+                )
+            }),
+            FrontendReq::SET_VRING_ADDR if payload.len() >= 4 => {
+                Some(format!(" ring {}", field(payload, 0)))
+            }
+            FrontendReq::SET_MEM_TABLE if payload.len() >= 4 => {
+                Some(format!(" {} region(s)", field(payload, 0)))
+            }
+            FrontendReq::GET_CONFIG | FrontendReq::SET_CONFIG if payload.len() >= 8 => Some(
+                format!(" offset {} size {}", field(payload, 0), field(payload, 4)),
+            ),
+            _ => None,
+        };
+    format!(
+        "{req:?}{}{}{}",
+        body.unwrap_or_default(),
+        if flags & FLAG_NEED_REPLY != 0 {
+            " (reply wanted)"
+        } else {
+            ""
+        },
+        if fds > 0 {
+            format!(" [{fds} fd]")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// Rewrites what real frontends get wrong. Returns what it changed.
@@ -360,6 +679,101 @@ mod tests {
         assert_eq!(mend(FrontendReq::SET_MEM_TABLE as u32, &mut short), None);
     }
 
+    fn enable(ring: u32, num: u32, flags: u32) -> ([u8; HEADER_LEN], Vec<u8>) {
+        let mut h = header(FrontendReq::SET_VRING_ENABLE as u32, 8);
+        h[4..8].copy_from_slice(&flags.to_le_bytes());
+        let mut p = ring.to_le_bytes().to_vec();
+        p.extend_from_slice(&num.to_le_bytes());
+        (h, p)
+    }
+
+    fn u64_msg(request: FrontendReq, v: u64) -> (u32, Vec<u8>) {
+        (request as u32, v.to_le_bytes().to_vec())
+    }
+
+    #[test]
+    fn qemu_enables_rings_before_it_acknowledges_features() {
+        let mut n = Negotiation::default();
+        let pf = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        let bit30 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // Before SET_PROTOCOL_FEATURES the frontend never negotiated bit 30:
+        // the handler judges.
+        let (h, p) = enable(0, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Forward);
+        let (r, p) = u64_msg(FrontendReq::SET_PROTOCOL_FEATURES, pf);
+        assert!(n.after(r, &p).is_empty());
+        // Held; acknowledged only when asked.
+        let (h, p) = enable(0, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Hold { ack: None });
+        let (h, p) = enable(1, 0, FLAG_VERSION_1 | FLAG_NEED_REPLY);
+        let Action::Hold { ack: Some(ack) } = n.before(&h, &p) else {
+            panic!("a reply was wanted");
+        };
+        assert_eq!(field(&ack, 0), FrontendReq::SET_VRING_ENABLE as u32);
+        assert_eq!(field(&ack, 4), FLAG_VERSION_1 | FLAG_REPLY);
+        assert_eq!(field(&ack, 8), 8);
+        assert_eq!(as_u64(&ack[HEADER_LEN..]), Some(0));
+        // The last state per ring wins; a value other than 0/1 is the
+        // handler's to refuse.
+        let (h, p) = enable(1, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Hold { ack: None });
+        let (h, p) = enable(1, 2, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Forward);
+        // SET_FEATURES with bit 30 releases them, in order, without NEED_REPLY.
+        let (r, p) = u64_msg(FrontendReq::SET_FEATURES, bit30 | 1);
+        let out = n.after(r, &p);
+        assert_eq!(out.len(), 2);
+        for ((held, m), ring) in out.iter().zip([0u32, 1]) {
+            assert_eq!(*held, Held::Replay);
+            assert_eq!(m.len(), HEADER_LEN + 8);
+            assert_eq!(field(m, 0), FrontendReq::SET_VRING_ENABLE as u32);
+            assert_eq!(field(m, 4), FLAG_VERSION_1);
+            assert_eq!((field(m, HEADER_LEN), field(m, HEADER_LEN + 4)), (ring, 1));
+        }
+        // From then on they go straight through.
+        let (h, p) = enable(0, 0, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Forward);
+        // RESET_DEVICE forgets the acknowledgement.
+        assert!(n.after(FrontendReq::RESET_DEVICE as u32, &[]).is_empty());
+        let (h, p) = enable(0, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Hold { ack: None });
+        // SET_FEATURES without bit 30 enables every ring: held states dropped.
+        let (r, p) = u64_msg(FrontendReq::SET_FEATURES, 1);
+        let out = n.after(r, &p);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, Held::Dropped);
+        let (h, p) = enable(0, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Hold { ack: None });
+        // Other requests are never held.
+        let h = header(FrontendReq::SET_VRING_NUM as u32, 8);
+        assert_eq!(n.before(&h, &[0; 8]), Action::Forward);
+    }
+
+    #[test]
+    fn requests_are_described_for_the_log() {
+        let (h, p) = enable(1, 1, FLAG_VERSION_1 | FLAG_NEED_REPLY);
+        assert_eq!(
+            describe(&h, &p, 0),
+            "SET_VRING_ENABLE ring 1 num 1 (reply wanted)"
+        );
+        let h = header(FrontendReq::SET_VRING_KICK as u32, 8);
+        assert_eq!(
+            describe(&h, &0x101u64.to_le_bytes(), 0),
+            "SET_VRING_KICK ring 1 (no fd)"
+        );
+        let h = header(FrontendReq::SET_MEM_TABLE as u32, 40);
+        assert_eq!(
+            describe(&h, &mem_table(1, 1), 1),
+            "SET_MEM_TABLE 1 region(s) [1 fd]"
+        );
+        let h = header(FrontendReq::SET_FEATURES as u32, 8);
+        assert_eq!(
+            describe(&h, &0x4000_0000u64.to_le_bytes(), 0),
+            "SET_FEATURES 0x40000000"
+        );
+        assert!(describe(&header(0xdead, 0), &[], 0).contains("unknown"));
+    }
+
     fn header(request: u32, size: u32) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&request.to_le_bytes());
@@ -396,11 +810,15 @@ mod tests {
         assert_eq!(n, HEADER_LEN + 40);
         assert_eq!(&got[8..12], &40u32.to_le_bytes());
         assert_eq!(fds.len(), 1);
-        // Replies go back untouched.
-        send_with_fds(&hand, &[&[7u8; 20]], &[]).unwrap();
+        // Replies go back untouched, message by message.
+        let mut reply = header(FrontendReq::GET_FEATURES as u32, 8).to_vec();
+        reply[4] = (FLAG_VERSION_1 | FLAG_REPLY) as u8;
+        reply.extend_from_slice(&[7u8; 8]);
+        send_with_fds(&hand, &[&reply[..5]], &[]).unwrap();
+        send_with_fds(&hand, &[&reply[5..]], &[]).unwrap();
         let mut back = [0u8; 20];
         read_exact(&front, &mut back).unwrap();
-        assert_eq!(back, [7u8; 20]);
+        assert_eq!(&back[..], &reply[..]);
         // The backend-request channel is kept.
         let (req, _req_peer) = UnixStream::pair().unwrap();
         send_with_fds(

@@ -6,13 +6,30 @@
 //! the [`relay`]. When the frontend goes away, or sends something
 //! the protocol forbids, the error is logged, the device is reset and the server
 //! waits for the next frontend.
+//!
+//! # The link and frontends that keep their own configuration space
+//!
+//! A frontend that acknowledged `VHOST_USER_PROTOCOL_F_CONFIG` and
+//! `BACKEND_REQ` (User-Mode Linux) reads the link status from our
+//! configuration space and is told of changes. QEMU's virtio-net keeps its own
+//! configuration space and takes no change notification; what it does show its
+//! guest is the connection: the link goes down when its vhost-user backend
+//! disconnects, and up when it reconnects (`-chardev socket,...,reconnect=N`).
+//! So while the link is down ([`VhostUserNet::set_link_up`]) and such a
+//! frontend has started the device (acknowledged its features), the server
+//! closes that connection and stops listening (the socket file is removed, so
+//! QEMU's reconnection attempts are refused rather than left waiting); when the
+//! link comes back it listens again and QEMU reconnects within its `reconnect`
+//! interval. Without `reconnect=` QEMU does not come back. The device itself
+//! drops traffic while the link is down, whatever the frontend.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
@@ -84,7 +101,9 @@ pub struct ServerStats {
 /// A vhost-user server for one [`VhostUserNet`] device.
 pub struct Server<B: NetBackend + 'static> {
     path: PathBuf,
-    listener: UnixListener,
+    /// `None` while the link is down after a frontend that cannot be told was
+    /// disconnected (see the module documentation).
+    listener: Mutex<Option<UnixListener>>,
     net: Arc<VhostUserNet<B>>,
     stop: Arc<EventFd>,
     current: Arc<Mutex<Option<UnixStream>>>,
@@ -111,7 +130,7 @@ impl<B: NetBackend + 'static> Server<B> {
         let listener = UnixListener::bind(&path).map_err(listen_err)?;
         Ok(Server {
             path,
-            listener,
+            listener: Mutex::new(Some(listener)),
             net,
             stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Connection)?),
             current: Arc::default(),
@@ -140,6 +159,9 @@ impl<B: NetBackend + 'static> Server<B> {
     /// Serves frontends one after the other until shut down.
     pub fn run(&self) -> Result<()> {
         loop {
+            if !self.is_listening() && !self.wait_for_link()? {
+                return Ok(());
+            }
             let Some(stream) = self.accept()? else {
                 return Ok(());
             };
@@ -149,13 +171,21 @@ impl<B: NetBackend + 'static> Server<B> {
                 self.net.name(),
                 self.path.display()
             );
-            if let Err(e) = self.serve_one(stream) {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                log::error!("{}: connection failed: {e}", self.net.name());
-            }
+            let dropped_for_link = match self.serve_one(stream) {
+                Ok(dropped) => dropped,
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    log::error!("{}: connection failed: {e}", self.net.name());
+                    false
+                }
+            };
             self.net.disconnected();
             if self.stop.read().is_ok() {
                 return Ok(());
+            }
+            if dropped_for_link && !self.net.link_up() {
+                self.stop_listening();
+                continue;
             }
             log::info!(
                 "{}: waiting for the next frontend on {}",
@@ -165,11 +195,99 @@ impl<B: NetBackend + 'static> Server<B> {
         }
     }
 
+    fn listener(&self) -> std::sync::MutexGuard<'_, Option<UnixListener>> {
+        self.listener.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_listening(&self) -> bool {
+        self.listener().is_some()
+    }
+
+    /// Closes the listening socket and removes its path, so that a
+    /// reconnecting frontend is refused rather than left waiting.
+    fn stop_listening(&self) {
+        if self.listener().take().is_some() {
+            if let Err(e) = remove_stale_socket(&self.path) {
+                log::warn!(
+                    "{}: cannot remove {}: {e}",
+                    self.net.name(),
+                    self.path.display()
+                );
+            }
+            log::info!(
+                "{}: link down: not listening on {} until the link is up",
+                self.net.name(),
+                self.path.display()
+            );
+        }
+    }
+
+    /// Waits for the link to come up, then listens again. `false`: shut down
+    /// meanwhile.
+    fn wait_for_link(&self) -> Result<bool> {
+        let mut seen = 0;
+        loop {
+            if self.stop.read().is_ok() {
+                return Ok(false);
+            }
+            if self.net.link_up() {
+                let listen_err = |source| Error::Listen {
+                    path: self.path.clone(),
+                    source,
+                };
+                remove_stale_socket(&self.path).map_err(listen_err)?;
+                let l = UnixListener::bind(&self.path).map_err(listen_err)?;
+                *self.listener() = Some(l);
+                log::info!(
+                    "{}: link up: waiting for the next frontend on {}",
+                    self.net.name(),
+                    self.path.display()
+                );
+                return Ok(true);
+            }
+            // The stop event is an eventfd, not part of the channel's
+            // changes: look at it at least this often.
+            seen = self
+                .net
+                .channel()
+                .wait_changed(seen, Duration::from_millis(100));
+        }
+    }
+
+    /// While the connection lives: when the link is down and the frontend
+    /// started the device without `CONFIG` (it cannot be told), disconnects
+    /// it and records that in `dropped`.
+    fn watch_link(&self, frontend: &UnixStream, done: &AtomicBool, dropped: &AtomicBool) {
+        let channel = self.net.channel();
+        let mut seen = 0;
+        while !done.load(Ordering::Acquire) {
+            if !self.net.link_up()
+                && channel.takes_config_changes() == Some(false)
+                && self.net.features_accepted()
+            {
+                log::info!(
+                    "{}: link down, and the frontend did not acknowledge VHOST_USER_PROTOCOL_F_CONFIG \
+                     (QEMU's virtio-net keeps its own configuration space): disconnecting it, which it \
+                     shows its guest as link down",
+                    self.net.name()
+                );
+                dropped.store(true, Ordering::Release);
+                let _ = frontend.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            seen = channel.wait_changed(seen, Duration::from_millis(500));
+        }
+    }
+
     /// Waits for a frontend or the stop event.
     fn accept(&self) -> Result<Option<UnixStream>> {
+        let guard = self.listener();
+        let Some(listener) = guard.as_ref() else {
+            return Err(Error::Connection(io::Error::other("not listening")));
+        };
         let mut fds = [
             libc::pollfd {
-                fd: self.listener.as_raw_fd(),
+                fd: listener.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -193,13 +311,15 @@ impl<B: NetBackend + 'static> Server<B> {
                 return Ok(None);
             }
             if fds[0].revents != 0 {
-                let (s, _) = self.listener.accept().map_err(Error::Connection)?;
+                let (s, _) = listener.accept().map_err(Error::Connection)?;
                 return Ok(Some(s));
             }
         }
     }
 
-    fn serve_one(&self, frontend: UnixStream) -> Result<()> {
+    /// Serves one frontend; returns whether it was disconnected because the
+    /// link went down.
+    fn serve_one(&self, frontend: UnixStream) -> Result<bool> {
         let _current = CurrentGuard::set(
             &self.current,
             frontend.try_clone().map_err(Error::Connection)?,
@@ -207,8 +327,9 @@ impl<B: NetBackend + 'static> Server<B> {
         if self.stop.read().is_ok() {
             // Shut down between accept and here: put the event back for run().
             let _ = self.stop.write(1);
-            return Ok(());
+            return Ok(false);
         }
+        let watched = frontend.try_clone().map_err(Error::Connection)?;
         // The handler listens on a private socket in a directory only we can
         // enter; the relay connects to it before the handler accepts, and the
         // path is gone before anyone else could look.
@@ -236,11 +357,30 @@ impl<B: NetBackend + 'static> Server<B> {
             Arc::clone(self.net.channel()),
         )
         .map_err(Error::Connection)?;
-        let result = daemon.wait();
+        let (done, dropped) = (AtomicBool::new(false), AtomicBool::new(false));
+        let result = std::thread::scope(|scope| {
+            let watcher = std::thread::Builder::new()
+                .name(format!("{}-link", self.net.name()))
+                .spawn_scoped(scope, || self.watch_link(&watched, &done, &dropped));
+            if let Err(e) = &watcher {
+                log::warn!(
+                    "{}: cannot watch the link for this connection: {e}",
+                    self.net.name()
+                );
+            }
+            let result = daemon.wait();
+            done.store(true, Ordering::Release);
+            self.net.channel().bump();
+            result
+        });
         let relayed = relay.close();
         // Stop the device before the daemon's worker is joined (on drop).
         self.net.disconnected();
         drop(daemon);
+        if dropped.load(Ordering::Acquire) {
+            // Disconnected by us for the link, whatever either side was doing.
+            return Ok(true);
+        }
         match result {
             // A frontend that went away, even mid-message, is not a failure;
             // the relay tells whether it sent something it must not.
@@ -249,8 +389,8 @@ impl<B: NetBackend + 'static> Server<B> {
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
             )) => match relayed {
                 // Gone mid-message: a disconnect, as the handler sees it too.
-                Err(relay::Error::Truncated) => Ok(()),
-                r => r.map_err(Error::Relay),
+                Err(relay::Error::Truncated) => Ok(false),
+                r => r.map(|()| false).map_err(Error::Relay),
             },
             Err(e) => Err(Error::Daemon(e.to_string())),
         }

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vhost::VhostBackend;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost_user_net::{Server, ServerStats, ShutdownHandle, VhostUserNet, protocol_features};
 use virtio_net_standby::features::F_STANDBY;
@@ -170,5 +172,72 @@ fn reconnecting_frontend_starts_from_a_reset_device() {
         assert!(!r.net.channel().is_attached());
     }
     assert_eq!(r.stats.connections.load(Ordering::Relaxed), 3);
+    assert_eq!(r.stats.failed.load(Ordering::Relaxed), 0);
+}
+
+/// QEMU's order (see `vhost_user_net::relay`): protocol features without
+/// `CONFIG`, then `SET_VRING_ENABLE` with a reply wanted, long before
+/// `SET_FEATURES`. The connection must survive it; then, with the link down,
+/// such a frontend (which cannot be told) is disconnected and the socket
+/// closed until the link is up, while one that acknowledged `CONFIG` stays.
+#[test]
+fn qemu_order_and_the_link_of_a_frontend_without_config() {
+    let r = start("qemu-order");
+    let stream = UnixStream::connect(&r.path).unwrap();
+    let mut f = Frontend::from_stream(stream.try_clone().unwrap(), 3);
+    let features = f.get_features().unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
+    f.set_protocol_features(pf - VhostUserProtocolFeatures::CONFIG)
+        .unwrap();
+    assert_eq!(f.get_queue_num().unwrap(), 3);
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    f.set_backend_request_fd(&ours).unwrap();
+    f.set_owner().unwrap();
+    // What the `vhost` crate's frontend refuses to send this early.
+    let mut s = &stream;
+    for ring in 0u32..2 {
+        let mut m = header(18, 8);
+        m[4] = 0x1 | 0x8;
+        m.extend_from_slice(&ring.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        s.write_all(&m).unwrap();
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[0], 18, "a SET_VRING_ENABLE reply");
+        assert_eq!(reply[4], 0x5, "flags: version 1, reply");
+        assert_eq!(&reply[12..], &[0u8; 8], "success");
+    }
+    f.set_features(features).unwrap();
+    assert_eq!(f.get_queue_num().unwrap(), 3, "still served");
+    assert!(r.net.with_device(|d| d.standby_negotiated()));
+    assert_eq!(r.net.channel().takes_config_changes(), Some(false));
+
+    r.net.set_link_up(false);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap(), 0, "disconnected for the link");
+    wait_until("the socket to close", || !r.path.exists());
+    assert!(UnixStream::connect(&r.path).is_err());
+    r.net.set_link_up(true);
+    wait_until("the socket to come back", || r.path.exists());
+    good_session(&r);
+
+    // A frontend that acknowledged CONFIG is told instead.
+    let mut f = Frontend::connect(&r.path, 3).unwrap();
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    f.set_features(features).unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(pf).unwrap();
+    assert_eq!(f.get_queue_num().unwrap(), 3, "a round trip");
+    assert_eq!(r.net.channel().takes_config_changes(), Some(true));
+    r.net.set_link_up(false);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.get_queue_num().unwrap(), 3, "still connected");
+    assert!(r.path.exists());
+    r.net.set_link_up(true);
     assert_eq!(r.stats.failed.load(Ordering::Relaxed), 0);
 }

@@ -31,7 +31,7 @@ use vmm_pci::pcie::{
 };
 use vmm_pci::{ConfigSpaceState, MsiState, PciHandle};
 
-use super::{Pending, RootPort};
+use super::{Cancel, Pending, RootPort};
 use crate::slot::Operation;
 
 /// The guest-visible state of a [`RootPort`]; see the module documentation.
@@ -47,17 +47,25 @@ pub struct RootPortState {
     pub msi: Option<MsiState>,
     /// Whether the slot holds a device. The device itself is saved separately.
     pub occupied: bool,
+    /// The guest powered the slot off (or the device was removed by surprise)
+    /// and has not turned the power indicator off yet: Linux's 1 s wait after a
+    /// power off, in which it discards presence events. A plug on the
+    /// destination is held until the guest turns the indicator off, as on the
+    /// source (see [`RootPort`]'s replug window).
+    pub guest_powering_off: bool,
 }
 
 impl Encode for RootPortState {
     const MAGIC: [u8; 8] = *b"PCIERTPT";
-    const VERSION: u16 = 1;
+    // 2: `guest_powering_off`.
+    const VERSION: u16 = 2;
 
     fn encode(&self, w: &mut Writer) {
         w.put(&self.config);
         w.u16(self.pcie_cap);
         w.opt(self.msi.as_ref(), |w, m| w.put(m));
         w.bool(self.occupied);
+        w.bool(self.guest_powering_off);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
@@ -66,6 +74,7 @@ impl Encode for RootPortState {
             pcie_cap: r.u16("PCI Express capability offset")?,
             msi: r.opt("MSI capability", |r| r.get())?,
             occupied: r.bool("slot occupied")?,
+            guest_powering_off: r.bool("guest powering the slot off")?,
         })
     }
 }
@@ -79,14 +88,24 @@ impl RootPort {
     fn busy(&self, p: &Pending) -> Error {
         let name = &self.cfg.name;
         let what = match p.op {
+            Operation::Plug if p.held.is_some() => "the plug is held until the guest turns the \
+                 power indicator off after powering the slot off (Linux waits 1 s); wait for the \
+                 plug's Completion, or take the device back with request_unplug"
+                .to_string(),
             Operation::Plug => "the guest has not yet powered the slot and turned its power \
                  indicator on; wait for the plug's Completion, or take the device back with \
                  request_unplug"
                 .to_string(),
             Operation::Unplug => {
-                let stage = if p.saw_blink {
+                let stage = if p.restored.is_some() {
+                    "the guest turned its power indicator back on at the very end of its \
+                     5-second window and may power the slot off anyway"
+                } else if p.cancel == Cancel::TooLate {
+                    "a cancel came too late for the guest's 5-second window; the guest will \
+                     power the slot off"
+                } else if p.window_opened.is_some() {
                     "the guest's 5-second window is open (power indicator blinking)"
-                } else if p.cancel_on_blink {
+                } else if p.cancel == Cancel::Held {
                     "a cancel is held until the guest opens its 5-second window"
                 } else if self.sta() & SLTSTA_ABP != 0 {
                     "the attention button is pressed and the guest has not taken the press"
@@ -153,6 +172,11 @@ impl RootPort {
                 )));
             }
         }
+        if state.guest_powering_off && state.occupied {
+            return Err(Error::Invalid(
+                "the slot is occupied but the guest is said to be powering it off".into(),
+            ));
+        }
         if state.occupied != occupied {
             return Err(Error::Mismatch {
                 field: format!("device in the slot of port '{}'", self.cfg.name),
@@ -196,6 +220,7 @@ impl RootPort {
         if let Some(d) = device {
             self.device = Some(d);
         }
+        self.guest_powering_off = state.guest_powering_off;
         self.irq_asserted = self.interrupt_condition();
         let level = self.cs.get_u16(STATUS) & STATUS_INTERRUPT != 0;
         if level != self.intx_level {
@@ -232,6 +257,7 @@ impl Persist for RootPort {
             pcie_cap: self.cap,
             msi: self.msi.map(|m| m.save()).transpose()?,
             occupied: self.device.is_some(),
+            guest_powering_off: self.guest_powering_off,
         })
     }
 
@@ -462,6 +488,37 @@ mod tests {
         r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
         assert_eq!(unplug.outcome(), Some(HotplugOutcome::Cancelled));
         assert!(r.port.save().unwrap().occupied);
+    }
+
+    #[test]
+    fn the_replug_window_is_saved_and_holds_a_plug_on_the_destination() {
+        let mut src = running_source();
+        src.ack(SLTSTA_EVENTS);
+        let unplug = src.port.request_unplug().unwrap();
+        src.ack(SLTSTA_EVENTS);
+        src.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+        src.cmd(SLTCTL_PCC, SLTCTL_PCC);
+        assert_eq!(unplug.outcome(), Some(HotplugOutcome::Unplugged));
+        // Migrated inside the guest's second after power off.
+        let state = src.migrate();
+        assert!(state.guest_powering_off && !state.occupied);
+        let mut dst = Rig::hp();
+        dst.port.restore(&state).unwrap();
+        assert_eq!(dst.view(), src.view());
+        let plug = dst.port.plug(nic()).unwrap();
+        assert!(dst.port.plug_held());
+        dst.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+        assert!(!dst.port.plug_held());
+        assert_eq!(dst.sta() & SLTSTA_PDS, SLTSTA_PDS);
+        assert_eq!(plug.outcome(), None);
+        // An occupied slot cannot be in that second.
+        let mut lying = running_source().migrate();
+        lying.guest_powering_off = true;
+        let e = Rig::hp()
+            .port
+            .restore_with_device(&lying, Some(nic()))
+            .unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
     }
 
     #[test]

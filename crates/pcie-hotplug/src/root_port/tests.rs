@@ -1,8 +1,11 @@
 //! Register-level tests of the root port. Linux-like flows with timings are in
 //! the `test-guest` crate's scenarios.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use device_state::Persist;
 use vmm_pci::PciFunction;
 use vmm_pci::config::{
     BAR0, CLASS_PROG_IF, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
@@ -40,6 +43,12 @@ impl Rig {
     }
     pub(super) fn hp() -> Rig {
         Rig::new(RootPortBuilder::new("rp0", 5))
+    }
+    /// A hot-plug port on a manual clock (milliseconds), set with `at`.
+    pub(super) fn clocked() -> (Rig, ManualClock) {
+        let clock = ManualClock::default();
+        let r = Rig::new(RootPortBuilder::new("rp0", 5).clock(clock.as_clock()));
+        (r, clock)
     }
     pub(super) fn r16(&mut self, off: u16) -> u16 {
         let mut b = [0; 2];
@@ -79,6 +88,28 @@ impl Rig {
         self.w16(msi + 2, 1);
         self.w16(COMMAND, COMMAND_BUS_MASTER | COMMAND_MEMORY);
     }
+    /// The guest's interrupt handler: read Slot Status, write back what it
+    /// read.
+    pub(super) fn isr(&mut self) -> u16 {
+        let sta = self.sta() & SLTSTA_EVENTS;
+        self.ack(sta);
+        sta
+    }
+    /// A cold-plugged device, MSI and notifications on, an unplug requested and
+    /// its press taken by the guest, which opened its window (at the clock's
+    /// time).
+    pub(super) fn window_open() -> (Rig, ManualClock, Completion) {
+        let (mut r, clock) = Rig::clocked();
+        r.enable_msi();
+        r.port.cold_plug(nic()).unwrap();
+        r.enable_notifications();
+        let c = r.port.request_unplug().unwrap();
+        assert_eq!(r.isr(), SLTSTA_ABP);
+        r.cmd(SLTCTL_PIC_BLINK | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+        r.isr();
+        r.msis.take_delivered();
+        (r, clock, c)
+    }
     pub(super) fn enable_notifications(&mut self) {
         self.cmd(
             SLTCTL_DLLSCE | SLTCTL_ABPE | SLTCTL_HPIE | SLTCTL_CCIE,
@@ -87,6 +118,21 @@ impl Rig {
         let sta = self.sta();
         self.ack(sta & SLTSTA_EVENTS);
         self.msis.take_delivered();
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Clone, Default)]
+pub(super) struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub(super) fn as_clock(&self) -> Clock {
+        let t = self.0.clone();
+        Arc::new(move || Duration::from_millis(t.load(Ordering::SeqCst)))
+    }
+    /// Sets the time to `ms` milliseconds.
+    pub(super) fn at(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
     }
 }
 
@@ -519,4 +565,238 @@ fn hostile_config_writes_never_panic() {
         r.port.read_config(off, &mut b[..len]);
     }
     assert!(r.port.config().ignored_accesses() > 0);
+}
+
+#[test]
+fn a_press_the_guest_has_read_is_not_taken_back() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.port.cold_plug(nic()).unwrap();
+    r.enable_notifications();
+    let c = r.port.request_unplug().unwrap();
+    // The guest's interrupt handler has read Slot Status, not yet written back.
+    assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
+    let cancel = r.port.cancel_unplug().unwrap();
+    assert_eq!(c.outcome(), None, "the guest may have the press");
+    assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP, "left for the guest");
+    r.ack(SLTSTA_ABP);
+    r.msis.take_delivered();
+    // The guest opens its window: the cancel's press, once.
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    assert_eq!(r.isr(), SLTSTA_ABP | SLTSTA_CC);
+    assert_eq!(r.port.counters().button_presses, 2);
+    assert!(
+        r.port.cancel_unplug().is_ok(),
+        "asking again presses nothing"
+    );
+    assert_eq!(r.sta() & SLTSTA_ABP, 0);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Cancelled));
+    assert!(r.port.device().is_some());
+}
+
+#[test]
+fn a_cancel_inside_the_window_is_pressed_once() {
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(2000);
+    let cancel = r.port.cancel_unplug().unwrap();
+    assert_eq!(r.msis.take_delivered().len(), 1);
+    let again = r.port.cancel_unplug().unwrap();
+    assert_eq!(r.port.counters().button_presses, 2);
+    assert_eq!(r.msis.take_delivered().len(), 0);
+    r.isr();
+    clock.at(2001);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    for c in [c, cancel, again] {
+        assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    }
+}
+
+#[test]
+fn a_cancel_in_the_last_half_second_is_not_pressed() {
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(4490);
+    let cancel = r.port.cancel_unplug().unwrap();
+    assert_eq!(r.sta() & SLTSTA_ABP, 0, "not pressed");
+    assert_eq!(r.port.counters().button_presses, 1);
+    let text = r.port.save().unwrap_err().to_string();
+    assert!(text.contains("too late"), "{text}");
+    clock.at(5020);
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
+    // 1 ms earlier it would have been pressed.
+    let (mut r, clock, _c) = Rig::window_open();
+    clock.at(4489);
+    r.port.cancel_unplug().unwrap();
+    assert_eq!(r.sta() & SLTSTA_ABP, SLTSTA_ABP);
+}
+
+/// Linux takes the cancel's press in the same `pciehp_ist` batch as its button
+/// work's DISABLE_SLOT: indicator back on, then Slot Control read, unbind,
+/// power off.
+#[test]
+fn a_cancel_taken_with_the_button_work_completes_unplugged() {
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(4000);
+    let cancel = r.port.cancel_unplug().unwrap();
+    clock.at(5000);
+    assert_eq!(r.isr(), SLTSTA_ABP);
+    r.cmd(SLTCTL_PIC_ON | SLTCTL_AIC_OFF, SLTCTL_PIC | SLTCTL_AIC);
+    assert_eq!(c.outcome(), None, "the power off may follow");
+    assert!(r.port.save().unwrap_err().to_string().contains("very end"));
+    // __pciehp_disable_slot reads the power state, then remove_board.
+    r.r16(r.cap + SLTCTL);
+    clock.at(7000);
+    r.isr();
+    assert_eq!(c.outcome(), None, "a disable is under way: no time limit");
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
+    assert!(r.port.device().is_none());
+}
+
+#[test]
+fn an_indicator_restored_late_without_a_power_off_means_kept() {
+    // No Slot Control read for a second: kept, at the next access.
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(4000);
+    r.port.cancel_unplug().unwrap();
+    r.isr();
+    clock.at(4995);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    r.isr();
+    clock.at(5994);
+    r.sta();
+    assert_eq!(c.outcome(), None);
+    clock.at(5995);
+    r.sta();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert!(r.port.device().is_some());
+    // A command other than a power off proves it at once.
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(4000);
+    r.port.cancel_unplug().unwrap();
+    r.isr();
+    clock.at(4995);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    r.cmd(SLTCTL_AIC_OFF, SLTCTL_AIC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+}
+
+/// After the guest powers the slot off it waits 1 s, discards presence and
+/// link events, and turns the power indicator off: a plug in that second is
+/// held and delivered by that write.
+#[test]
+fn a_plug_inside_the_guests_second_after_power_off_is_held() {
+    let mut r = Rig::hp();
+    r.enable_msi();
+    r.port.cold_plug(nic()).unwrap();
+    r.enable_notifications();
+    r.port.request_unplug().unwrap();
+    r.isr();
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    r.isr();
+    r.msis.take_delivered();
+    let plug = r.port.plug(nic()).unwrap();
+    assert!(r.port.plug_held());
+    assert_eq!(r.sta(), 0, "no event");
+    assert_eq!(r.msis.take_delivered().len(), 0);
+    assert!(r.port.device().is_none());
+    let st = r.port.slot_state();
+    assert!(!st.present && st.pending == Some(Operation::Plug));
+    assert_eq!(r.port.counters().plugs_held, 1);
+    assert!(matches!(
+        r.port.plug(nic()),
+        Err(Error::Pending {
+            op: Operation::Plug,
+            ..
+        })
+    ));
+    let text = r.port.save().unwrap_err().to_string();
+    assert!(text.contains("held until the guest turns"), "{text}");
+    // Any command but the indicator off keeps it.
+    r.cmd(SLTCTL_AIC_OFF, SLTCTL_AIC);
+    assert!(r.port.plug_held());
+    r.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+    assert!(!r.port.plug_held());
+    assert_eq!(
+        r.sta(),
+        SLTSTA_PDS | SLTSTA_PDC | SLTSTA_DLLSC | SLTSTA_CC,
+        "presence and link, no button"
+    );
+    assert_eq!(r.msis.take_delivered().len(), 1);
+    assert!(r.port.children().is_empty(), "unpowered");
+    r.isr();
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    r.cmd(0, SLTCTL_PCC);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Plugged));
+    // Nothing in flight any more.
+    r.port.save().unwrap();
+}
+
+#[test]
+fn a_held_plug_is_withdrawn_by_an_unplug_and_goes_in_on_reset() {
+    let held = || {
+        let mut r = Rig::hp();
+        r.port.cold_plug(nic()).unwrap();
+        r.port.request_unplug().unwrap();
+        r.ack(SLTSTA_EVENTS);
+        r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+        r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+        r.ack(SLTSTA_EVENTS);
+        let plug = r.port.plug(nic()).unwrap();
+        assert!(r.port.plug_held());
+        (r, plug)
+    };
+    // Withdrawn while the guest still blinks: nothing reached the slot.
+    let (mut r, plug) = held();
+    let c = r.port.request_unplug().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Cancelled));
+    r.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+    assert_eq!(r.sta() & (SLTSTA_PDS | SLTSTA_PDC), 0);
+    assert!(r.port.device().is_none());
+    // A reset puts it in, powered.
+    let (mut r, plug) = held();
+    r.port.reset();
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Plugged));
+    assert!(r.port.device().is_some());
+    assert_eq!(r.sta(), SLTSTA_PDS);
+    assert_eq!(r.port.children().len(), 1);
+}
+
+#[test]
+fn a_surprise_removal_of_a_powered_slot_holds_plugs_until_the_guest_is_done() {
+    let mut r = Rig::new(RootPortBuilder::new("rp-s", 2).surprise(true));
+    r.port.cold_plug(nic()).unwrap();
+    r.port.surprise_remove().unwrap();
+    let plug = r.port.plug(nic()).unwrap();
+    assert!(r.port.plug_held());
+    // Linux: power off, 1 s, indicator off; then its re-check finds the device.
+    r.ack(SLTSTA_EVENTS);
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    r.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+    assert_eq!(r.sta() & SLTSTA_PDS, SLTSTA_PDS);
+    assert_eq!(plug.outcome(), None);
+    // surprise_remove of a held plug takes it back.
+    let mut r = Rig::new(RootPortBuilder::new("rp-s", 2).surprise(true));
+    r.port.cold_plug(nic()).unwrap();
+    r.port.surprise_remove().unwrap();
+    let plug = r.port.plug(nic()).unwrap();
+    r.port.surprise_remove().unwrap();
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Cancelled));
+    assert!(!r.port.plug_held());
+}
+
+#[test]
+fn a_guest_removal_nobody_asked_for_is_counted() {
+    let mut r = Rig::hp();
+    r.port.cold_plug(nic()).unwrap();
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert!(r.port.device().is_none());
+    assert_eq!(r.port.counters().guest_removals, 1);
 }

@@ -1,0 +1,1910 @@
+//! The coordinator: the pairs, their primaries' presence, and the migrations,
+//! as one state machine driven by VMM calls, `FeaturesAcked` events and
+//! hot-plug completions.
+//!
+//! # Threads and locks
+//!
+//! Every method may be called from any thread. The coordinator keeps its state
+//! under one lock and never holds it while it calls into a slot, so the lock
+//! order is always *slot, then coordinator*: a completion callback (which runs
+//! inside the guest's register write, with the slot locked) takes the
+//! coordinator's lock, and the coordinator takes a slot's lock only with its
+//! own released.
+//!
+//! A completion callback therefore cannot call into a slot. When a completion
+//! calls for a slot operation (a primary that left although its unplug was
+//! cancelled must be plugged back), the coordinator queues it as *deferred
+//! work* and wakes the VMM: by calling the waker set with
+//! [`Coordinator::set_waker`] (which should make the VMM's event loop call
+//! [`Coordinator::run_deferred`] once the guest's exit returns), or, with no
+//! waker set, on a short-lived thread of its own that waits for the slot's lock
+//! and does it.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use pcie_hotplug::{Completion, HotplugOutcome};
+use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_STANDBY;
+use virtio_device::{FeaturesAcked, FeaturesListener};
+use vmm_pci::PciHandle;
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::event::{Event, EventListener, MacAddress, TimedEvent, UnpairedReason};
+use crate::migration::{self, MigrationState, OutgoingMigration, UnplugWait};
+use crate::registry::{self, Primary, SharedSlot, Slot, Standby};
+
+/// Where a primary is, as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrimaryState {
+    /// Not in its slot: waiting for STANDBY, for its standby to be registered,
+    /// or after a failed plug.
+    Hidden,
+    /// A plug was requested; the guest has not enabled the device yet.
+    Plugging,
+    /// In the guest.
+    Plugged,
+    /// An unplug for migration was requested; the guest has not ejected it.
+    Unplugging,
+    /// Ejected for migration (on the source, for the destination to plug its
+    /// own).
+    Unplugged,
+}
+
+/// Which role a registered primary has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Its standby is not registered yet: held hidden.
+    Pending,
+    /// Paired with a standby that has failover on.
+    Failover,
+    /// An ordinary device (failover off, or no standby at machine-ready).
+    Plain,
+}
+
+struct StandbyEntry {
+    id: String,
+    failover: bool,
+    mac: Option<MacAddress>,
+    /// STANDBY was acknowledged (stays so across resets: QEMU does not re-hide
+    /// a primary when the driver resets).
+    negotiated: bool,
+}
+
+struct PrimaryEntry {
+    id: String,
+    pair_id: String,
+    device: PciHandle,
+    slot: Slot,
+    mac: Option<MacAddress>,
+    role: Role,
+    state: PrimaryState,
+    /// The number of the slot operation in flight (or last made); completions
+    /// of older operations are ignored.
+    op: u64,
+    /// A cancel of the unplug in flight was requested.
+    cancel_requested: bool,
+    /// The outgoing migration that took it out (or is taking it out).
+    migration: Option<u64>,
+    /// State and operation before the unplug in flight, restored if the slot
+    /// refuses the unplug (a plug in flight goes on).
+    before_unplug: (PrimaryState, u64),
+}
+
+struct Outgoing {
+    id: u64,
+    state: MigrationState,
+    deadline: Option<Duration>,
+    reason: Option<String>,
+}
+
+/// A slot operation, decided under the coordinator's lock and made without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Plug { idx: usize, op: u64 },
+    ColdPlug { idx: usize, op: u64 },
+    Unplug { idx: usize, op: u64 },
+    CancelUnplug { idx: usize, op: u64 },
+}
+
+impl Action {
+    fn target(self) -> (usize, u64) {
+        match self {
+            Action::Plug { idx, op }
+            | Action::ColdPlug { idx, op }
+            | Action::Unplug { idx, op }
+            | Action::CancelUnplug { idx, op } => (idx, op),
+        }
+    }
+}
+
+/// Where a state change comes from: a VMM call may call into slots, a
+/// completion callback (slot locked) may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Vmm,
+    Completion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Plug,
+    Unplug,
+}
+
+#[derive(Default)]
+struct Inner {
+    now: Duration,
+    standbys: Vec<StandbyEntry>,
+    primaries: Vec<PrimaryEntry>,
+    machine_ready: bool,
+    incoming: bool,
+    outgoing: Option<Outgoing>,
+    past: Vec<Outgoing>,
+    next_op: u64,
+    next_migration: u64,
+    unplug_wait: Option<Duration>,
+    events: VecDeque<TimedEvent>,
+    actions: Vec<Action>,
+    deferred: Vec<Action>,
+}
+
+type Waker = Arc<dyn Fn() + Send + Sync>;
+
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    settled: Condvar,
+    clock: Arc<dyn Clock>,
+    listeners: Mutex<Vec<Arc<dyn EventListener>>>,
+    delivering: Mutex<()>,
+    waker: Mutex<Option<Waker>>,
+}
+
+thread_local! {
+    /// How deep this thread is in completion callbacks: a slot is locked, so
+    /// coordinator calls made here (by an event listener) defer their slot
+    /// calls too.
+    static IN_COMPLETION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+fn in_completion() -> bool {
+    IN_COMPLETION.with(|d| d.get() > 0)
+}
+
+/// Marks this thread as inside a completion callback while it lives.
+struct CompletionScope;
+
+impl CompletionScope {
+    fn enter() -> Self {
+        IN_COMPLETION.with(|d| d.set(d.get() + 1));
+        CompletionScope
+    }
+}
+
+impl Drop for CompletionScope {
+    fn drop(&mut self) {
+        IN_COMPLETION.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn quoted(ids: &[String]) -> String {
+    ids.iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+impl Inner {
+    fn emit(&mut self, event: Event) {
+        self.events.push_back(TimedEvent {
+            timestamp: self.now,
+            event,
+        });
+    }
+
+    fn standby(&self, id: &str) -> Option<&StandbyEntry> {
+        self.standbys.iter().find(|s| s.id == id)
+    }
+
+    fn primary_for(&self, standby: &str) -> Option<usize> {
+        self.primaries.iter().position(|p| p.pair_id == standby)
+    }
+
+    fn new_op(&mut self, idx: usize) -> u64 {
+        self.next_op += 1;
+        let op = self.next_op;
+        let p = &mut self.primaries[idx];
+        p.op = op;
+        p.cancel_requested = false;
+        op
+    }
+
+    /// Whether an outgoing migration that is going ahead holds the primaries
+    /// out (none may be plugged on the source while it does).
+    fn migration_going_ahead(&self) -> bool {
+        self.outgoing
+            .as_ref()
+            .is_some_and(|m| m.state.going_ahead())
+    }
+
+    /// Whether `idx` was taken out by the current migration, which is going
+    /// ahead.
+    fn held(&self, idx: usize) -> bool {
+        match (&self.outgoing, self.primaries[idx].migration) {
+            (Some(m), Some(id)) => m.id == id && m.state.going_ahead(),
+            _ => false,
+        }
+    }
+
+    fn plug(&mut self, idx: usize) {
+        let op = self.new_op(idx);
+        self.primaries[idx].state = PrimaryState::Plugging;
+        self.actions.push(Action::Plug { idx, op });
+    }
+
+    fn cold_plug(&mut self, idx: usize) {
+        let op = self.new_op(idx);
+        self.primaries[idx].state = PrimaryState::Plugging;
+        self.actions.push(Action::ColdPlug { idx, op });
+    }
+
+    /// Plugs a failover primary whose time has come: hidden, its standby
+    /// negotiated, no incoming migration pending, no outgoing migration going
+    /// ahead.
+    fn maybe_plug(&mut self, idx: usize) {
+        let p = &self.primaries[idx];
+        if p.role != Role::Failover
+            || p.state != PrimaryState::Hidden
+            || self.incoming
+            || self.migration_going_ahead()
+        {
+            return;
+        }
+        if self.standby(&p.pair_id).is_some_and(|s| s.negotiated) {
+            self.plug(idx);
+        }
+    }
+
+    /// Settles the role of primary `idx` now that its standby may be known.
+    fn decide(&mut self, idx: usize) {
+        let (pair_id, role) = (
+            self.primaries[idx].pair_id.clone(),
+            self.primaries[idx].role,
+        );
+        let Some((failover, standby_mac)) = self.standby(&pair_id).map(|s| (s.failover, s.mac))
+        else {
+            return;
+        };
+        let primary = self.primaries[idx].id.clone();
+        if failover {
+            if role == Role::Failover {
+                return;
+            }
+            self.primaries[idx].role = Role::Failover;
+            self.emit(Event::Paired {
+                primary: primary.clone(),
+                standby: pair_id.clone(),
+            });
+            if let (Some(primary_mac), Some(standby_mac)) = (self.primaries[idx].mac, standby_mac) {
+                if primary_mac != standby_mac {
+                    self.emit(Event::MacMismatch {
+                        primary,
+                        primary_mac,
+                        standby: pair_id,
+                        standby_mac,
+                    });
+                }
+            }
+            self.maybe_plug(idx);
+        } else {
+            if role == Role::Plain {
+                return;
+            }
+            self.primaries[idx].role = Role::Plain;
+            self.emit(Event::PrimaryUnpaired {
+                primary,
+                standby: pair_id,
+                reason: UnpairedReason::FailoverOff,
+            });
+            if self.primaries[idx].state == PrimaryState::Hidden {
+                if self.machine_ready {
+                    self.plug(idx);
+                } else {
+                    self.cold_plug(idx);
+                }
+            }
+        }
+    }
+
+    fn check_new_id(&self, id: &str) -> registry::Result<()> {
+        if self.standbys.iter().any(|s| s.id == id) {
+            return Err(registry::Error::DuplicateId {
+                id: id.to_owned(),
+                as_what: "standby",
+            });
+        }
+        if self.primaries.iter().any(|p| p.id == id) {
+            return Err(registry::Error::DuplicateId {
+                id: id.to_owned(),
+                as_what: "primary",
+            });
+        }
+        Ok(())
+    }
+
+    fn add_standby(&mut self, s: Standby) -> registry::Result<()> {
+        if s.id.is_empty() {
+            return Err(registry::Error::MissingStandbyId);
+        }
+        self.check_new_id(&s.id)?;
+        let id = s.id.clone();
+        self.standbys.push(StandbyEntry {
+            id: s.id,
+            failover: s.failover,
+            mac: s.mac,
+            negotiated: false,
+        });
+        if let Some(idx) = self.primary_for(&id) {
+            self.decide(idx);
+        }
+        Ok(())
+    }
+
+    fn add_primary(&mut self, p: Primary, in_slot: bool) -> registry::Result<()> {
+        self.check_new_id(&p.id)?;
+        if let Some(first) = self.primary_for(&p.pair_id) {
+            return Err(registry::Error::SecondPrimary {
+                standby: p.pair_id,
+                first: self.primaries[first].id.clone(),
+                second: p.id,
+            });
+        }
+        if let Some(other) = self
+            .primaries
+            .iter()
+            .find(|o| std::ptr::addr_eq(Arc::as_ptr(&o.slot.slot), Arc::as_ptr(&p.slot.slot)))
+        {
+            return Err(registry::Error::SlotTaken {
+                primary: p.id,
+                slot: p.slot.name,
+                other: other.id.clone(),
+            });
+        }
+        let idx = self.primaries.len();
+        self.primaries.push(PrimaryEntry {
+            id: p.id,
+            pair_id: p.pair_id,
+            device: p.device,
+            slot: p.slot,
+            mac: p.mac,
+            role: Role::Pending,
+            state: if in_slot {
+                PrimaryState::Plugged
+            } else {
+                PrimaryState::Hidden
+            },
+            op: 0,
+            cancel_requested: false,
+            migration: None,
+            before_unplug: (PrimaryState::Hidden, 0),
+        });
+        self.decide(idx);
+        let p = &self.primaries[idx];
+        if p.state == PrimaryState::Hidden && p.role != Role::Plain {
+            let (primary, standby) = (p.id.clone(), p.pair_id.clone());
+            self.emit(Event::PrimaryHidden { primary, standby });
+        }
+        Ok(())
+    }
+
+    fn machine_ready(&mut self) {
+        if self.machine_ready {
+            return;
+        }
+        self.machine_ready = true;
+        for idx in 0..self.primaries.len() {
+            let p = &self.primaries[idx];
+            if p.role != Role::Pending || self.standby(&p.pair_id).is_some() {
+                continue;
+            }
+            let (primary, standby) = (p.id.clone(), p.pair_id.clone());
+            self.primaries[idx].role = Role::Plain;
+            self.emit(Event::PrimaryUnpaired {
+                primary,
+                standby,
+                reason: UnpairedReason::NoStandby,
+            });
+            if self.primaries[idx].state == PrimaryState::Hidden {
+                self.cold_plug(idx);
+            }
+        }
+    }
+
+    fn features_acked(&mut self, e: &FeaturesAcked) {
+        let Some(s) = self.standbys.iter_mut().find(|s| s.id == e.device_id) else {
+            log::debug!(
+                "failover: features acknowledged on '{}', which is no registered standby",
+                e.device_id
+            );
+            return;
+        };
+        if !s.failover || !e.has(VIRTIO_NET_F_STANDBY) {
+            return;
+        }
+        s.negotiated = true;
+        let standby = s.id.clone();
+        self.emit(Event::FailoverNegotiated {
+            standby: standby.clone(),
+        });
+        match self.primary_for(&standby) {
+            Some(idx) => self.maybe_plug(idx),
+            // On a destination, reported once every state is restored.
+            None if !self.incoming => self.emit(Event::PrimaryMissing { standby }),
+            None => {}
+        }
+    }
+
+    // --- slot operation results -------------------------------------------
+
+    fn current_op(&self, idx: usize, op: u64) -> bool {
+        self.primaries.get(idx).is_some_and(|p| p.op == op)
+    }
+
+    fn plug_refused(&mut self, idx: usize, op: u64, why: String) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        let p = &mut self.primaries[idx];
+        p.state = PrimaryState::Hidden;
+        let (primary, slot) = (p.id.clone(), p.slot.name.clone());
+        self.emit(Event::PrimaryPlugFailed {
+            primary,
+            reason: format!("slot '{slot}' refused it: {why}"),
+        });
+    }
+
+    fn cold_plugged(&mut self, idx: usize, op: u64, result: pcie_hotplug::Result<()>) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        match result {
+            Ok(()) => self.primaries[idx].state = PrimaryState::Plugged,
+            Err(e) => self.plug_refused(idx, op, e.to_string()),
+        }
+    }
+
+    fn unplug_requested(&mut self, idx: usize, op: u64) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        let primary = self.primaries[idx].id.clone();
+        self.emit(Event::UnplugPrimary { primary });
+    }
+
+    /// The slot was empty when the unplug was requested: the guest (or
+    /// someone) removed the device already.
+    fn already_out(&mut self, idx: usize, op: u64) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        self.primaries[idx].state = PrimaryState::Unplugged;
+        let primary = self.primaries[idx].id.clone();
+        self.emit(Event::PrimaryUnplugged { primary });
+        self.advance();
+    }
+
+    /// Whether the unplug `op` of `idx`, decided by a migration, is still
+    /// wanted: its migration is going ahead. If not, the primary is put back
+    /// as it was and nothing is requested.
+    fn unplug_still_wanted(&mut self, idx: usize, op: u64) -> bool {
+        if !self.current_op(idx, op) {
+            return false;
+        }
+        if self.held(idx) {
+            return true;
+        }
+        let p = &mut self.primaries[idx];
+        (p.state, p.op) = p.before_unplug;
+        p.cancel_requested = false;
+        p.migration = None;
+        false
+    }
+
+    fn unplug_refused(&mut self, idx: usize, op: u64, why: String) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        let p = &mut self.primaries[idx];
+        // Back to where it was: in the guest, or a plug still in flight.
+        (p.state, p.op) = p.before_unplug;
+        let migration = p.migration.take();
+        let reason = format!(
+            "cannot unplug primary '{}' from slot '{}': {why}",
+            p.id, p.slot.name
+        );
+        if let Some(id) = migration {
+            // Only the migration that asked fails; it may have ended already.
+            let _ = self.fail(id, reason);
+        }
+    }
+
+    fn completed(&mut self, idx: usize, op: u64, what: Op, outcome: HotplugOutcome) {
+        if !self.current_op(idx, op) {
+            return;
+        }
+        let primary = self.primaries[idx].id.clone();
+        match (what, outcome) {
+            (Op::Plug, HotplugOutcome::Plugged) => {
+                self.primaries[idx].state = PrimaryState::Plugged;
+                self.emit(Event::PrimaryPlugged { primary });
+            }
+            (Op::Plug, other) => {
+                self.primaries[idx].state = PrimaryState::Hidden;
+                let reason = match other {
+                    HotplugOutcome::Aborted => {
+                        "the guest powered the slot off before enabling the device (its link \
+                         did not come up or enumeration failed)"
+                    }
+                    _ => "the device was taken out of the slot before the guest enabled it",
+                };
+                self.emit(Event::PrimaryPlugFailed {
+                    primary,
+                    reason: reason.into(),
+                });
+            }
+            (Op::Unplug, HotplugOutcome::Unplugged) => {
+                let cancelled = std::mem::take(&mut self.primaries[idx].cancel_requested);
+                self.primaries[idx].state = PrimaryState::Unplugged;
+                self.emit(Event::PrimaryUnplugged {
+                    primary: primary.clone(),
+                });
+                if cancelled {
+                    self.emit(Event::UnplugNotCancelled { primary });
+                }
+                if !self.held(idx) {
+                    // Its migration is not going ahead: it comes back.
+                    self.primaries[idx].migration = None;
+                    self.plug(idx);
+                }
+            }
+            (Op::Unplug, HotplugOutcome::Cancelled) => {
+                let ours = std::mem::take(&mut self.primaries[idx].cancel_requested);
+                let held = self.held(idx);
+                let p = &mut self.primaries[idx];
+                p.state = PrimaryState::Plugged;
+                let migration = p.migration.take();
+                self.emit(Event::UnplugCancelled {
+                    primary: primary.clone(),
+                });
+                if held && !ours {
+                    if let Some(id) = migration {
+                        let _ = self.fail(
+                            id,
+                            format!(
+                                "the unplug of primary '{primary}' was withdrawn by someone \
+                                 else; it is still in the guest"
+                            ),
+                        );
+                    }
+                }
+            }
+            (Op::Unplug, other) => {
+                log::warn!("failover: unplug of '{primary}' completed as {other:?}; ignored");
+            }
+        }
+        self.advance();
+    }
+
+    // --- migrations --------------------------------------------------------
+
+    fn outgoing_mut(&mut self, id: u64) -> migration::Result<&mut Outgoing> {
+        match self.outgoing.as_mut() {
+            Some(m) if m.id == id => Ok(m),
+            _ => match self.past.iter().find(|m| m.id == id) {
+                Some(m) => Err(migration::Error::Finished { state: m.state }),
+                None => Err(migration::Error::Stale),
+            },
+        }
+    }
+
+    fn find_migration(&self, id: u64) -> Option<&Outgoing> {
+        self.outgoing
+            .iter()
+            .chain(self.past.iter())
+            .find(|m| m.id == id)
+    }
+
+    fn set_state(&mut self, id: u64, state: MigrationState, reason: Option<String>) {
+        let bound = self.unplug_wait;
+        let now = self.now;
+        if let Ok(m) = self.outgoing_mut(id) {
+            m.state = state;
+            m.reason.clone_from(&reason);
+            m.deadline = match state {
+                MigrationState::WaitUnplug | MigrationState::Cancelling => bound.map(|b| now + b),
+                _ => None,
+            };
+            self.emit(Event::Migration {
+                status: state,
+                reason,
+            });
+        }
+    }
+
+    fn in_flight(&self, id: u64) -> Vec<String> {
+        self.primaries
+            .iter()
+            .filter(|p| p.migration == Some(id) && p.state == PrimaryState::Unplugging)
+            .map(|p| p.id.clone())
+            .collect()
+    }
+
+    /// Moves the current migration on when no unplug of it is in flight.
+    fn advance(&mut self) {
+        let Some((id, state)) = self.outgoing.as_ref().map(|m| (m.id, m.state)) else {
+            return;
+        };
+        if !self.in_flight(id).is_empty() {
+            return;
+        }
+        match state {
+            MigrationState::WaitUnplug => self.set_state(id, MigrationState::Active, None),
+            MigrationState::Cancelling => self.set_state(id, MigrationState::Cancelled, None),
+            _ => {}
+        }
+    }
+
+    fn prepare_outgoing(&mut self) -> migration::Result<u64> {
+        if self.incoming {
+            return Err(migration::Error::IncomingInProgress);
+        }
+        if let Some(m) = &self.outgoing {
+            if !m.state.is_terminal() {
+                return Err(migration::Error::OutgoingInProgress { state: m.state });
+            }
+        }
+        if let Some(m) = self.outgoing.take() {
+            self.past.push(m);
+        }
+        self.next_migration += 1;
+        let id = self.next_migration;
+        self.outgoing = Some(Outgoing {
+            id,
+            state: MigrationState::Setup,
+            deadline: None,
+            reason: None,
+        });
+        self.emit(Event::Migration {
+            status: MigrationState::Setup,
+            reason: None,
+        });
+        for idx in 0..self.primaries.len() {
+            let p = &self.primaries[idx];
+            if p.role == Role::Failover
+                && matches!(p.state, PrimaryState::Plugged | PrimaryState::Plugging)
+            {
+                let before = (p.state, p.op);
+                let op = self.new_op(idx);
+                let p = &mut self.primaries[idx];
+                p.before_unplug = before;
+                p.state = PrimaryState::Unplugging;
+                p.migration = Some(id);
+                self.actions.push(Action::Unplug { idx, op });
+            }
+        }
+        Ok(id)
+    }
+
+    /// After the unplug requests: wait-unplug while any is in flight, else
+    /// active.
+    fn requests_made(&mut self, id: u64) {
+        if self
+            .outgoing
+            .as_ref()
+            .is_some_and(|m| m.id == id && m.state == MigrationState::Setup)
+        {
+            let next = if self.in_flight(id).is_empty() {
+                MigrationState::Active
+            } else {
+                MigrationState::WaitUnplug
+            };
+            self.set_state(id, next, None);
+        }
+    }
+
+    /// Withdraws what migration `id` took out: cancels unplugs in flight and
+    /// plugs back what left; then plugs any negotiated primary that was held
+    /// while the migration went ahead.
+    fn withdraw(&mut self, id: u64) {
+        for idx in 0..self.primaries.len() {
+            let p = &self.primaries[idx];
+            if p.migration != Some(id) {
+                continue;
+            }
+            match p.state {
+                PrimaryState::Unplugging if !p.cancel_requested => {
+                    let op = p.op;
+                    self.primaries[idx].cancel_requested = true;
+                    self.actions.push(Action::CancelUnplug { idx, op });
+                }
+                PrimaryState::Unplugged => {
+                    self.primaries[idx].migration = None;
+                    self.plug(idx);
+                }
+                _ => {}
+            }
+        }
+        for idx in 0..self.primaries.len() {
+            self.maybe_plug(idx);
+        }
+    }
+
+    fn cancel(&mut self, id: u64) -> migration::Result<()> {
+        let state = self.outgoing_mut(id)?.state;
+        match state {
+            MigrationState::Setup | MigrationState::WaitUnplug => {
+                self.set_state(id, MigrationState::Cancelling, None);
+                self.withdraw(id);
+                self.advance();
+            }
+            MigrationState::Active => {
+                self.set_state(id, MigrationState::Cancelling, None);
+                self.withdraw(id);
+                self.set_state(id, MigrationState::Cancelled, None);
+            }
+            MigrationState::Cancelling => {}
+            s => return Err(migration::Error::Finished { state: s }),
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, id: u64, reason: String) -> migration::Result<()> {
+        let state = self.outgoing_mut(id)?.state;
+        if matches!(state, MigrationState::Cancelled | MigrationState::Failed) {
+            return Err(migration::Error::Finished { state });
+        }
+        self.set_state(id, MigrationState::Failed, Some(reason));
+        self.withdraw(id);
+        Ok(())
+    }
+
+    fn complete(&mut self, id: u64) -> migration::Result<()> {
+        let state = self.outgoing_mut(id)?.state;
+        match state {
+            MigrationState::Active => {
+                self.set_state(id, MigrationState::Completed, None);
+                Ok(())
+            }
+            s if s.is_terminal() => Err(migration::Error::Finished { state: s }),
+            s => Err(migration::Error::NotActive {
+                state: s,
+                waiting: self.in_flight(id),
+            }),
+        }
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        self.outgoing
+            .as_ref()
+            .filter(|m| !m.state.is_terminal())
+            .and_then(|m| m.deadline)
+    }
+
+    fn check_deadline(&mut self) {
+        let Some(m) = self.outgoing.as_ref() else {
+            return;
+        };
+        let (id, state) = (m.id, m.state);
+        if m.deadline.is_none_or(|d| d > self.now) {
+            return;
+        }
+        let waited = secs(self.unplug_wait.unwrap_or_default());
+        let holding = quoted(&self.in_flight(id));
+        match state {
+            MigrationState::WaitUnplug => {
+                let _ = self.fail(
+                    id,
+                    format!(
+                        "the guest did not eject {holding} within {waited} (the unplug wait \
+                         bound); withdrawing the unplug"
+                    ),
+                );
+            }
+            MigrationState::Cancelling => self.set_state(
+                id,
+                MigrationState::Cancelled,
+                Some(format!(
+                    "the guest did not answer the withdrawal of the unplug of {holding} within \
+                     {waited}; it stays in its slot, and is plugged back if the guest removes it \
+                     later"
+                )),
+            ),
+            _ => {}
+        }
+    }
+
+    fn prepare_incoming(&mut self) -> migration::Result<()> {
+        if self.incoming {
+            return Err(migration::Error::IncomingInProgress);
+        }
+        if let Some(m) = &self.outgoing {
+            if !m.state.is_terminal() {
+                return Err(migration::Error::OutgoingInProgress { state: m.state });
+            }
+        }
+        self.incoming = true;
+        self.emit(Event::Migration {
+            status: MigrationState::Setup,
+            reason: None,
+        });
+        Ok(())
+    }
+
+    fn complete_incoming(&mut self) -> migration::Result<()> {
+        if !self.incoming {
+            return Err(migration::Error::NoIncoming);
+        }
+        self.incoming = false;
+        self.machine_ready = true;
+        let negotiated: Vec<String> = self
+            .standbys
+            .iter()
+            .filter(|s| s.failover && s.negotiated)
+            .map(|s| s.id.clone())
+            .collect();
+        for standby in negotiated {
+            match self.primary_for(&standby) {
+                Some(idx) => self.maybe_plug(idx),
+                None => self.emit(Event::PrimaryMissing { standby }),
+            }
+        }
+        self.emit(Event::Migration {
+            status: MigrationState::Completed,
+            reason: None,
+        });
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// Runs `f` on the state, delivers the events it emitted, and makes the
+    /// slot calls it queued (from a VMM call) or defers them (from a
+    /// completion, where the slot is locked).
+    fn update<R>(self: &Arc<Self>, ctx: Ctx, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let ctx = if in_completion() {
+            Ctx::Completion
+        } else {
+            ctx
+        };
+        let (r, run, wake) = {
+            let mut i = self.lock();
+            // Timestamps never go backwards, whatever the clock does.
+            i.now = i.now.max(self.clock.now());
+            let r = f(&mut i);
+            let actions = std::mem::take(&mut i.actions);
+            match ctx {
+                Ctx::Vmm => (r, actions, false),
+                Ctx::Completion => {
+                    let wake = !actions.is_empty();
+                    i.deferred.extend(actions);
+                    (r, Vec::new(), wake)
+                }
+            }
+        };
+        self.settled.notify_all();
+        self.deliver();
+        if wake {
+            self.wake();
+        }
+        for a in run {
+            self.execute(a);
+        }
+        r
+    }
+
+    /// Delivers queued events in order. A listener that causes events (by
+    /// calling the coordinator) has them delivered after its own, by the
+    /// outermost delivery.
+    fn deliver(&self) {
+        loop {
+            let guard = match self.delivering.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let batch: Vec<TimedEvent> = self.lock().events.drain(..).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                let listeners = lock(&self.listeners).clone();
+                for e in &batch {
+                    match &e.event {
+                        Event::MacMismatch { .. }
+                        | Event::PrimaryMissing { .. }
+                        | Event::PrimaryPlugFailed { .. }
+                        | Event::UnplugNotCancelled { .. }
+                        | Event::Migration {
+                            status: MigrationState::Failed,
+                            ..
+                        } => log::warn!("failover: {}", e.event),
+                        _ => log::info!("failover: {}", e.event),
+                    }
+                    for l in &listeners {
+                        l.event(e);
+                    }
+                }
+            }
+            drop(guard);
+            if self.lock().events.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn wake(self: &Arc<Self>) {
+        let waker = lock(&self.waker).clone();
+        match waker {
+            Some(w) => w(),
+            None => {
+                let s = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("failover-deferred".into())
+                    .spawn(move || {
+                        s.run_deferred();
+                    });
+                if let Err(e) = spawned {
+                    log::warn!(
+                        "failover: cannot start a thread for deferred slot work ({e}); it waits \
+                         for the next run_deferred call"
+                    );
+                }
+            }
+        }
+    }
+
+    fn run_deferred(self: &Arc<Self>) -> usize {
+        if in_completion() {
+            // A listener inside a completion: the slot is locked here. The
+            // waker was (or will be) called; the work waits for it.
+            return 0;
+        }
+        let actions = std::mem::take(&mut self.lock().deferred);
+        let n = actions.len();
+        for a in actions {
+            self.execute(a);
+        }
+        n
+    }
+
+    /// Makes one slot call, with the coordinator's lock released.
+    fn execute(self: &Arc<Self>, action: Action) {
+        let (idx, op) = action.target();
+        let target = {
+            let i = self.lock();
+            i.primaries
+                .get(idx)
+                .filter(|p| p.op == op)
+                .map(|p| (p.slot.slot.clone(), p.device.clone()))
+        };
+        let Some((slot, device)) = target else {
+            return;
+        };
+        match action {
+            Action::Plug { .. } => {
+                let result = lock(&slot).plug(device);
+                match result {
+                    Ok(c) => self.watch(&c, idx, op, Op::Plug),
+                    Err(e) => self.update(Ctx::Vmm, |i| i.plug_refused(idx, op, e.to_string())),
+                }
+            }
+            Action::ColdPlug { .. } => {
+                let result = lock(&slot).cold_plug(device);
+                self.update(Ctx::Vmm, |i| i.cold_plugged(idx, op, result));
+            }
+            Action::Unplug { .. } => {
+                // A refusal of an earlier request may have failed the migration
+                // since this one was decided.
+                if !self.update(Ctx::Vmm, |i| i.unplug_still_wanted(idx, op)) {
+                    return;
+                }
+                let result = lock(&slot).request_unplug();
+                match result {
+                    Ok(c) => {
+                        self.update(Ctx::Vmm, |i| i.unplug_requested(idx, op));
+                        self.watch(&c, idx, op, Op::Unplug);
+                    }
+                    Err(pcie_hotplug::Error::Empty(_)) => {
+                        self.update(Ctx::Vmm, |i| i.already_out(idx, op))
+                    }
+                    Err(e) => self.update(Ctx::Vmm, |i| i.unplug_refused(idx, op, e.to_string())),
+                }
+            }
+            Action::CancelUnplug { .. } => {
+                // The unplug's completion says what happened; a refusal means
+                // it completed already.
+                let result = lock(&slot).cancel_unplug();
+                if let Err(e) = result {
+                    log::debug!("failover: cancel of an unplug: {e}");
+                }
+            }
+        }
+    }
+
+    /// Subscribes to `c` for operation `op` of primary `idx`. The callback
+    /// holds the coordinator weakly (the slot keeps the completion).
+    fn watch(self: &Arc<Self>, c: &Completion, idx: usize, op: u64, what: Op) {
+        if let Some(outcome) = c.outcome() {
+            // Done already (inside the request): no slot is locked here.
+            self.update(Ctx::Vmm, |i| i.completed(idx, op, what, outcome));
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        c.on_complete(move |outcome| {
+            if let Some(s) = weak.upgrade() {
+                let _scope = CompletionScope::enter();
+                s.update(Ctx::Completion, |i| i.completed(idx, op, what, outcome));
+            }
+        });
+    }
+
+    pub(crate) fn migration_state(&self, id: u64) -> MigrationState {
+        // An id handed out always names a migration; Failed is never reached.
+        self.lock()
+            .find_migration(id)
+            .map_or(MigrationState::Failed, |m| m.state)
+    }
+
+    pub(crate) fn migration_reason(&self, id: u64) -> Option<String> {
+        self.lock()
+            .find_migration(id)
+            .and_then(|m| m.reason.clone())
+    }
+
+    pub(crate) fn migration_deadline(&self, id: u64) -> Option<Duration> {
+        self.lock()
+            .find_migration(id)
+            .filter(|m| !m.state.is_terminal())
+            .and_then(|m| m.deadline)
+    }
+
+    pub(crate) fn waiting_for(&self, id: u64) -> Vec<String> {
+        self.lock().in_flight(id)
+    }
+
+    pub(crate) fn cancel_outgoing(self: &Arc<Self>, id: u64) -> migration::Result<()> {
+        self.update(Ctx::Vmm, |i| i.cancel(id))
+    }
+
+    pub(crate) fn fail_outgoing(
+        self: &Arc<Self>,
+        id: u64,
+        reason: String,
+    ) -> migration::Result<()> {
+        self.update(Ctx::Vmm, |i| i.fail(id, reason))
+    }
+
+    pub(crate) fn complete_outgoing(self: &Arc<Self>, id: u64) -> migration::Result<()> {
+        self.update(Ctx::Vmm, |i| i.complete(id))
+    }
+
+    pub(crate) fn wait_migration(&self, id: u64, timeout: Duration) -> MigrationState {
+        let end = Instant::now() + timeout;
+        let mut i = self.lock();
+        loop {
+            let state = i
+                .find_migration(id)
+                .map_or(MigrationState::Failed, |m| m.state);
+            let left = end.saturating_duration_since(Instant::now());
+            if !state.waiting() || left.is_zero() {
+                return state;
+            }
+            i = self
+                .settled
+                .wait_timeout(i, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Builds a [`Coordinator`].
+pub struct CoordinatorBuilder {
+    clock: Arc<dyn Clock>,
+    unplug_wait: UnplugWait,
+    listeners: Vec<Arc<dyn EventListener>>,
+    waker: Option<Waker>,
+}
+
+impl fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoordinatorBuilder")
+            .field("unplug_wait", &self.unplug_wait)
+            .field("listeners", &self.listeners.len())
+            .field("waker", &self.waker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorBuilder {
+    /// The clock events are stamped with and deadlines measured on (default:
+    /// [`MonotonicClock`], real time).
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// How long an outgoing migration waits for the guest to eject (default:
+    /// [`UnplugWait::Bounded`] with
+    /// [`DEFAULT_UNPLUG_TIMEOUT`](crate::DEFAULT_UNPLUG_TIMEOUT), 30 s).
+    pub fn unplug_wait(mut self, wait: UnplugWait) -> Self {
+        self.unplug_wait = wait;
+        self
+    }
+
+    /// A listener that hears every event from the first registration on.
+    pub fn listener(mut self, listener: Arc<dyn EventListener>) -> Self {
+        self.listeners.push(listener);
+        self
+    }
+
+    /// See [`Coordinator::set_waker`].
+    pub fn waker(mut self, waker: impl Fn() + Send + Sync + 'static) -> Self {
+        self.waker = Some(Arc::new(waker));
+        self
+    }
+
+    /// The coordinator, with nothing registered.
+    pub fn build(self) -> Coordinator {
+        let inner = Inner {
+            unplug_wait: match self.unplug_wait {
+                UnplugWait::Bounded(d) => Some(d),
+                UnplugWait::Unbounded => None,
+            },
+            ..Inner::default()
+        };
+        Coordinator {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner),
+                settled: Condvar::new(),
+                clock: self.clock,
+                listeners: Mutex::new(self.listeners),
+                delivering: Mutex::new(()),
+                waker: Mutex::new(self.waker),
+            }),
+        }
+    }
+}
+
+/// The failover coordinator. See the [crate documentation](crate).
+///
+/// Cloning shares it. It implements [`FeaturesListener`]: give a clone to the
+/// standby's transport (`VirtioPciDevice::add_features_listener`), to the
+/// standby device (`StandbyNet::add_standby_listener`), or call
+/// [`features_acked`](Self::features_acked) from your own frontend. Wire one
+/// route per standby: each event counts as one negotiation.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = self.shared.lock();
+        f.debug_struct("Coordinator")
+            .field("standbys", &i.standbys.len())
+            .field("primaries", &i.primaries.len())
+            .field("outgoing", &i.outgoing.as_ref().map(|m| m.state))
+            .field("incoming", &i.incoming)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl Coordinator {
+    /// A builder with real time, the default unplug wait, no listener and no
+    /// waker.
+    pub fn builder() -> CoordinatorBuilder {
+        CoordinatorBuilder {
+            clock: Arc::new(MonotonicClock::new()),
+            unplug_wait: UnplugWait::default(),
+            listeners: Vec::new(),
+            waker: None,
+        }
+    }
+
+    /// Adds a listener for the events from now on.
+    pub fn add_listener(&self, listener: Arc<dyn EventListener>) {
+        lock(&self.shared.listeners).push(listener);
+    }
+
+    /// Sets how the coordinator asks for [`run_deferred`](Self::run_deferred):
+    /// `waker` is called (from inside a guest register write, with a slot
+    /// locked) when slot work is queued that cannot be done there. It should
+    /// only signal the VMM's event loop (write an eventfd, post a message),
+    /// which then calls `run_deferred`. Without a waker the coordinator runs
+    /// the work on a short-lived thread of its own.
+    pub fn set_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.shared.waker) = Some(Arc::new(waker));
+    }
+
+    /// Makes the slot calls queued by completions (see
+    /// [`set_waker`](Self::set_waker)); returns how many there were. Call it
+    /// with no slot locked.
+    pub fn run_deferred(&self) -> usize {
+        self.shared.run_deferred()
+    }
+
+    /// Registers a standby. A primary already registered with this
+    /// `failover_pair_id` is paired with it now (and stays hidden if failover
+    /// is on), or, with failover off, plugged as an ordinary device.
+    ///
+    /// Refused for an empty or already registered id.
+    pub fn add_standby(&self, standby: Standby) -> registry::Result<()> {
+        self.shared.update(Ctx::Vmm, |i| i.add_standby(standby))
+    }
+
+    /// Registers a primary. If its standby has failover on it stays hidden
+    /// until the guest acknowledges STANDBY (and is plugged at once if it has
+    /// already); if its standby has failover off it goes into its slot as an
+    /// ordinary device (cold-plugged before [`machine_ready`](Self::machine_ready),
+    /// hot-plugged after). If its standby is not registered yet it stays
+    /// hidden until the standby is, or until `machine_ready` when it is not.
+    ///
+    /// Refused, naming the devices: no id, an empty pair id or one naming
+    /// itself, a slot that cannot hot-plug, an id already registered, a second
+    /// primary for the same standby, a slot another primary has, a slot that
+    /// holds some other device. A slot that already holds this primary's own
+    /// device is accepted, and the primary counts as plugged.
+    pub fn add_primary(&self, primary: Primary) -> registry::Result<()> {
+        primary.check()?;
+        let in_slot = {
+            let slot = lock(&primary.slot.slot);
+            match slot.device() {
+                None => false,
+                Some(d) if std::ptr::addr_eq(Arc::as_ptr(&d), Arc::as_ptr(&primary.device)) => true,
+                Some(_) => {
+                    return Err(registry::Error::SlotOccupied {
+                        primary: primary.id,
+                        slot: primary.slot.name,
+                    });
+                }
+            }
+        };
+        self.shared
+            .update(Ctx::Vmm, |i| i.add_primary(primary, in_slot))
+    }
+
+    /// The machine's configuration is complete and the guest is about to run
+    /// (QEMU's "machine init done"). A primary whose standby was never
+    /// registered is cold-plugged as an ordinary device now (QEMU's
+    /// params/on_mismatch); every later plug of an ordinary device is a hot
+    /// plug. A primary registered after this whose standby is not registered
+    /// stays hidden until it is (QEMU plugs it at once, its hotplug/2_reverse
+    /// bug). Calling it again does nothing.
+    pub fn machine_ready(&self) {
+        self.shared.update(Ctx::Vmm, Inner::machine_ready)
+    }
+
+    /// The driver acknowledged a feature set on a device (the
+    /// [`FeaturesListener`] route). For a registered standby with failover on
+    /// and `VIRTIO_NET_F_STANDBY` in the set: emits `FAILOVER_NEGOTIATED` and
+    /// plugs its primary (if hidden, and no outgoing migration is holding the
+    /// primaries out), or warns that it has none. Acknowledgements without
+    /// STANDBY change nothing (a reset does not re-hide a primary the guest
+    /// has); a second acknowledgement plugs nothing twice.
+    ///
+    /// With `restored: true` during an incoming migration, the plug waits for
+    /// [`complete_incoming`](Self::complete_incoming).
+    ///
+    /// Called from the standby's `FEATURES_OK` handler, it locks the primary's
+    /// slot (never the standby's transport).
+    pub fn features_acked(&self, event: &FeaturesAcked) {
+        self.shared.update(Ctx::Vmm, |i| i.features_acked(event))
+    }
+
+    /// Starts an outgoing migration: requests the unplug of every failover
+    /// primary the guest has (`UNPLUG_PRIMARY` for each) and returns its
+    /// handle, in wait-unplug (or active at once when there was nothing to
+    /// unplug, or failed when a slot refused: see the handle's reason). See
+    /// [`migration`](crate::migration) for the states.
+    ///
+    /// Refused while another outgoing migration or an incoming one is in
+    /// progress.
+    pub fn prepare_outgoing(&self) -> migration::Result<OutgoingMigration> {
+        let id = self.shared.update(Ctx::Vmm, Inner::prepare_outgoing)?;
+        self.shared.update(Ctx::Vmm, |i| i.requests_made(id));
+        Ok(OutgoingMigration {
+            shared: self.shared.clone(),
+            id,
+        })
+    }
+
+    /// This VM is a migration destination: call before restoring any state.
+    /// Until [`complete_incoming`](Self::complete_incoming), a restored
+    /// acknowledgement of STANDBY is recorded (`FAILOVER_NEGOTIATED`) but
+    /// plugs nothing, so the ports can be restored first.
+    pub fn prepare_incoming(&self) -> migration::Result<()> {
+        self.shared.update(Ctx::Vmm, Inner::prepare_incoming)
+    }
+
+    /// Every state is restored and the vCPUs are about to run: plugs the
+    /// primary of every standby whose restored state had STANDBY acknowledged,
+    /// and warns (`PRIMARY_MISSING`) for each such standby without a primary:
+    /// its guest runs on the standby. Standbys the guest never negotiated keep
+    /// their primaries hidden.
+    ///
+    /// The machine counts as ready from then on (see
+    /// [`machine_ready`](Self::machine_ready)), without cold-plugging anything:
+    /// on a destination the restored ports say what is in their slots (an
+    /// ordinary primary is cold-plugged when registered with its failover-off
+    /// standby, or registered after its port is restored with it in the slot).
+    pub fn complete_incoming(&self) -> migration::Result<()> {
+        self.shared.update(Ctx::Vmm, Inner::complete_incoming)
+    }
+
+    /// When the current migration's wait gives up, on the coordinator's
+    /// clock: arm a timer for it and call
+    /// [`check_deadline`](Self::check_deadline) when it fires. `None` while
+    /// nothing waits (or with [`UnplugWait::Unbounded`]).
+    pub fn deadline(&self) -> Option<Duration> {
+        self.shared.lock().deadline()
+    }
+
+    /// The VMM's timer for [`deadline`](Self::deadline) fired: a migration
+    /// still in wait-unplug fails (and its unplugs are withdrawn); one still
+    /// cancelling stops waiting and is cancelled. Early or repeated calls do
+    /// nothing.
+    pub fn check_deadline(&self) {
+        self.shared.update(Ctx::Vmm, Inner::check_deadline)
+    }
+
+    /// Where primary `id` is, if it is registered.
+    pub fn primary_state(&self, id: &str) -> Option<PrimaryState> {
+        self.shared
+            .lock()
+            .primaries
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.state)
+    }
+
+    /// Whether the guest acknowledged STANDBY on standby `id`, if it is
+    /// registered.
+    pub fn negotiated(&self, id: &str) -> Option<bool> {
+        self.shared.lock().standby(id).map(|s| s.negotiated)
+    }
+
+    /// Whether the primaries' slots can be saved now
+    /// ([`device_state::Persist::save`] of a port refuses while a plug or
+    /// unplug is in flight): `Busy`, naming each primary in flight and what to
+    /// wait for, otherwise `Ok`.
+    pub fn ready_to_save(&self) -> Result<(), device_state::Error> {
+        let i = self.shared.lock();
+        let busy: Vec<String> = i
+            .primaries
+            .iter()
+            .filter_map(|p| match p.state {
+                PrimaryState::Plugging => Some(format!(
+                    "primary '{}' is being plugged into '{}' (wait for PRIMARY_PLUGGED)",
+                    p.id, p.slot.name
+                )),
+                PrimaryState::Unplugging => Some(format!(
+                    "primary '{}' is being unplugged from '{}' (wait for the migration to \
+                     become active)",
+                    p.id, p.slot.name
+                )),
+                _ => None,
+            })
+            .collect();
+        if busy.is_empty() {
+            Ok(())
+        } else {
+            Err(device_state::Error::Busy(format!(
+                "failover: {}",
+                busy.join("; ")
+            )))
+        }
+    }
+
+    /// The slot primary `id` goes into, if it is registered.
+    pub fn slot_of(&self, id: &str) -> Option<SharedSlot> {
+        self.shared
+            .lock()
+            .primaries
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.slot.slot.clone())
+    }
+
+    /// The coordinator's clock, now.
+    pub fn now(&self) -> Duration {
+        self.shared.clock.now()
+    }
+}
+
+impl FeaturesListener for Coordinator {
+    fn features_acked(&self, event: &FeaturesAcked) {
+        Coordinator::features_acked(self, event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use pcie_hotplug::{HotplugSlot, RootPort, RootPortBuilder};
+    use vmm_pci::PciFunction;
+    use vmm_pci::pcie::{
+        SLTCTL, SLTCTL_PCC, SLTCTL_PIC, SLTCTL_PIC_BLINK, SLTCTL_PIC_ON, SLTSTA, SLTSTA_ABP,
+    };
+    use vmm_pci::testing::{RecordingMsi, StubEndpoint};
+
+    use super::*;
+    use crate::event::EventLog;
+
+    const STANDBY: u64 = 1 << VIRTIO_NET_F_STANDBY;
+
+    struct Rig {
+        coord: Coordinator,
+        events: EventLog,
+        ports: Vec<Arc<Mutex<RootPort>>>,
+        devices: Vec<PciHandle>,
+        time: Arc<AtomicU64>,
+        wakes: Arc<AtomicUsize>,
+    }
+
+    fn rig(pairs: usize, waker: bool) -> Rig {
+        let time = Arc::new(AtomicU64::new(0));
+        let t = time.clone();
+        let events = EventLog::new();
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = wakes.clone();
+        let mut b = Coordinator::builder()
+            .clock(move || Duration::from_millis(t.load(Ordering::SeqCst)))
+            .listener(Arc::new(events.clone()));
+        if waker {
+            b = b.waker(move || {
+                w.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let ports = (0..pairs)
+            .map(|i| {
+                Arc::new(Mutex::new(
+                    RootPortBuilder::new(format!("rp{i}"), i as u16 + 1)
+                        .build(Arc::new(RecordingMsi::default())),
+                ))
+            })
+            .collect();
+        Rig {
+            coord: b.build(),
+            events,
+            ports,
+            devices: (0..pairs).map(|_| StubEndpoint::vf()).collect(),
+            time,
+            wakes,
+        }
+    }
+
+    impl Rig {
+        fn standby(&self, i: usize, failover: bool) -> registry::Result<()> {
+            self.coord
+                .add_standby(Standby::new(format!("net{i}")).failover(failover))
+        }
+
+        fn primary(&self, i: usize) -> registry::Result<()> {
+            self.coord.add_primary(Primary::new(
+                format!("hostdev{i}"),
+                format!("net{i}"),
+                self.devices[i].clone(),
+                Slot::port(format!("rp{i}"), &self.ports[i]),
+            ))
+        }
+
+        fn ack(&self, i: usize, features: u64, restored: bool) {
+            self.coord.features_acked(&FeaturesAcked {
+                device_id: format!("net{i}"),
+                device_type: 1,
+                features,
+                restored,
+            });
+        }
+
+        /// A guest write of Slot Control (`f` maps the old value to the new).
+        fn write_ctl(&self, i: usize, f: impl FnOnce(u16) -> u16) {
+            let mut p = self.ports[i].lock().unwrap();
+            let off = p.pcie_cap_offset() + SLTCTL;
+            let v = f(p.config().get_u16(off));
+            p.write_config(off, &v.to_le_bytes());
+        }
+
+        /// The guest powers the slot and lights its indicator (a plug done).
+        fn guest_enables(&self, i: usize) {
+            self.write_ctl(i, |c| (c & !(SLTCTL_PCC | SLTCTL_PIC)) | SLTCTL_PIC_ON);
+        }
+
+        /// The guest powers the slot off (an unplug done).
+        fn guest_powers_off(&self, i: usize) {
+            self.write_ctl(i, |c| c | SLTCTL_PCC);
+        }
+
+        /// The guest's interrupt handler takes a button press.
+        fn guest_takes_press(&self, i: usize) {
+            let mut p = self.ports[i].lock().unwrap();
+            let off = p.pcie_cap_offset() + SLTSTA;
+            let mut b = [0; 2];
+            p.read_config(off, &mut b);
+            p.write_config(off, &SLTSTA_ABP.to_le_bytes());
+        }
+
+        fn in_slot(&self, i: usize) -> bool {
+            self.ports[i].lock().unwrap().device().is_some()
+        }
+    }
+
+    #[test]
+    fn a_primary_is_held_until_standby_is_acknowledged_once() {
+        let r = rig(1, true);
+        r.primary(0).unwrap();
+        r.standby(0, true).unwrap();
+        r.coord.machine_ready();
+        assert!(!r.in_slot(0));
+        // Not STANDBY, not a standby, not this standby: nothing.
+        r.ack(0, 1 << 32, false);
+        r.ack(7, STANDBY, false);
+        assert!(!r.in_slot(0));
+        assert_eq!(r.coord.negotiated("net0"), Some(false));
+        r.ack(0, STANDBY, false);
+        assert!(r.in_slot(0));
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugging)
+        );
+        r.ack(0, STANDBY, false);
+        r.guest_enables(0);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+        let n = r
+            .events
+            .kinds()
+            .iter()
+            .filter(|e| matches!(e, Event::PrimaryPlugged { .. }))
+            .count();
+        assert_eq!(n, 1);
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
+    }
+
+    #[test]
+    fn a_restored_acknowledgement_waits_for_complete_incoming() {
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        assert_eq!(
+            r.coord.complete_incoming(),
+            Err(migration::Error::NoIncoming)
+        );
+        r.coord.prepare_incoming().unwrap();
+        assert_eq!(
+            r.coord.prepare_incoming(),
+            Err(migration::Error::IncomingInProgress)
+        );
+        assert!(matches!(
+            r.coord.prepare_outgoing(),
+            Err(migration::Error::IncomingInProgress)
+        ));
+        r.ack(0, STANDBY, true);
+        assert!(!r.in_slot(0));
+        r.coord.complete_incoming().unwrap();
+        assert!(r.in_slot(0));
+        // Without an incoming migration, a restored acknowledgement plugs at once.
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, true);
+        assert!(r.in_slot(0));
+    }
+
+    #[test]
+    fn a_late_unplug_is_plugged_back_through_deferred_work() {
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        r.guest_enables(0);
+        let m = r.coord.prepare_outgoing().unwrap();
+        // The guest took the press: a cancel cannot take it back.
+        r.guest_takes_press(0);
+        m.fail("the stream broke").unwrap();
+        assert_eq!(m.state(), MigrationState::Failed);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugging)
+        );
+        // The guest goes on and powers the slot off: the completion fires inside
+        // this write, with the port locked; the replug waits for run_deferred.
+        r.guest_powers_off(0);
+        assert_eq!(r.wakes.load(Ordering::SeqCst), 1);
+        assert!(!r.in_slot(0));
+        let tail: Vec<Event> = r.events.kinds().into_iter().rev().take(2).collect();
+        assert_eq!(
+            tail,
+            [
+                Event::UnplugNotCancelled {
+                    primary: "hostdev0".into()
+                },
+                Event::PrimaryUnplugged {
+                    primary: "hostdev0".into()
+                }
+            ]
+        );
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert_eq!(r.coord.run_deferred(), 0);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugging)
+        );
+        assert_eq!(
+            r.ports[0].lock().unwrap().slot_state().pending,
+            Some(pcie_hotplug::Operation::Plug)
+        );
+    }
+
+    #[test]
+    fn without_a_waker_a_thread_of_its_own_does_the_deferred_work() {
+        let r = rig(1, false);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        r.guest_enables(0);
+        let m = r.coord.prepare_outgoing().unwrap();
+        r.guest_takes_press(0);
+        m.cancel().unwrap();
+        r.guest_powers_off(0);
+        assert_eq!(m.state(), MigrationState::Cancelled);
+        let start = Instant::now();
+        while r.ports[0].lock().unwrap().slot_state().pending != Some(pcie_hotplug::Operation::Plug)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the replug never came"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_refused_unplug_fails_the_migration_before_any_other_unplug() {
+        let r = rig(2, true);
+        for i in 0..2 {
+            r.standby(i, true).unwrap();
+            r.primary(i).unwrap();
+            r.ack(i, STANDBY, false);
+        }
+        r.guest_enables(1);
+        // The guest is still enabling hostdev0: slot powered, indicator blinking.
+        r.write_ctl(0, |c| (c & !(SLTCTL_PCC | SLTCTL_PIC)) | SLTCTL_PIC_BLINK);
+        r.events.take();
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m.state(), MigrationState::Failed);
+        let reason = m.reason().unwrap();
+        assert_eq!(
+            reason,
+            "cannot unplug primary 'hostdev0' from slot 'rp0': Hot-unplug failed: guest is busy \
+             (power indicator blinking)"
+        );
+        assert!(
+            !r.events
+                .kinds()
+                .iter()
+                .any(|e| matches!(e, Event::UnplugPrimary { .. })),
+            "{:#?}",
+            r.events.kinds()
+        );
+        assert_eq!(
+            r.coord.primary_state("hostdev1"),
+            Some(PrimaryState::Plugged)
+        );
+        assert_eq!(r.ports[1].lock().unwrap().counters().button_presses, 1);
+        // The plug in flight goes on.
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugging)
+        );
+        r.guest_enables(0);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+    }
+
+    #[test]
+    fn a_stale_handle_reports_how_its_migration_ended() {
+        let r = rig(1, true);
+        let m1 = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m1.state(), MigrationState::Active);
+        m1.complete().unwrap();
+        let m2 = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m2.id(), 2);
+        assert_eq!(
+            m1.cancel(),
+            Err(migration::Error::Finished {
+                state: MigrationState::Completed
+            })
+        );
+        assert_eq!(m1.state(), MigrationState::Completed);
+        m2.cancel().unwrap();
+        assert_eq!(
+            m2.wait_timeout(Duration::from_secs(1)),
+            MigrationState::Cancelled
+        );
+        assert!(format!("{m2:?}").contains("Cancelled"));
+    }
+
+    #[test]
+    fn listeners_may_call_back_and_events_stay_in_order() {
+        let r = rig(1, true);
+        let c = r.coord.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        r.coord.add_listener(Arc::new(move |e: &TimedEvent| {
+            s.lock().unwrap().push(e.event.clone());
+            if matches!(e.event, Event::PrimaryHidden { .. }) {
+                // Registering from inside a listener: its events come after.
+                c.add_standby(Standby::new("net0")).unwrap();
+                assert_eq!(c.primary_state("hostdev0"), Some(PrimaryState::Hidden));
+            }
+        }));
+        r.primary(0).unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                Event::PrimaryHidden {
+                    primary: "hostdev0".into(),
+                    standby: "net0".into()
+                },
+                Event::Paired {
+                    primary: "hostdev0".into(),
+                    standby: "net0".into()
+                }
+            ]
+        );
+        assert_eq!(r.events.kinds(), *seen.lock().unwrap());
+    }
+
+    #[test]
+    fn a_listener_inside_a_completion_may_call_the_coordinator() {
+        let r = rig(2, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        let c = r.coord.clone();
+        let (dev, port) = (r.devices[1].clone(), r.ports[1].clone());
+        r.coord.add_listener(Arc::new(move |e: &TimedEvent| {
+            if matches!(e.event, Event::PrimaryPlugged { .. }) {
+                // Inside the guest's write to rp0 (locked): a registration
+                // whose standby is negotiated wants a plug into rp1, and
+                // run_deferred must not touch any slot here.
+                c.add_standby(Standby::new("net1")).unwrap();
+                c.features_acked(&FeaturesAcked {
+                    device_id: "net1".into(),
+                    device_type: 1,
+                    features: STANDBY,
+                    restored: false,
+                });
+                c.add_primary(Primary::new(
+                    "hostdev1",
+                    "net1",
+                    dev.clone(),
+                    Slot::port("rp1", &port),
+                ))
+                .unwrap();
+                assert_eq!(c.run_deferred(), 0);
+            }
+        }));
+        r.guest_enables(0);
+        assert_eq!(
+            r.coord.primary_state("hostdev1"),
+            Some(PrimaryState::Plugging)
+        );
+        assert!(!r.in_slot(1), "deferred");
+        assert!(r.wakes.load(Ordering::SeqCst) >= 1);
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert!(r.in_slot(1));
+    }
+
+    #[test]
+    fn a_slot_holding_the_primary_itself_is_accepted_as_plugged() {
+        let r = rig(1, true);
+        r.ports[0]
+            .lock()
+            .unwrap()
+            .cold_plug(r.devices[0].clone())
+            .unwrap();
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+        assert!(r.coord.slot_of("hostdev0").is_some());
+        assert!(r.coord.slot_of("nope").is_none());
+        assert!(format!("{:?}", r.coord).contains("primaries: 1"));
+    }
+
+    /// Every VMM call in any order, with guest register writes between them:
+    /// nothing panics, and the migration rules hold.
+    #[test]
+    fn no_call_order_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            let r = rig(2, true);
+            let mut handles: Vec<OutgoingMigration> = Vec::new();
+            for _ in 0..60 {
+                let i = next(2) as usize;
+                match next(17) {
+                    0 => drop(r.standby(i, next(4) != 0)),
+                    1 => drop(r.primary(i)),
+                    2 => r.coord.machine_ready(),
+                    3 => r.ack(
+                        i,
+                        if next(3) == 0 { 1 << 32 } else { STANDBY },
+                        next(2) == 0,
+                    ),
+                    4 => {
+                        if let Ok(m) = r.coord.prepare_outgoing() {
+                            handles.push(m);
+                        }
+                    }
+                    5 => drop(handles.last().map(|m| m.cancel())),
+                    6 => drop(handles.last().map(|m| m.fail("x"))),
+                    7 => drop(handles.last().map(|m| m.complete())),
+                    8 => drop(r.coord.prepare_incoming()),
+                    9 => drop(r.coord.complete_incoming()),
+                    10 => r.guest_enables(i),
+                    11 => r.guest_powers_off(i),
+                    12 => r.guest_takes_press(i),
+                    13 => r.write_ctl(i, |c| (c & !SLTCTL_PIC) | SLTCTL_PIC_BLINK),
+                    14 => {
+                        r.time.fetch_add(next(40_000), Ordering::SeqCst);
+                        r.coord.check_deadline();
+                    }
+                    15 => drop(r.coord.run_deferred()),
+                    _ => drop(r.coord.ready_to_save()),
+                }
+                let live = handles.iter().filter(|m| !m.state().is_terminal()).count();
+                assert!(live <= 1, "two migrations in progress");
+                if let Some(m) = handles.last() {
+                    if m.state().is_terminal() {
+                        assert_eq!(m.deadline(), None);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! What the VMM registers: standbys, primaries and the slots primaries go in,
+//! and why a registration is refused.
+//!
+//! A standby is named by its id (what a primary's `failover_pair_id` names)
+//! and says whether failover is on (QEMU's `failover=on`). A primary carries
+//! its id, its `failover_pair_id`, the device itself (any
+//! [`PciFunction`](vmm_pci::PciFunction) as a [`PciHandle`]) and the [`Slot`] it
+//! is hot-plugged into. MAC addresses are optional and only used for the
+//! pairing-time warning: the coordinator cannot read a device's MAC itself.
+//!
+//! Refusals carry QEMU's texts where QEMU has one (`Device with
+//! failover_pair_id needs to have id`, `Cannot attach more than one primary
+//! device to '%s': '%s' and '%s'`, `Bus '%s' does not support hotplugging`) and
+//! name every device involved.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use pcie_hotplug::HotplugSlot;
+use vmm_pci::config::{CAP_ID_PCIE, CAPABILITIES_POINTER, STATUS, STATUS_CAP_LIST};
+use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
+use vmm_pci::{PciFunction, PciHandle};
+
+use crate::event::MacAddress;
+
+/// A slot as the coordinator holds it: anything that hot-plugs.
+pub type SharedSlot = Arc<Mutex<dyn HotplugSlot + Send>>;
+
+/// Why a standby or primary was not registered. Nothing was registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A primary without an id (QEMU's text, with the standby it names).
+    #[error("Device with failover_pair_id needs to have id (failover_pair_id '{standby}')")]
+    MissingId {
+        /// The standby it names.
+        standby: String,
+    },
+    /// A standby without an id.
+    #[error("a standby needs an id: a primary's failover_pair_id names it")]
+    MissingStandbyId,
+    /// A primary whose `failover_pair_id` is empty.
+    #[error(
+        "primary '{primary}': failover_pair_id is empty; it must name the standby virtio-net \
+         device's id"
+    )]
+    EmptyPairId {
+        /// The primary's id.
+        primary: String,
+    },
+    /// A primary whose `failover_pair_id` names itself.
+    #[error(
+        "primary '{primary}': failover_pair_id names the device itself; it must name the \
+         standby virtio-net device's id"
+    )]
+    PairedWithItself {
+        /// The primary's id.
+        primary: String,
+    },
+    /// The id is already registered (as a standby or a primary).
+    #[error(
+        "'{id}' is already registered as a {as_what}; every standby and primary needs its own id"
+    )]
+    DuplicateId {
+        /// The id.
+        id: String,
+        /// `standby` or `primary`.
+        as_what: &'static str,
+    },
+    /// A second primary for the same standby (QEMU's text).
+    #[error("Cannot attach more than one primary device to '{standby}': '{first}' and '{second}'")]
+    SecondPrimary {
+        /// The standby both name.
+        standby: String,
+        /// The primary registered first.
+        first: String,
+        /// The primary refused.
+        second: String,
+    },
+    /// The primary's slot cannot hot-plug (QEMU's text, naming the primary).
+    #[error(
+        "primary '{primary}': Bus '{slot}' does not support hotplugging (a failover primary is \
+         hot-plugged when the guest acknowledges STANDBY; put it behind a hot-plug capable port)"
+    )]
+    NoHotplug {
+        /// The primary's id.
+        primary: String,
+        /// The slot's name.
+        slot: String,
+    },
+    /// The slot is already another registered primary's.
+    #[error(
+        "primary '{primary}': slot '{slot}' is already primary '{other}'s; give each primary \
+         its own slot"
+    )]
+    SlotTaken {
+        /// The primary refused.
+        primary: String,
+        /// The slot's name.
+        slot: String,
+        /// The primary that has it.
+        other: String,
+    },
+    /// The slot holds some other device.
+    #[error(
+        "primary '{primary}': slot '{slot}' already holds another device; a primary needs an \
+         empty slot (or its own device in it)"
+    )]
+    SlotOccupied {
+        /// The primary refused.
+        primary: String,
+        /// The slot's name.
+        slot: String,
+    },
+}
+
+/// Result of registrations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A standby virtio-net device as the coordinator knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standby {
+    pub(crate) id: String,
+    pub(crate) failover: bool,
+    pub(crate) mac: Option<MacAddress>,
+}
+
+impl Standby {
+    /// The standby `id` (what its primary's `failover_pair_id` names), with
+    /// failover on: its device offers `VIRTIO_NET_F_STANDBY` and its primary is
+    /// held until the guest acknowledges it.
+    pub fn new(id: impl Into<String>) -> Self {
+        Standby {
+            id: id.into(),
+            failover: true,
+            mac: None,
+        }
+    }
+
+    /// Failover on or off (QEMU's `failover=on|off`; off: a primary naming it
+    /// is an ordinary device). Must match whether the device offers STANDBY.
+    pub fn failover(mut self, on: bool) -> Self {
+        self.failover = on;
+        self
+    }
+
+    /// The standby's MAC, for the pairing-time check.
+    pub fn mac(mut self, mac: impl Into<MacAddress>) -> Self {
+        self.mac = Some(mac.into());
+        self
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Where a primary is hot-plugged: a named [`HotplugSlot`].
+#[derive(Clone)]
+pub struct Slot {
+    pub(crate) name: String,
+    pub(crate) slot: SharedSlot,
+    pub(crate) hotplug: bool,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("name", &self.name)
+            .field("hotplug", &self.hotplug)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// The slot of a PCI Express port called `name` (a
+    /// [`pcie_hotplug::RootPort`]). Whether it can hot-plug is read from the
+    /// port's own registers, as a guest reads it: a PCI Express capability
+    /// whose Capabilities register says Slot Implemented and whose Slot
+    /// Capabilities has Hot-Plug Capable.
+    pub fn port<P: HotplugSlot + PciFunction + 'static>(
+        name: impl Into<String>,
+        port: &Arc<Mutex<P>>,
+    ) -> Self {
+        let hotplug = {
+            let mut p = port.lock().unwrap_or_else(|e| e.into_inner());
+            slot_can_hotplug(&mut *p)
+        };
+        let slot: SharedSlot = port.clone();
+        Slot {
+            name: name.into(),
+            slot,
+            hotplug,
+        }
+    }
+
+    /// Any other [`HotplugSlot`] (an ACPI hot-plug slot, say), with whether it
+    /// can hot-plug as the VMM knows it.
+    pub fn new(name: impl Into<String>, slot: SharedSlot, hotplug: bool) -> Self {
+        Slot {
+            name: name.into(),
+            slot,
+            hotplug,
+        }
+    }
+
+    /// The slot's name, as errors and events use it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether a device can be hot-plugged into it.
+    pub fn hotplug_capable(&self) -> bool {
+        self.hotplug
+    }
+}
+
+/// A primary (a passed-through VF, or any Ethernet-class stand-in) as the
+/// coordinator knows it.
+#[derive(Clone)]
+pub struct Primary {
+    pub(crate) id: String,
+    pub(crate) pair_id: String,
+    pub(crate) device: PciHandle,
+    pub(crate) slot: Slot,
+    pub(crate) mac: Option<MacAddress>,
+}
+
+impl fmt::Debug for Primary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Primary")
+            .field("id", &self.id)
+            .field("failover_pair_id", &self.pair_id)
+            .field("slot", &self.slot)
+            .field("mac", &self.mac)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Primary {
+    /// The primary `id` (QEMU's `id=`; empty means none and is refused),
+    /// paired with the standby `failover_pair_id`, which the coordinator
+    /// plugs into `slot` when the time comes. Validate the device itself
+    /// (Ethernet class, alone in its slot) with `vfio_primary::FailoverPair`
+    /// before registering it.
+    pub fn new(
+        id: impl Into<String>,
+        failover_pair_id: impl Into<String>,
+        device: PciHandle,
+        slot: Slot,
+    ) -> Self {
+        Primary {
+            id: id.into(),
+            pair_id: failover_pair_id.into(),
+            device,
+            slot,
+            mac: None,
+        }
+    }
+
+    /// The primary's MAC, for the pairing-time check.
+    pub fn mac(mut self, mac: impl Into<MacAddress>) -> Self {
+        self.mac = Some(mac.into());
+        self
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The standby it names.
+    pub fn failover_pair_id(&self) -> &str {
+        &self.pair_id
+    }
+
+    /// The checks that need only the primary itself: an id, a pair id naming
+    /// another device, a slot that can hot-plug (in QEMU's order).
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.id.is_empty() {
+            return Err(Error::MissingId {
+                standby: self.pair_id.clone(),
+            });
+        }
+        if self.pair_id.is_empty() {
+            return Err(Error::EmptyPairId {
+                primary: self.id.clone(),
+            });
+        }
+        if self.pair_id == self.id {
+            return Err(Error::PairedWithItself {
+                primary: self.id.clone(),
+            });
+        }
+        if !self.slot.hotplug {
+            return Err(Error::NoHotplug {
+                primary: self.id.clone(),
+                slot: self.slot.name.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn config_u32(f: &mut dyn PciFunction, offset: u16) -> u32 {
+    let mut b = [0; 4];
+    f.read_config(offset & !3, &mut b);
+    u32::from_le_bytes(b) >> ((offset & 3) * 8)
+}
+
+/// Whether the bridge `f`'s slot can hot-plug: its PCI Express capability
+/// says Slot Implemented and Slot Capabilities has Hot-Plug Capable. The
+/// capability list is walked as a guest walks it (at most 48 entries).
+fn slot_can_hotplug(f: &mut dyn PciFunction) -> bool {
+    if config_u32(f, STATUS) as u16 & STATUS_CAP_LIST == 0 {
+        return false;
+    }
+    let mut ptr = config_u32(f, CAPABILITIES_POINTER) as u8 as u16 & !3;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return false;
+        }
+        let head = config_u32(f, ptr) as u16;
+        if head as u8 == CAP_ID_PCIE {
+            let flags = config_u32(f, ptr + FLAGS) as u16;
+            return flags & FLAGS_SLOT != 0 && config_u32(f, ptr + SLTCAP) & SLTCAP_HPC != 0;
+        }
+        ptr = (head >> 8) & !3;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcie_hotplug::RootPortBuilder;
+    use vmm_pci::testing::{RecordingMsi, StubEndpoint};
+
+    fn port(name: &str, hotplug: bool) -> Slot {
+        let p = Arc::new(Mutex::new(
+            RootPortBuilder::new(name, 1)
+                .hotplug(hotplug)
+                .build(Arc::new(RecordingMsi::default())),
+        ));
+        Slot::port(name, &p)
+    }
+
+    #[test]
+    fn a_port_says_whether_its_slot_can_hotplug() {
+        assert!(port("rp1", true).hotplug_capable());
+        assert!(!port("rp2", false).hotplug_capable());
+        // An endpoint has no slot at all.
+        let ep = StubEndpoint::vf();
+        assert!(!slot_can_hotplug(&mut *ep.lock().unwrap()));
+    }
+
+    #[test]
+    fn refusals_carry_qemus_texts_and_name_the_devices() {
+        let p = |id: &str, pair: &str, slot: Slot| Primary::new(id, pair, StubEndpoint::vf(), slot);
+        let e = p("", "standby0", port("root1", true)).check().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Device with failover_pair_id needs to have id (failover_pair_id 'standby0')"
+        );
+        let e = p("primary0", "", port("root1", true)).check().unwrap_err();
+        assert_eq!(
+            e,
+            Error::EmptyPairId {
+                primary: "primary0".into()
+            }
+        );
+        let e = p("primary0", "primary0", port("root1", true))
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("names the device itself"), "{e}");
+        let e = p("primary0", "standby0", port("pcie.0", false))
+            .check()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("primary 'primary0': Bus 'pcie.0' does not support hotplugging"),
+            "{e}"
+        );
+        assert!(
+            p("primary0", "standby0", port("root1", true))
+                .check()
+                .is_ok()
+        );
+        assert_eq!(
+            Error::SecondPrimary {
+                standby: "standby0".into(),
+                first: "primary0".into(),
+                second: "primary1".into()
+            }
+            .to_string(),
+            "Cannot attach more than one primary device to 'standby0': 'primary0' and 'primary1'"
+        );
+    }
+
+    #[test]
+    fn builders_keep_what_they_are_given() {
+        let s = Standby::new("net1").failover(false).mac([2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            (s.id(), s.failover, s.mac),
+            ("net1", false, Some(MacAddress([2, 0, 0, 0, 0, 1])))
+        );
+        let p = Primary::new("hostdev0", "net1", StubEndpoint::vf(), port("rp1", true))
+            .mac([2, 0, 0, 0, 0, 2]);
+        assert_eq!((p.id(), p.failover_pair_id()), ("hostdev0", "net1"));
+        assert!(format!("{p:?}").contains("rp1"));
+        let shared: SharedSlot = p.slot.slot.clone();
+        let s = Slot::new("acpi-slot-3", shared, true);
+        assert_eq!((s.name(), s.hotplug_capable()), ("acpi-slot-3", true));
+    }
+}

@@ -1,0 +1,727 @@
+//! QEMU as the frontend: Debian's `qemu-system-x86_64` (7.2, TCG, no KVM
+//! needed) with its own failover (`virtio-net-pci,failover=on` on our socket,
+//! an `e1000e` primary with `failover_pair_id`), booting Debian's 6.1 kernel
+//! with a busybox initramfs built here. One boot serves every assertion.
+//!
+//! The test runs in a network namespace of its own (its thread unshares one):
+//! the daemon, QEMU and the host end of every connection live in it, on a tap
+//! the test creates. What is asserted comes from the guest's console, from
+//! QMP and from the daemon:
+//!
+//! - the guest negotiated STANDBY, registered the failover master and its
+//!   standby slave;
+//! - QMP's `FAILOVER_NEGOTIATED` for `net1`; QEMU then plugs the e1000e
+//!   primary, which the guest enslaves to the master;
+//! - `device_del` of the primary (what a migration does first): the master
+//!   falls back to our standby; ping, and 4 MiB each way through the master,
+//!   every byte compared (guest to host here, host to guest by the guest's
+//!   `cmp` against the same bytes in its initramfs);
+//! - `link down` and `link up` on the daemon's control socket, seen by the
+//!   guest as the standby's and the master's carrier, and traffic after.
+//!
+//! QEMU's virtio-net keeps its own configuration space, so the daemon shows it
+//! a link change by disconnecting (QEMU's `reconnect=1` brings it back when
+//! the link is up); see `vhost_user_net::server`.
+//!
+//! `vectors=0` on the virtio-net-pci: QEMU 7.2 under TCG crashes (SIGSEGV in
+//! `virtio_pci_set_guest_notifiers`, through `msix_set_vector_notifiers` into
+//! the KVM irqfd path) when any vhost-user net device with MSI-X starts; DPDK's
+//! vhost backend crashes it the same way. With KVM, or without MSI-X, it does
+//! not.
+//!
+//! Needs `qemu-system-x86_64`, `cpio`, a static busybox, root (for the
+//! namespace and the tap) and the unpacked kernel package in
+//! `VHOST_USER_NET_QEMU_KERNEL_DIR` (default
+//! `${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-net/qemu-kernel`: `.ci/run`
+//! downloads `linux-image-amd64`'s package and unpacks it there). Without them
+//! it prints why and passes, unless `VHOST_USER_NET_REQUIRE_QEMU=1` (set by
+//! CI), where it fails.
+
+mod harness;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::{Backend, feature_bit, serial, wait_for};
+
+const MAC: &str = "52:54:00:6f:55:cc";
+const TAP: &str = "vuqtap0";
+const HOST_IP: &str = "10.89.0.1";
+const GUEST_IP: &str = "10.89.0.2";
+const BULK: usize = 4 << 20;
+/// `VIRTIO_NET_F_STANDBY`, as the guest's sysfs string shows it (bit 0 first).
+const STANDBY: usize = 62;
+/// Guest modules, in the order asked for; their dependencies go first.
+const MODULES: [&str; 5] = [
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "e1000e",
+];
+
+/// What the host provides.
+struct Env {
+    qemu: PathBuf,
+    busybox: PathBuf,
+    kernel: PathBuf,
+    modules: PathBuf,
+}
+
+fn env() -> Option<Env> {
+    let required = std::env::var("VHOST_USER_NET_REQUIRE_QEMU").is_ok_and(|v| v == "1");
+    let missing = |what: String| {
+        if required {
+            panic!("VHOST_USER_NET_REQUIRE_QEMU=1 but {what}");
+        }
+        eprintln!("skipping the QEMU test: {what} (.ci/run installs and unpacks what it needs)");
+        None
+    };
+    let on_path = |name: &str| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|f| f.is_file())
+        })
+    };
+    let Some(qemu) = on_path("qemu-system-x86_64") else {
+        return missing("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)".into());
+    };
+    if on_path("cpio").is_none() {
+        return missing("cpio is missing (apt-get install cpio)".into());
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        return missing("busybox is missing (apt-get install busybox-static)".into());
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return missing("it needs root for its network namespace and tap".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return missing("/dev/net/tun is missing".into());
+    }
+    let dir = kernel_dir();
+    let Some((kernel, modules)) = find_kernel(&dir) else {
+        return missing(format!(
+            "no boot/vmlinuz-* with its lib/modules/ under {} (set VHOST_USER_NET_QEMU_KERNEL_DIR, \
+             or: apt-get download linux-image-6.1.0-N-amd64 && dpkg -x the .deb there)",
+            dir.display()
+        ));
+    };
+    Some(Env {
+        qemu,
+        busybox,
+        kernel,
+        modules,
+    })
+}
+
+/// Where `.ci/run` unpacks the kernel package.
+fn kernel_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VHOST_USER_NET_QEMU_KERNEL_DIR") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("vhost-user-net/qemu-kernel")
+}
+
+/// `boot/vmlinuz-<version>` and `lib/modules/<version>` of the newest version
+/// that has both.
+fn find_kernel(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut found: Vec<(PathBuf, PathBuf)> = std::fs::read_dir(dir.join("boot"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let version = name.strip_prefix("vmlinuz-")?;
+            let modules = dir.join("lib/modules").join(version);
+            modules.join("kernel").is_dir().then(|| (e.path(), modules))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The `.ko` files under `modules/kernel`, by module name (`-` read as `_`).
+fn module_index(modules: &Path) -> HashMap<String, PathBuf> {
+    let mut index = HashMap::new();
+    let mut dirs = vec![modules.join("kernel")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                index.insert(stem.replace('-', "_"), p);
+            }
+        }
+    }
+    index
+}
+
+/// The `depends=` entry of a module's `.modinfo`.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('-', "_"))
+        .collect()
+}
+
+/// `MODULES` and what they depend on, dependencies first, without what the
+/// kernel has built in (`modules.builtin`). The package ships no
+/// `modules.dep` (depmod runs at install), so each `.modinfo` is read.
+fn modules_in_load_order(modules: &Path) -> Vec<PathBuf> {
+    let builtin: BTreeSet<String> = std::fs::read_to_string(modules.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            Path::new(l)
+                .file_stem()?
+                .to_str()
+                .map(|s| s.replace('-', "_"))
+        })
+        .collect();
+    let index = module_index(modules);
+    fn visit(
+        name: &str,
+        index: &HashMap<String, PathBuf>,
+        builtin: &BTreeSet<String>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<PathBuf>,
+    ) {
+        if builtin.contains(name) || !done.insert(name.to_string()) {
+            return;
+        }
+        let path = index
+            .get(name)
+            .unwrap_or_else(|| panic!("module {name} is neither built in nor a .ko"));
+        let ko = std::fs::read(path).unwrap();
+        for dep in module_depends(&ko) {
+            visit(&dep, index, builtin, done, order);
+        }
+        order.push(path.clone());
+    }
+    let (mut done, mut order) = (BTreeSet::new(), Vec::new());
+    for m in MODULES {
+        visit(m, &index, &builtin, &mut done, &mut order);
+    }
+    order
+}
+
+/// Deterministic bytes that no protocol compresses or mistakes.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The guest's `/init`. Every line the test waits for starts with a marker.
+fn init_script(modules: &[PathBuf]) -> String {
+    let insmod: String = modules
+        .iter()
+        .map(|p| {
+            let f = p.file_name().unwrap().to_str().unwrap();
+            format!("insmod /mod/{f} || echo \"INSMOD_FAILED {f}\"\n")
+        })
+        .collect();
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+{insmod}
+# The master and its standby appear with virtio_net; QEMU plugs the primary
+# once the driver acknowledged STANDBY.
+names() {{ dmesg | sed -n "s/.*failover $1:\([a-z0-9]*\) registered.*/\1/p" | tail -n 1; }}
+i=0; while [ -z "$(names 'primary slave')" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+M=$(names master); S=$(names 'standby slave'); P=$(names 'primary slave')
+dmesg | grep ' failover ' | sed 's/^/DMESG /'
+echo "STANDBY_FEATURES $(cat /sys/class/net/$S/device/features)"
+for d in $M $S $P; do
+  echo "NETDEV $d driver=$(basename "$(readlink /sys/class/net/$d/device/driver)") master=$(basename "$(readlink /sys/class/net/$d/master)") mac=$(cat /sys/class/net/$d/address)"
+done
+ip link set lo up
+ip link set $M up
+ip addr add {GUEST_IP}/24 dev $M
+echo "PRIMARY_ENSLAVED $P"
+i=0; while [ -e /sys/class/net/$P ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+echo "PRIMARY_GONE $(ls /sys/class/net | tr '\n' ' ')"
+i=0; while [ "$(cat /sys/class/net/$M/carrier)" != 1 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ping -c 3 -W 3 {HOST_IP} > /tmp/ping.txt 2>&1; r=$?
+sed 's/^/PING /' /tmp/ping.txt
+[ $r = 0 ] && echo PING_OK
+echo TX_START
+nc {HOST_IP} 5001 < /data/tx.bin
+echo TX_DONE
+nc -l -p 5002 > /tmp/rx.bin &
+sleep 0.3
+echo RX_LISTENING
+wait
+echo "RX_DONE $(wc -c < /tmp/rx.bin)"
+cmp /tmp/rx.bin /data/rx.bin && echo RX_SAME
+echo LINK_WAIT
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo "CARRIER_DOWN $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carrier)"
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 1 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "CARRIER_UP $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carrier)"
+ping -c 2 -W 3 {HOST_IP} > /dev/null 2>&1 && echo PING_AFTER_LINK_OK
+echo '== END'
+poweroff -f
+"#
+    )
+}
+
+/// Builds the initramfs (newc cpio, uncompressed) under `dir`.
+fn initramfs(env: &Env, dir: &Path, tx: &[u8], rx: &[u8]) -> PathBuf {
+    let root = dir.join("root");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["bin", "proc", "sys", "dev", "tmp", "mod", "data"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(&env.busybox, root.join("bin/busybox")).unwrap();
+    let modules = modules_in_load_order(&env.modules);
+    for m in &modules {
+        std::fs::copy(m, root.join("mod").join(m.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(root.join("data/tx.bin"), tx).unwrap();
+    std::fs::write(root.join("data/rx.bin"), rx).unwrap();
+    let init = root.join("init");
+    std::fs::write(&init, init_script(&modules)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut names = Vec::new();
+    let mut dirs = vec![PathBuf::from(".")];
+    while let Some(d) = dirs.pop() {
+        names.push(d.clone());
+        for e in std::fs::read_dir(root.join(&d)).unwrap().flatten() {
+            let rel = d.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(rel);
+            } else {
+                names.push(rel);
+            }
+        }
+    }
+    let out = dir.join("initrd.cpio");
+    let mut cpio = Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .expect("run cpio");
+    {
+        let mut stdin = cpio.stdin.take().unwrap();
+        for n in &names {
+            writeln!(stdin, "{}", n.display()).unwrap();
+        }
+    }
+    assert!(cpio.wait().unwrap().success(), "cpio failed");
+    out
+}
+
+/// Runs `ip` in the calling thread's network namespace.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A QMP connection: events collected as they come, commands answered.
+struct Qmp {
+    writer: UnixStream,
+    lines: Receiver<serde_json::Value>,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let mut sock = None;
+        wait_for(Duration::from_secs(10), || {
+            sock = UnixStream::connect(path).ok();
+            sock.is_some()
+        })
+        .expect("QEMU's QMP socket");
+        let sock = sock.unwrap();
+        let writer = sock.try_clone().unwrap();
+        let (tx, rx) = channel();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(sock).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if v.get("event").is_some() {
+                    ev.lock().unwrap().push(v);
+                } else if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut q = Qmp {
+            writer,
+            lines: rx,
+            events,
+        };
+        let greeting = q.reply();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        q.execute(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn reply(&self) -> serde_json::Value {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("QMP answers")
+    }
+
+    fn execute(&mut self, cmd: &str) -> serde_json::Value {
+        writeln!(self.writer, "{cmd}").unwrap();
+        let r = self.reply();
+        assert!(r.get("return").is_some(), "{cmd}: {r}");
+        r
+    }
+
+    /// Waits for an event named `name` whose data satisfies `data`.
+    fn event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        data: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut found = None;
+        wait_for(timeout, || {
+            found = self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["event"] == name && data(&e["data"]))
+                .cloned();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "no QMP event {name}; events: {:?}",
+                self.events.lock().unwrap()
+            )
+        })
+    }
+}
+
+/// The running QEMU, its console read line by line.
+struct Qemu {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+    stderr: PathBuf,
+}
+
+impl Qemu {
+    fn start(env: &Env, dir: &Path, initrd: &Path, socket: &Path, qmp: &Path) -> Qemu {
+        let stderr = dir.join("qemu.stderr");
+        let mem = "256M";
+        let mut child = Command::new(&env.qemu)
+            .args(["-machine", "q35", "-accel", "tcg", "-smp", "1", "-m", mem])
+            .args(["-nodefaults", "-no-reboot", "-display", "none"])
+            .args(["-monitor", "none", "-serial", "stdio"])
+            // vhost-user needs guest memory the daemon can map: shared.
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem0,size={mem},share=on"))
+            .args(["-numa", "node,memdev=mem0"])
+            .arg("-kernel")
+            .arg(&env.kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(["-device", "pcie-root-port,id=root1,chassis=1,slot=1"])
+            .args(["-device", "pcie-root-port,id=root2,chassis=2,slot=2"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=c0,path={},reconnect=1",
+                socket.display()
+            ))
+            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+            .arg("-device")
+            .arg(format!(
+                "virtio-net-pci,netdev=n0,id=net1,mac={MAC},bus=root2,failover=on,vectors=0,romfile="
+            ))
+            .args(["-netdev", "user,id=hostnet0,restrict=on"])
+            .arg("-device")
+            .arg(format!(
+                "e1000e,netdev=hostnet0,id=hostdev0,mac={MAC},failover_pair_id=net1,bus=root1,romfile="
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let line = line.trim_end_matches('\r').to_string();
+                s.lock().unwrap().push(line.clone());
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Qemu {
+            child,
+            lines: rx,
+            seen,
+            stderr,
+        }
+    }
+
+    /// Waits for a console line starting with `marker`; returns the rest.
+    fn expect(&self, marker: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(marker) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("the guest never printed {marker:?}\n{}", self.diagnostics()),
+            }
+        }
+    }
+
+    fn console(&self) -> String {
+        self.seen.lock().unwrap().join("\n")
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "console:\n{}\nQEMU's stderr:\n{}",
+            self.console(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Waits for QEMU to exit (the guest powers off).
+    fn wait(&mut self, timeout: Duration) {
+        if wait_for(timeout, || self.child.try_wait().unwrap().is_some()).is_none() {
+            panic!("QEMU did not exit\n{}", self.diagnostics());
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `f` on a thread of its own in a new network namespace; children it
+/// starts and sockets it (or threads it spawns) open live there. The
+/// namespace goes away with the last of them.
+fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+    let t = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            r,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        f();
+    });
+    if let Err(p) = t.join() {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn qemu_failover_with_the_daemon_as_standby() {
+    let Some(env) = env() else { return };
+    let _g = serial();
+    in_new_netns(move || run(env));
+}
+
+fn run(env: Env) {
+    let started = Instant::now();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-failover");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tx_data = payload(BULK, 11);
+    let rx_data = payload(BULK, 12);
+    let initrd = initramfs(&env, &dir, &tx_data, &rx_data);
+
+    // The test's own tap, in its own namespace; the daemon attaches to it.
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    let be = Backend::start_binary(
+        Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir,
+        "vu",
+        &["--tap", TAP, "--mac", MAC, "--id", "net1"],
+    );
+    let listener = TcpListener::bind((HOST_IP, 5001)).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < BULK {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+
+    let qmp_path = dir.join("qmp.sock");
+    let mut qemu = Qemu::start(&env, &dir, &initrd, &be.socket, &qmp_path);
+    let mut qmp = Qmp::connect(&qmp_path);
+    let fail = |what: &str, qemu: &Qemu, be: &Backend| -> ! {
+        panic!(
+            "{what}\n{}\ndaemon's log:\n{}",
+            qemu.diagnostics(),
+            be.log_text()
+        )
+    };
+
+    // STANDBY negotiated; the master, its standby and the primary.
+    let features = qemu.expect("STANDBY_FEATURES ", Duration::from_secs(40));
+    if !feature_bit(&features, STANDBY) {
+        fail(&format!("STANDBY not negotiated: {features}"), &qemu, &be);
+    }
+    let primary = qemu.expect("PRIMARY_ENSLAVED ", Duration::from_secs(15));
+    let console = qemu.console();
+    for needle in [
+        "failover master:eth0 registered",
+        "failover standby slave:eth1 registered",
+        &format!("failover primary slave:{primary} registered"),
+        &format!("NETDEV eth1 driver=virtio_net master=eth0 mac={MAC}"),
+        &format!("NETDEV {primary} driver=e1000e master=eth0 mac={MAC}"),
+    ] {
+        if !console.contains(needle) {
+            fail(&format!("the guest did not print {needle:?}"), &qemu, &be);
+        }
+    }
+    qmp.event("FAILOVER_NEGOTIATED", Duration::from_secs(5), |d| {
+        d["device-id"] == "net1"
+    });
+
+    // The primary leaves, as at the start of a migration: the master falls
+    // back to our standby.
+    qmp.execute(r#"{"execute":"device_del","arguments":{"id":"hostdev0"}}"#);
+    qmp.event("DEVICE_DELETED", Duration::from_secs(15), |d| {
+        d["device"] == "hostdev0"
+    });
+    let left = qemu.expect("PRIMARY_GONE ", Duration::from_secs(25));
+    assert!(!left.contains(&primary), "{left}");
+    let t_ping = Instant::now();
+    qemu.expect("PING_OK", Duration::from_secs(20));
+    let ping = qemu.console();
+    assert!(
+        ping.contains("PING 3 packets transmitted, 3 packets received"),
+        "{ping}"
+    );
+
+    // 4 MiB each way through the failover master.
+    let t_bulk = Instant::now();
+    qemu.expect("TX_DONE", Duration::from_secs(60));
+    let got = receiver.join().unwrap();
+    assert_eq!(got.len(), tx_data.len(), "guest to host: bytes lost");
+    assert!(got == tx_data, "guest to host: bytes differ");
+    let tx_secs = t_bulk.elapsed().as_secs_f64();
+    qemu.expect("RX_LISTENING", Duration::from_secs(10));
+    let t_rx = Instant::now();
+    let mut s = TcpStream::connect((GUEST_IP, 5002)).unwrap();
+    s.write_all(&rx_data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let size = qemu.expect("RX_DONE ", Duration::from_secs(60));
+    drop(s);
+    assert_eq!(size, BULK.to_string(), "host to guest: bytes lost");
+    qemu.expect("RX_SAME", Duration::from_secs(10));
+    let rx_secs = t_rx.elapsed().as_secs_f64();
+
+    // Link down and up from the daemon's control socket.
+    let t_link = Instant::now();
+    qemu.expect("LINK_WAIT", Duration::from_secs(10));
+    assert_eq!(be.control("link down"), "ok");
+    let down = qemu.expect("CARRIER_DOWN ", Duration::from_secs(15));
+    assert_eq!(
+        down, "0 0",
+        "standby and master lose carrier (the primary is gone)"
+    );
+    assert_eq!(be.control("link up"), "ok");
+    let up = qemu.expect("CARRIER_UP ", Duration::from_secs(20));
+    assert_eq!(up, "1 1");
+    qemu.expect("PING_AFTER_LINK_OK", Duration::from_secs(15));
+    let link_secs = t_link.elapsed().as_secs_f64();
+
+    qemu.expect("== END", Duration::from_secs(10));
+    qemu.wait(Duration::from_secs(20));
+    let log = be.log_text();
+    assert!(!log.contains("connection failed"), "{log}");
+    assert!(
+        log.matches("device active on 2 queue(s)").count() >= 2,
+        "active at boot and after the link came back:\n{log}"
+    );
+    assert!(
+        log.contains("link down: not listening on"),
+        "QEMU was disconnected for the link:\n{log}"
+    );
+    eprintln!(
+        "QEMU test: {:.1} s in all; ping+bulk from {:.1} s, guest TX {:.1} s, guest RX {:.1} s ({} MiB each), link down/up {:.1} s",
+        started.elapsed().as_secs_f64(),
+        t_ping.duration_since(started).as_secs_f64(),
+        tx_secs,
+        rx_secs,
+        BULK >> 20,
+        link_secs,
+    );
+}
