@@ -116,7 +116,11 @@ impl Guest {
                 }
             }
             for p in &mut self.hotplug {
-                p.run_due(&mut self.env);
+                // A step may raise an interrupt (a driver it binds, a port
+                // event): that is progress, service again.
+                if p.run_due(&mut self.env) {
+                    progress = true;
+                }
                 if p.has_work() {
                     p.ist(&mut self.env);
                     progress = true;

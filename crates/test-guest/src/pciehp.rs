@@ -730,9 +730,12 @@ impl Pciehp {
         self.log(env, "enable failed; slot off");
     }
 
-    /// Runs due steps and the button work.
-    pub fn run_due(&mut self, env: &mut Env) {
+    /// Runs due steps and the button work. Returns whether anything ran (a step
+    /// can raise interrupts the guest must then service).
+    pub fn run_due(&mut self, env: &mut Env) -> bool {
+        let mut ran = false;
         if self.button_at.is_some_and(|t| t <= env.clock.now()) {
+            ran = true;
             self.button_at = None;
             // pciehp_queue_pushbutton_work: becomes an event for the thread.
             match self.state {
@@ -742,18 +745,22 @@ impl Pciehp {
             }
             self.run_hook(PciehpHook::ButtonWork);
         }
-        self.run_steps(env);
+        self.run_steps(env) || ran
     }
 
-    fn run_steps(&mut self, env: &mut Env) {
+    /// Runs the steps that are due; returns whether it ran any.
+    fn run_steps(&mut self, env: &mut Env) -> bool {
+        let mut ran = false;
         while let Some(&step) = self.steps.front() {
             if self.wake > env.clock.now() {
-                return;
+                break;
             }
             self.steps.pop_front();
             let delay = self.exec(env, step);
             self.wake = env.clock.now() + delay;
+            ran = true;
         }
+        ran
     }
 
     /// Runs `step`; returns how long the thread sleeps after it.
