@@ -156,6 +156,8 @@ impl Vm {
                 RootPortBuilder::new(name, slot)
                     .port_number(slot as u8)
                     .hotplug(hotplug)
+                    // The ports' cancel and replug-window rules run on guest time.
+                    .clock(clock.now_fn())
                     .build(irqs.clone()),
             ))
         };
@@ -243,16 +245,14 @@ impl Vm {
     /// Boots the scripted guest on this VM; from then on the guest's clock is
     /// the VM's.
     pub fn boot(&self, guest_features: u64) -> Guest {
-        let mut g = Guest::boot(
+        let mut g = Guest::boot_with_clock(
+            self.clock.clone(),
             self.root.clone(),
             self.irqs.clone(),
             Timings::default(),
             guest_features,
             (0x10_0000, 0x20_0000),
         );
-        let t = g.env.clock.now();
-        g.env.clock = self.clock.clone();
-        self.clock.advance_to(t);
         self.service(&mut g);
         g
     }
