@@ -262,7 +262,9 @@ impl<B: NetBackend + 'static> Server<B> {
         let mut seen = 0;
         while !done.load(Ordering::Acquire) {
             if !self.net.link_up()
-                && channel.takes_config_changes() == Some(false)
+                // Not told configuration changes: CONFIG not acknowledged, or no
+                // protocol features negotiated at all.
+                && channel.takes_config_changes() != Some(true)
                 && self.net.features_accepted()
             {
                 log::info!(
