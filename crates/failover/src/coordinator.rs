@@ -8,8 +8,10 @@
 //! under one lock and never holds it while it calls into a slot, so the lock
 //! order is always *slot, then coordinator*: a completion callback (which runs
 //! inside the guest's register write, with the slot locked) takes the
-//! coordinator's lock, and the coordinator takes a slot's lock only with its
-//! own released.
+//! coordinator's lock, and the coordinator takes a slot's lock with its own
+//! released. A slot call is made with the slot locked from the check that the
+//! operation is still wanted to the record of its result, so no completion
+//! lands in between.
 //!
 //! A completion callback therefore cannot call into a slot. When a completion
 //! calls for a slot operation (a primary that left although its unplug was
@@ -19,6 +21,12 @@
 //! [`Coordinator::run_deferred`] once the guest's exit returns), or, with no
 //! waker set, on a short-lived thread of its own that waits for the slot's lock
 //! and does it.
+//!
+//! Events are delivered the same way: listeners never run inside the guest's
+//! register write. The events a completion causes are queued and delivered by
+//! [`Coordinator::run_deferred`] (or that thread, or any later coordinator
+//! call, whichever comes first); the events of a VMM call are delivered on its
+//! thread before it returns.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -85,6 +93,10 @@ struct PrimaryEntry {
     op: u64,
     /// A cancel of the unplug in flight was requested.
     cancel_requested: bool,
+    /// A migration wants it out while its plug is still in flight (the guest
+    /// refuses an unplug while it enables the slot): `Unplugging`, and the
+    /// unplug is requested when the plug completes.
+    unplug_when_plugged: bool,
     /// The outgoing migration that took it out (or is taking it out).
     migration: Option<u64>,
     /// State and operation before the unplug in flight, restored if the slot
@@ -166,6 +178,30 @@ thread_local! {
     /// coordinator calls made here (by an event listener) defer their slot
     /// calls too.
     static IN_COMPLETION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// How deep this thread is in slot calls of its own (`execute`): events
+    /// of a completion that fires inside such a call are delivered when the
+    /// call returns, without waking the VMM.
+    static IN_EXECUTE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+fn in_execute() -> bool {
+    IN_EXECUTE.with(|d| d.get() > 0)
+}
+
+/// Marks this thread as making a slot call while it lives.
+struct ExecuteScope;
+
+impl ExecuteScope {
+    fn enter() -> Self {
+        IN_EXECUTE.with(|d| d.set(d.get() + 1));
+        ExecuteScope
+    }
+}
+
+impl Drop for ExecuteScope {
+    fn drop(&mut self) {
+        IN_EXECUTE.with(|d| d.set(d.get().saturating_sub(1)));
+    }
 }
 
 fn in_completion() -> bool {
@@ -225,6 +261,7 @@ impl Inner {
         let p = &mut self.primaries[idx];
         p.op = op;
         p.cancel_requested = false;
+        p.unplug_when_plugged = false;
         op
     }
 
@@ -394,6 +431,7 @@ impl Inner {
             },
             op: 0,
             cancel_requested: false,
+            unplug_when_plugged: false,
             migration: None,
             before_unplug: (PrimaryState::Hidden, 0),
         });
@@ -463,13 +501,44 @@ impl Inner {
         if !self.current_op(idx, op) {
             return;
         }
-        let p = &mut self.primaries[idx];
-        p.state = PrimaryState::Hidden;
+        self.plug_failed(idx);
+        let p = &self.primaries[idx];
         let (primary, slot) = (p.id.clone(), p.slot.name.clone());
         self.emit(Event::PrimaryPlugFailed {
             primary,
             reason: format!("slot '{slot}' refused it: {why}"),
         });
+        self.advance();
+    }
+
+    /// The plug of `idx` failed: hidden, and an unplug waiting for the plug
+    /// is moot (the device is not in the guest).
+    fn plug_failed(&mut self, idx: usize) {
+        let p = &mut self.primaries[idx];
+        p.state = PrimaryState::Hidden;
+        if std::mem::take(&mut p.unplug_when_plugged) {
+            p.migration = None;
+        }
+    }
+
+    /// The plug of `idx` completed: plugged, or on its way out when a
+    /// migration asked for the unplug meanwhile.
+    fn plug_done(&mut self, idx: usize) {
+        let p = &mut self.primaries[idx];
+        p.state = PrimaryState::Plugged;
+        if !std::mem::take(&mut p.unplug_when_plugged) {
+            return;
+        }
+        if self.held(idx) {
+            let before = (PrimaryState::Plugged, self.primaries[idx].op);
+            let op = self.new_op(idx);
+            let p = &mut self.primaries[idx];
+            p.before_unplug = before;
+            p.state = PrimaryState::Unplugging;
+            self.actions.push(Action::Unplug { idx, op });
+        } else {
+            self.primaries[idx].migration = None;
+        }
     }
 
     fn cold_plugged(&mut self, idx: usize, op: u64, result: pcie_hotplug::Result<()>) {
@@ -477,7 +546,10 @@ impl Inner {
             return;
         }
         match result {
-            Ok(()) => self.primaries[idx].state = PrimaryState::Plugged,
+            Ok(()) => {
+                self.plug_done(idx);
+                self.advance();
+            }
             Err(e) => self.plug_refused(idx, op, e.to_string()),
         }
     }
@@ -544,11 +616,11 @@ impl Inner {
         let primary = self.primaries[idx].id.clone();
         match (what, outcome) {
             (Op::Plug, HotplugOutcome::Plugged) => {
-                self.primaries[idx].state = PrimaryState::Plugged;
                 self.emit(Event::PrimaryPlugged { primary });
+                self.plug_done(idx);
             }
             (Op::Plug, other) => {
-                self.primaries[idx].state = PrimaryState::Hidden;
+                self.plug_failed(idx);
                 let reason = match other {
                     HotplugOutcome::Aborted => {
                         "the guest powered the slot off before enabling the device (its link \
@@ -571,9 +643,15 @@ impl Inner {
                     self.emit(Event::UnplugNotCancelled { primary });
                 }
                 if !self.held(idx) {
-                    // Its migration is not going ahead: it comes back.
                     self.primaries[idx].migration = None;
-                    self.plug(idx);
+                    if self.migration_going_ahead() {
+                        // Another migration holds the primaries out: it comes
+                        // back when that one ends.
+                        self.primaries[idx].state = PrimaryState::Hidden;
+                    } else {
+                        // Its migration is not going ahead: it comes back.
+                        self.plug(idx);
+                    }
                 }
             }
             (Op::Unplug, HotplugOutcome::Cancelled) => {
@@ -591,7 +669,8 @@ impl Inner {
                             id,
                             format!(
                                 "the unplug of primary '{primary}' was withdrawn by someone \
-                                 else; it is still in the guest"
+                                 else (or an earlier migration's withdrawal of it took effect); \
+                                 it is still in the guest"
                             ),
                         );
                     }
@@ -688,10 +767,29 @@ impl Inner {
             reason: None,
         });
         for idx in 0..self.primaries.len() {
+            let p = &mut self.primaries[idx];
+            if p.role == Role::Failover && p.state == PrimaryState::Unplugging {
+                // An unplug of an earlier migration the guest has not answered
+                // (a cancel or failure whose withdrawal timed out): this
+                // migration adopts it and waits for it. Its withdrawal was
+                // requested, so the guest may still cancel it; that fails
+                // this migration, as any unplug cancelled by someone else.
+                p.migration = Some(id);
+                p.cancel_requested = false;
+                continue;
+            }
+            if p.role == Role::Failover && p.state == PrimaryState::Plugging {
+                // The guest refuses an unplug while it enables the slot (Linux
+                // blinks the indicator for a while): the unplug is requested
+                // when the plug completes, and the migration waits for it.
+                p.before_unplug = (p.state, p.op);
+                p.state = PrimaryState::Unplugging;
+                p.migration = Some(id);
+                p.unplug_when_plugged = true;
+                continue;
+            }
             let p = &self.primaries[idx];
-            if p.role == Role::Failover
-                && matches!(p.state, PrimaryState::Plugged | PrimaryState::Plugging)
-            {
+            if p.role == Role::Failover && p.state == PrimaryState::Plugged {
                 let before = (p.state, p.op);
                 let op = self.new_op(idx);
                 let p = &mut self.primaries[idx];
@@ -731,6 +829,13 @@ impl Inner {
                 continue;
             }
             match p.state {
+                PrimaryState::Unplugging if p.unplug_when_plugged => {
+                    // Nothing was requested yet: the plug just goes on.
+                    let p = &mut self.primaries[idx];
+                    p.unplug_when_plugged = false;
+                    p.state = PrimaryState::Plugging;
+                    p.migration = None;
+                }
                 PrimaryState::Unplugging if !p.cancel_requested => {
                     let op = p.op;
                     self.primaries[idx].cancel_requested = true;
@@ -898,7 +1003,9 @@ impl Shared {
             match ctx {
                 Ctx::Vmm => (r, actions, false),
                 Ctx::Completion => {
-                    let wake = !actions.is_empty();
+                    // Events too wait for the deferred work: listeners never
+                    // run inside the guest's register write.
+                    let wake = !actions.is_empty() || (!i.events.is_empty() && !in_execute());
                     i.deferred.extend(actions);
                     (r, Vec::new(), wake)
                 }
@@ -918,7 +1025,14 @@ impl Shared {
     /// Delivers queued events in order. A listener that causes events (by
     /// calling the coordinator) has them delivered after its own, by the
     /// outermost delivery.
+    ///
+    /// Inside a completion callback (the guest's register write, its port
+    /// locked) nothing is delivered: the events wait for
+    /// [`run_deferred`](Self::run_deferred), or any later call.
     fn deliver(&self) {
+        if in_completion() {
+            return;
+        }
         loop {
             let guard = match self.delivering.try_lock() {
                 Ok(g) => g,
@@ -982,6 +1096,7 @@ impl Shared {
             // waker was (or will be) called; the work waits for it.
             return 0;
         }
+        self.deliver();
         let actions = std::mem::take(&mut self.lock().deferred);
         let n = actions.len();
         for a in actions {
@@ -991,6 +1106,12 @@ impl Shared {
     }
 
     /// Makes one slot call, with the coordinator's lock released.
+    ///
+    /// The slot's lock is taken first and held until the result is recorded
+    /// (slot, then coordinator): a completion (which the guest's register
+    /// write makes with the slot locked) cannot land between the decision,
+    /// the call and its result, so no result is recorded against a primary
+    /// the guest has moved on meanwhile.
     fn execute(self: &Arc<Self>, action: Action) {
         let (idx, op) = action.target();
         let target = {
@@ -1003,53 +1124,87 @@ impl Shared {
         let Some((slot, device)) = target else {
             return;
         };
-        match action {
-            Action::Plug { .. } => {
-                let result = lock(&slot).plug(device);
-                match result {
-                    Ok(c) => self.watch(&c, idx, op, Op::Plug),
-                    Err(e) => self.update(Ctx::Vmm, |i| i.plug_refused(idx, op, e.to_string())),
-                }
+        let mut then = Vec::new();
+        'locked: {
+            let mut s = lock(&slot);
+            let _scope = ExecuteScope::enter();
+            if !self.record(&mut then, |i| i.current_op(idx, op)) {
+                return;
             }
-            Action::ColdPlug { .. } => {
-                let result = lock(&slot).cold_plug(device);
-                self.update(Ctx::Vmm, |i| i.cold_plugged(idx, op, result));
-            }
-            Action::Unplug { .. } => {
-                // A refusal of an earlier request may have failed the migration
-                // since this one was decided.
-                if !self.update(Ctx::Vmm, |i| i.unplug_still_wanted(idx, op)) {
-                    return;
+            match action {
+                Action::Plug { .. } => match s.plug(device) {
+                    Ok(c) => self.watch(&mut then, &c, idx, op, Op::Plug),
+                    Err(e) => self.record(&mut then, |i| i.plug_refused(idx, op, e.to_string())),
+                },
+                Action::ColdPlug { .. } => {
+                    let result = s.cold_plug(device);
+                    self.record(&mut then, |i| i.cold_plugged(idx, op, result));
                 }
-                let result = lock(&slot).request_unplug();
-                match result {
-                    Ok(c) => {
-                        self.update(Ctx::Vmm, |i| i.unplug_requested(idx, op));
-                        self.watch(&c, idx, op, Op::Unplug);
+                Action::Unplug { .. } => {
+                    // A refusal of an earlier request may have failed the
+                    // migration since this one was decided.
+                    if !self.record(&mut then, |i| i.unplug_still_wanted(idx, op)) {
+                        break 'locked;
                     }
-                    Err(pcie_hotplug::Error::Empty(_)) => {
-                        self.update(Ctx::Vmm, |i| i.already_out(idx, op))
+                    match s.request_unplug() {
+                        Ok(c) => {
+                            self.record(&mut then, |i| i.unplug_requested(idx, op));
+                            self.watch(&mut then, &c, idx, op, Op::Unplug);
+                        }
+                        Err(pcie_hotplug::Error::Empty(_)) => {
+                            self.record(&mut then, |i| i.already_out(idx, op))
+                        }
+                        Err(e) => {
+                            self.record(&mut then, |i| i.unplug_refused(idx, op, e.to_string()))
+                        }
                     }
-                    Err(e) => self.update(Ctx::Vmm, |i| i.unplug_refused(idx, op, e.to_string())),
                 }
-            }
-            Action::CancelUnplug { .. } => {
-                // The unplug's completion says what happened; a refusal means
-                // it completed already.
-                let result = lock(&slot).cancel_unplug();
-                if let Err(e) = result {
-                    log::debug!("failover: cancel of an unplug: {e}");
+                Action::CancelUnplug { .. } => {
+                    // The unplug's completion says what happened; a refusal
+                    // means it completed already.
+                    if let Err(e) = s.cancel_unplug() {
+                        log::debug!("failover: cancel of an unplug: {e}");
+                    }
                 }
             }
         }
+        self.after_record(then);
     }
 
-    /// Subscribes to `c` for operation `op` of primary `idx`. The callback
-    /// holds the coordinator weakly (the slot keeps the completion).
-    fn watch(self: &Arc<Self>, c: &Completion, idx: usize, op: u64, what: Op) {
+    /// Runs `f` on the state with a slot locked by this thread: the slot
+    /// calls it queues are collected in `then`, for after the slot's lock is
+    /// released.
+    fn record<R>(&self, then: &mut Vec<Action>, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut i = self.lock();
+        i.now = i.now.max(self.clock.now());
+        let r = f(&mut i);
+        then.append(&mut i.actions);
+        r
+    }
+
+    /// What [`update`](Self::update) does after `f`, for [`record`](Self::record).
+    fn after_record(self: &Arc<Self>, then: Vec<Action>) {
+        self.settled.notify_all();
+        self.deliver();
+        for a in then {
+            self.execute(a);
+        }
+    }
+
+    /// Subscribes to `c` for operation `op` of primary `idx`, with its slot
+    /// locked by this thread. The callback holds the coordinator weakly (the
+    /// slot keeps the completion).
+    fn watch(
+        self: &Arc<Self>,
+        then: &mut Vec<Action>,
+        c: &Completion,
+        idx: usize,
+        op: u64,
+        what: Op,
+    ) {
         if let Some(outcome) = c.outcome() {
-            // Done already (inside the request): no slot is locked here.
-            self.update(Ctx::Vmm, |i| i.completed(idx, op, what, outcome));
+            // Done already (inside the request).
+            self.record(then, |i| i.completed(idx, op, what, outcome));
             return;
         }
         let weak = Arc::downgrade(self);
@@ -1238,7 +1393,8 @@ impl Coordinator {
 
     /// Sets how the coordinator asks for [`run_deferred`](Self::run_deferred):
     /// `waker` is called (from inside a guest register write, with a slot
-    /// locked) when slot work is queued that cannot be done there. It should
+    /// locked) when slot work or events are queued that cannot be done or
+    /// delivered there. It should
     /// only signal the VMM's event loop (write an eventfd, post a message),
     /// which then calls `run_deferred`. Without a waker the coordinator runs
     /// the work on a short-lived thread of its own.
@@ -1246,9 +1402,9 @@ impl Coordinator {
         *lock(&self.shared.waker) = Some(Arc::new(waker));
     }
 
-    /// Makes the slot calls queued by completions (see
-    /// [`set_waker`](Self::set_waker)); returns how many there were. Call it
-    /// with no slot locked.
+    /// Delivers the events and makes the slot calls queued by completions (see
+    /// [`set_waker`](Self::set_waker)); returns how many slot calls there
+    /// were. Listeners run on this thread. Call it with no slot locked.
     pub fn run_deferred(&self) -> usize {
         self.shared.run_deferred()
     }
@@ -1584,6 +1740,7 @@ mod tests {
             r.coord.primary_state("hostdev0"),
             Some(PrimaryState::Plugged)
         );
+        r.coord.run_deferred();
         let n = r
             .events
             .kinds()
@@ -1631,6 +1788,9 @@ mod tests {
         r.primary(0).unwrap();
         r.ack(0, STANDBY, false);
         r.guest_enables(0);
+        // PRIMARY_PLUGGED was queued inside that write.
+        assert_eq!(r.wakes.load(Ordering::SeqCst), 1);
+        assert_eq!(r.coord.run_deferred(), 0);
         let m = r.coord.prepare_outgoing().unwrap();
         // The guest took the press: a cancel cannot take it back.
         r.guest_takes_press(0);
@@ -1641,10 +1801,19 @@ mod tests {
             Some(PrimaryState::Unplugging)
         );
         // The guest goes on and powers the slot off: the completion fires inside
-        // this write, with the port locked; the replug waits for run_deferred.
+        // this write, with the port locked; the replug and the events wait for
+        // run_deferred.
+        let before = r.events.kinds().len();
         r.guest_powers_off(0);
-        assert_eq!(r.wakes.load(Ordering::SeqCst), 1);
+        assert_eq!(r.wakes.load(Ordering::SeqCst), 2);
         assert!(!r.in_slot(0));
+        assert_eq!(
+            r.events.kinds().len(),
+            before,
+            "no listener inside the guest write"
+        );
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert_eq!(r.coord.run_deferred(), 0);
         let tail: Vec<Event> = r.events.kinds().into_iter().rev().take(2).collect();
         assert_eq!(
             tail,
@@ -1657,8 +1826,6 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(r.coord.run_deferred(), 1);
-        assert_eq!(r.coord.run_deferred(), 0);
         assert_eq!(
             r.coord.primary_state("hostdev0"),
             Some(PrimaryState::Plugging)
@@ -1666,6 +1833,81 @@ mod tests {
         assert_eq!(
             r.ports[0].lock().unwrap().slot_state().pending,
             Some(pcie_hotplug::Operation::Plug)
+        );
+    }
+
+    #[test]
+    fn an_unplug_left_over_from_a_cancel_is_adopted_by_the_next_migration() {
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        r.guest_enables(0);
+        let m1 = r.coord.prepare_outgoing().unwrap();
+        // The guest took the press and then does nothing: the withdrawal is
+        // never answered, and the cancel ends at the bound.
+        r.guest_takes_press(0);
+        m1.cancel().unwrap();
+        assert_eq!(m1.state(), MigrationState::Cancelling);
+        r.time.store(31_000, Ordering::SeqCst);
+        r.coord.check_deadline();
+        assert_eq!(m1.state(), MigrationState::Cancelled);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugging)
+        );
+        assert!(r.in_slot(0));
+        // The next migration waits for it instead of going active with the
+        // primary in the guest.
+        let m2 = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m2.state(), MigrationState::WaitUnplug);
+        assert_eq!(m2.waiting_for(), ["hostdev0"]);
+        assert!(matches!(
+            m2.complete(),
+            Err(migration::Error::NotActive { .. })
+        ));
+        // The guest finally powers the slot off: that ends m2's wait, and
+        // nothing plugs it back while m2 goes ahead.
+        r.guest_powers_off(0);
+        r.coord.run_deferred();
+        assert_eq!(m2.state(), MigrationState::Active);
+        assert_eq!(r.coord.run_deferred(), 0);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugged)
+        );
+        assert!(!r.in_slot(0));
+        assert_eq!(r.ports[0].lock().unwrap().slot_state().pending, None);
+        m2.complete().unwrap();
+        assert_eq!(r.coord.run_deferred(), 0);
+        assert!(!r.in_slot(0), "on the destination only");
+    }
+
+    #[test]
+    fn an_unplug_left_over_from_a_cancel_is_plugged_back_when_the_next_one_is() {
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        r.guest_enables(0);
+        let m1 = r.coord.prepare_outgoing().unwrap();
+        r.guest_takes_press(0);
+        m1.cancel().unwrap();
+        r.time.store(31_000, Ordering::SeqCst);
+        r.coord.check_deadline();
+        let m2 = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m2.state(), MigrationState::WaitUnplug);
+        m2.fail("the stream broke").unwrap();
+        r.guest_powers_off(0);
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugging)
+        );
+        assert_eq!(
+            r.ports[0].lock().unwrap().slot_state().pending,
+            Some(pcie_hotplug::Operation::Plug),
+            "back on the source"
         );
     }
 
@@ -1700,9 +1942,11 @@ mod tests {
             r.primary(i).unwrap();
             r.ack(i, STANDBY, false);
         }
+        r.guest_enables(0);
         r.guest_enables(1);
-        // The guest is still enabling hostdev0: slot powered, indicator blinking.
-        r.write_ctl(0, |c| (c & !(SLTCTL_PCC | SLTCTL_PIC)) | SLTCTL_PIC_BLINK);
+        // The guest is busy with hostdev0's slot: indicator blinking.
+        r.write_ctl(0, |c| (c & !SLTCTL_PIC) | SLTCTL_PIC_BLINK);
+        r.coord.run_deferred();
         r.events.take();
         let m = r.coord.prepare_outgoing().unwrap();
         assert_eq!(m.state(), MigrationState::Failed);
@@ -1725,16 +1969,50 @@ mod tests {
             Some(PrimaryState::Plugged)
         );
         assert_eq!(r.ports[1].lock().unwrap().counters().button_presses, 1);
-        // The plug in flight goes on.
-        assert_eq!(
-            r.coord.primary_state("hostdev0"),
-            Some(PrimaryState::Plugging)
-        );
-        r.guest_enables(0);
+        // It stays in the guest.
         assert_eq!(
             r.coord.primary_state("hostdev0"),
             Some(PrimaryState::Plugged)
         );
+    }
+
+    #[test]
+    fn a_plug_in_flight_is_unplugged_once_the_guest_has_enabled_it() {
+        let r = rig(1, true);
+        r.standby(0, true).unwrap();
+        r.primary(0).unwrap();
+        r.ack(0, STANDBY, false);
+        // The guest is enabling hostdev0: slot powered, indicator blinking.
+        r.write_ctl(0, |c| (c & !(SLTCTL_PCC | SLTCTL_PIC)) | SLTCTL_PIC_BLINK);
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m.state(), MigrationState::WaitUnplug);
+        assert_eq!(m.waiting_for(), ["hostdev0"]);
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
+        // The indicator goes on: the plug completes inside that write, and the
+        // unplug is requested from the deferred work.
+        r.guest_enables(0);
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugging)
+        );
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 2);
+        assert_eq!(m.state(), MigrationState::WaitUnplug);
+        r.guest_takes_press(0);
+        r.guest_powers_off(0);
+        r.coord.run_deferred();
+        assert_eq!(m.state(), MigrationState::Active);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugged)
+        );
+        assert!(!r.events.kinds().iter().any(|e| matches!(
+            e,
+            Event::Migration {
+                status: MigrationState::Failed,
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -1792,18 +2070,23 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_inside_a_completion_may_call_the_coordinator() {
+    fn listeners_never_run_inside_the_guests_register_write() {
         let r = rig(2, true);
         r.standby(0, true).unwrap();
         r.primary(0).unwrap();
         r.ack(0, STANDBY, false);
         let c = r.coord.clone();
         let (dev, port) = (r.devices[1].clone(), r.ports[1].clone());
+        let port0 = r.ports[0].clone();
+        let called = Arc::new(AtomicUsize::new(0));
+        let called2 = called.clone();
         r.coord.add_listener(Arc::new(move |e: &TimedEvent| {
             if matches!(e.event, Event::PrimaryPlugged { .. }) {
-                // Inside the guest's write to rp0 (locked): a registration
-                // whose standby is negotiated wants a plug into rp1, and
-                // run_deferred must not touch any slot here.
+                called2.fetch_add(1, Ordering::SeqCst);
+                // Not inside the guest's write to rp0: its port is not
+                // locked (by this thread or any other), and a listener may
+                // call the coordinator, which plugs into rp1 at once.
+                assert!(port0.try_lock().is_ok(), "called with the port locked");
                 c.add_standby(Standby::new("net1")).unwrap();
                 c.features_acked(&FeaturesAcked {
                     device_id: "net1".into(),
@@ -1818,17 +2101,17 @@ mod tests {
                     Slot::port("rp1", &port),
                 ))
                 .unwrap();
-                assert_eq!(c.run_deferred(), 0);
             }
         }));
         r.guest_enables(0);
+        assert_eq!(called.load(Ordering::SeqCst), 0, "called inside the write");
+        assert!(r.wakes.load(Ordering::SeqCst) >= 1);
+        assert_eq!(r.coord.run_deferred(), 0);
+        assert_eq!(called.load(Ordering::SeqCst), 1);
         assert_eq!(
             r.coord.primary_state("hostdev1"),
             Some(PrimaryState::Plugging)
         );
-        assert!(!r.in_slot(1), "deferred");
-        assert!(r.wakes.load(Ordering::SeqCst) >= 1);
-        assert_eq!(r.coord.run_deferred(), 1);
         assert!(r.in_slot(1));
     }
 

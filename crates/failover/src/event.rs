@@ -362,12 +362,15 @@ mod timestamp {
 
 /// Told every event, in order. Implemented for closures.
 ///
-/// Called on whichever thread caused the event: a VMM call, the standby's
-/// `FEATURES_OK` handler, or the guest's register write that completed a plug
-/// or unplug (with that slot's lock held). Be quick, do not block, and do not
-/// call into a slot. Calling the coordinator is allowed: the events it causes
-/// are delivered after this one, and inside a guest register write the slot
-/// calls it causes are deferred (see `Coordinator::set_waker`).
+/// Called on the thread of the VMM call that caused the event (the standby's
+/// `FEATURES_OK` handler among them), never inside the guest's register write
+/// that completed a plug or unplug: those events are queued and delivered by
+/// `Coordinator::run_deferred` (see `Coordinator::set_waker`), by the
+/// coordinator's own thread when no waker is set, or by the next coordinator
+/// call, on its thread. No slot is locked by the coordinator then. A slow
+/// listener delays that thread (and the delivery of later events), not a
+/// vCPU. Calling the coordinator is allowed: the events it causes are
+/// delivered after this one.
 pub trait EventListener: Send + Sync {
     /// One event.
     fn event(&self, event: &TimedEvent);
@@ -430,7 +433,8 @@ impl EventListener for EventLog {
 
 /// A listener that writes each event as one JSON line (QMP-style) to a writer:
 /// a socket to the management layer, a log file, stdout. Write errors are
-/// logged and the event dropped; the coordinator goes on.
+/// logged and the event dropped; the coordinator goes on. It writes and
+/// flushes on the delivering thread (see [`EventListener`]), never a vCPU's.
 #[cfg(feature = "serde")]
 pub struct JsonLines<W: std::io::Write + Send> {
     out: Mutex<W>,

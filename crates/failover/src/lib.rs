@@ -33,7 +33,10 @@
 //!   standby.
 //! - **Events**: a typed stream ([`Event`], each [`TimedEvent`] stamped on a
 //!   [`Clock`]), JSON lines in the spirit of QMP events with the `serde`
-//!   feature (on by default).
+//!   feature (on by default). Listeners never run inside the guest's register
+//!   write: events a completion causes wait for
+//!   [`Coordinator::run_deferred`] (see the threads and locks of
+//!   [`Coordinator`]).
 //!
 //! It knows no concrete device. It works over
 //! [`HotplugSlot`](pcie_hotplug::HotplugSlot) and its

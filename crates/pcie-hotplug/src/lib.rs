@@ -41,7 +41,7 @@ mod slot;
 
 pub use completion::{Completion, HotplugOutcome};
 pub use root_port::{
-    CANCEL_MARGIN, Clock, LINUX_BUTTON_DELAY, PortCounters, RootPort, RootPortBuilder,
-    RootPortState,
+    CANCEL_MARGIN, Clock, GuestRemovalCallback, LINUX_BUTTON_DELAY, PortCounters, RootPort,
+    RootPortBuilder, RootPortState,
 };
 pub use slot::{Error, HotplugSlot, Operation, Result, SlotState};

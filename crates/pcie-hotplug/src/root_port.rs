@@ -56,7 +56,9 @@ pub struct PortCounters {
     /// power off (see [`RootPort`]).
     pub plugs_held: u64,
     /// Times the guest powered off a slot holding a device with no unplug
-    /// pending (a removal the VMM did not ask for, such as sysfs `power`).
+    /// pending (a removal the VMM did not ask for, such as sysfs `power`, or a
+    /// power off after a cancel already reported `Cancelled`). Each also runs
+    /// the [`RootPort::on_guest_removal`] callback.
     pub guest_removals: u64,
 }
 
@@ -64,8 +66,17 @@ pub struct PortCounters {
 ///
 /// The port never waits on it. It compares two readings to know whether a
 /// cancel can still land inside Linux's 5-second attention-button window (see
-/// [`HotplugSlot::cancel_unplug`]). The default is the host's monotonic clock;
-/// a guest on a virtual clock (the scripted guest) gives the port that clock.
+/// [`HotplugSlot::cancel_unplug`]) and when a late-answered cancel resolves
+/// (see [`HotplugSlot::next_deadline`]).
+///
+/// **A VMM must give the VM's run-time clock**: time that stops while the
+/// vCPUs are paused (stopped VM, migration downtime, snapshot). The guest's
+/// timers (its 5 s button window, its 1 s waits) run on that time; on the host
+/// clock a pause inside the window makes the port misjudge whether a cancel
+/// can still land, and resolve a late-answered cancel as kept while the guest
+/// has not run. The default, the host's monotonic clock, is only right for
+/// tests and for VMMs that never pause a running guest. A guest on a virtual
+/// clock (the scripted guest) gives the port that clock.
 pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
 
 /// Linux's attention-button delay: `schedule_delayed_work(&ctrl->button_work,
@@ -86,7 +97,9 @@ pub const CANCEL_MARGIN: Duration = Duration::from_millis(500);
 /// button work may already have queued the power off (`DISABLE_SLOT`), the
 /// port waits for the power off. Linux reads Slot Control at once when it
 /// starts one (`pciehp_ctrl.c: __pciehp_disable_slot`); without that read for
-/// this long, the guest kept the device.
+/// this long, the guest kept the device. A Slot Control read (which may be
+/// another reader's, such as `lspci`) not followed by the power off within
+/// this long from the read also means kept.
 const RESTORED_QUIET: Duration = Duration::from_secs(1);
 
 /// Builds a [`RootPort`].
@@ -165,7 +178,14 @@ impl RootPortBuilder {
     }
 
     /// The clock the port compares guest register writes on (default: the
-    /// host's monotonic clock). Give a guest on a virtual clock that clock.
+    /// host's monotonic clock).
+    ///
+    /// **A VMM must pass the VM's run-time clock**: time that stops while the
+    /// vCPUs are paused, since the guest's 5 s button window and 1 s waits run
+    /// on it. With the default host clock, a VM pause during the window makes
+    /// the port misjudge cancels (see [`Clock`]). The default is meant for
+    /// tests and for VMMs that never pause a running guest. Give a guest on a
+    /// virtual clock that clock.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
@@ -184,6 +204,7 @@ impl RootPortBuilder {
             intx_level: false,
             guest_powering_off: false,
             counters: PortCounters::default(),
+            on_guest_removal: None,
             cfg: self,
         };
         port.init_config();
@@ -219,9 +240,23 @@ enum Cancel {
 #[derive(Debug, Clone, Copy)]
 struct Restored {
     at: Duration,
-    /// The guest read Slot Control since: a power off is under way.
-    slot_control_read: bool,
+    /// When the guest last read Slot Control since: a power off may be under
+    /// way (or it was another reader).
+    read_at: Option<Duration>,
 }
+
+impl Restored {
+    /// When the guest has kept quiet long enough to have kept the device.
+    fn deadline(&self) -> Duration {
+        self.read_at
+            .unwrap_or(self.at)
+            .saturating_add(RESTORED_QUIET)
+    }
+}
+
+/// Runs when the guest removes a device nobody asked it to remove: see
+/// [`RootPort::on_guest_removal`].
+pub type GuestRemovalCallback = Arc<dyn Fn(PciHandle) + Send + Sync>;
 
 struct Pending {
     op: Operation,
@@ -276,6 +311,22 @@ impl Pending {
 ///
 /// It implements [`device_state::Persist`] with [`RootPortState`]; the device
 /// in the slot is saved separately (see there).
+///
+/// # Time
+///
+/// The port has no timer. A pending decision that can resolve by time alone
+/// (a cancel the guest answered at the very end of its window, see
+/// [`HotplugSlot::next_deadline`]) resolves on the next guest config access,
+/// VMM request, [`HotplugSlot::slot_state`], `save`, or
+/// [`HotplugSlot::poll`]; a VMM with a timer arms it for `next_deadline` and
+/// calls `poll`. The clock must be the VM's run-time clock (see
+/// [`RootPortBuilder::clock`]).
+///
+/// # Guest removals
+///
+/// When the guest powers the slot off with no unplug pending (sysfs `power`,
+/// or a power off after a cancel already reported `Cancelled`), the device
+/// leaves and the [`RootPort::on_guest_removal`] callback runs with it.
 pub struct RootPort {
     cfg: RootPortBuilder,
     cs: ConfigSpace,
@@ -291,6 +342,7 @@ pub struct RootPort {
     /// plug is held. See "The replug window".
     guest_powering_off: bool,
     counters: PortCounters,
+    on_guest_removal: Option<GuestRemovalCallback>,
 }
 
 impl std::fmt::Debug for RootPort {
@@ -431,6 +483,22 @@ impl RootPort {
         self.init_config();
     }
 
+    /// Sets the callback run with the removed device each time the guest
+    /// powers the slot off with no unplug pending: a removal the VMM did not
+    /// ask for (sysfs `power`), or a power off that comes after a cancel
+    /// already reported [`Cancelled`](HotplugOutcome::Cancelled) (the guest's
+    /// button work had queued it). The device has left the slot; a
+    /// coordinator can report it and plug the device back. Replaces any
+    /// earlier callback.
+    ///
+    /// Like [`Completion`] callbacks, it runs inside the guest's config write
+    /// with the port locked (after the port's own state is updated and its
+    /// interrupt sent): keep it short and do not call back into the port from
+    /// it; hand the work to another thread or event loop instead.
+    pub fn on_guest_removal(&mut self, f: impl Fn(PciHandle) + Send + Sync + 'static) {
+        self.on_guest_removal = Some(Arc::new(f));
+    }
+
     /// Whether a plug is held until the guest turns the power indicator off
     /// (see "The replug window"). Its device is not in the slot yet.
     pub fn plug_held(&self) -> bool {
@@ -510,20 +578,51 @@ impl RootPort {
         }
     }
 
-    /// Resolves an unplug whose guest restored the indicator late (see
-    /// [`Restored`]) once it has kept quiet long enough: the guest kept the
-    /// device. Runs on every access and request, since the port has no timer.
-    fn expire(&mut self) {
-        let Some(r) = self.pending.as_ref().and_then(|p| p.restored) else {
-            return;
+    /// When the pending operation resolves by time alone, if it can and has
+    /// not (see [`Restored`]).
+    fn deadline(&self) -> Option<Duration> {
+        let p = self.pending.as_ref()?;
+        if p.completion.outcome().is_some() {
+            return None;
+        }
+        p.restored.map(|r| r.deadline())
+    }
+
+    /// [`Self::expire`] for `&self` queries: completes a due unplug's
+    /// [`Completion`] (`Cancelled`); the next `&mut` call clears it from the
+    /// port. Returns whether an operation is still in flight.
+    fn expire_shared(&self) -> bool {
+        let Some(p) = self.pending.as_ref() else {
+            return false;
         };
-        if !r.slot_control_read && self.now() >= r.at.saturating_add(RESTORED_QUIET) {
+        if self.deadline().is_some_and(|d| self.now() >= d) {
             log::info!(
                 "{}: the guest kept the device after restoring its power indicator",
                 self.cfg.name
             );
+            p.completion.complete(HotplugOutcome::Cancelled);
+        }
+        p.completion.outcome().is_none()
+    }
+
+    /// Resolves an unplug whose guest restored the indicator late (see
+    /// [`Restored`]) once it has kept quiet long enough: the guest kept the
+    /// device. Runs on every access and request, since the port has no timer.
+    fn expire(&mut self) {
+        if self.pending.is_some() && !self.expire_shared() {
+            // Resolved (now or by an earlier `&self` query): the outcome is
+            // recorded already; `finish` only clears it.
             self.finish(HotplugOutcome::Cancelled);
         }
+    }
+
+    /// Whether a Slot Control read was recorded since the guest restored its
+    /// indicator late.
+    fn restored_read_seen(&self) -> bool {
+        self.pending
+            .as_ref()
+            .and_then(|p| p.restored)
+            .is_some_and(|r| r.read_at.is_some())
     }
 
     /// Notes what a guest read of `offset..offset+len` tells: the guest's
@@ -538,12 +637,13 @@ impl RootPort {
             return;
         }
         let abp = self.sta() & SLTSTA_ABP != 0;
+        let now = self.now();
         if let Some(p) = self.pending.as_mut().filter(|p| p.op == Operation::Unplug) {
             if sta_read && abp {
                 p.press_seen = true;
             }
             if let Some(r) = p.restored.as_mut().filter(|_| ctl_read) {
-                r.slot_control_read = true;
+                r.read_at = Some(now);
             }
         }
     }
@@ -595,6 +695,7 @@ impl RootPort {
     /// Runs the command a guest write to Slot Control carries.
     fn slot_control_written(&mut self, old_ctl: u16) {
         self.counters.slot_control_writes += 1;
+        let mut removed = None;
         let mut ctl = self.ctl();
         if ctl & SLTCTL_EIC != 0 {
             // EIC toggles the interlock and always reads 0.
@@ -613,10 +714,9 @@ impl RootPort {
             if pic != SLTCTL_PIC_OFF {
                 self.guest_powering_off = true;
             }
-            if self.device.is_some() {
+            if let Some(dev) = self.detach() {
                 // The device leaves now, not when the indicator goes off.
-                self.detach();
-                self.device_powered_off();
+                removed = self.device_powered_off(dev);
             }
         } else if self.guest_powering_off && (on || pic == SLTCTL_PIC_OFF) {
             self.guest_powering_off = false;
@@ -670,7 +770,7 @@ impl RootPort {
                             );
                             p.restored = Some(Restored {
                                 at: now,
-                                slot_control_read: false,
+                                read_at: None,
                             });
                         }
                     } else if p.restored.is_some() && on {
@@ -695,18 +795,22 @@ impl RootPort {
             self.press_button();
         }
         self.update_interrupt();
+        if let (Some(dev), Some(f)) = (removed, self.on_guest_removal.clone()) {
+            f(dev);
+        }
     }
 
-    /// The guest powered off the slot holding a device, which has just left:
-    /// completes what was pending with what happened.
-    fn device_powered_off(&mut self) {
+    /// The guest powered off the slot holding `dev`, which has just left:
+    /// completes what was pending with what happened. Returns the device when
+    /// nothing was pending (a guest removal, for the callback).
+    fn device_powered_off(&mut self, dev: PciHandle) -> Option<PciHandle> {
         let Some(p) = self.pending.as_ref() else {
             self.counters.guest_removals += 1;
             log::warn!(
                 "{}: the guest powered the slot off with no unplug pending; the device left",
                 self.cfg.name
             );
-            return;
+            return Some(dev);
         };
         match p.op {
             Operation::Plug => self.finish(HotplugOutcome::Aborted),
@@ -721,6 +825,7 @@ impl RootPort {
                 self.finish(HotplugOutcome::Unplugged);
             }
         }
+        None
     }
 }
 
@@ -901,21 +1006,37 @@ impl HotplugSlot for RootPort {
     }
 
     fn slot_state(&self) -> SlotState {
+        let in_flight = self.expire_shared();
         SlotState {
             present: self.sta() & SLTSTA_PDS != 0,
             powered: self.powered(),
             link_active: self.cs.get_u16(self.cap + LNKSTA) & LNKSTA_DLLLA != 0,
             locked: self.sta() & SLTSTA_EIS != 0,
-            pending: self.pending.as_ref().map(|p| p.op),
+            pending: self.pending.as_ref().filter(|_| in_flight).map(|p| p.op),
         }
+    }
+
+    fn next_deadline(&self) -> Option<Duration> {
+        self.deadline()
+    }
+
+    fn poll(&mut self) {
+        self.expire();
     }
 }
 
 impl PciFunction for RootPort {
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.expire();
+        // The access is recorded before the time check: the Slot Control read
+        // that starts a slow guest's power off must not itself resolve the
+        // unplug as kept. A read after an earlier read's bound is checked
+        // against that bound first.
+        if !overlaps(offset, data.len(), self.cap + SLTCTL, 2) || self.restored_read_seen() {
+            self.expire();
+        }
         self.cs.read(offset, data);
         self.config_read(offset, data.len());
+        self.expire();
     }
 
     fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarMove> {

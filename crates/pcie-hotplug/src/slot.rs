@@ -1,5 +1,7 @@
 //! What a VMM's hot-plug manager sees of a slot, and the errors it gets.
 
+use std::time::Duration;
+
 use vmm_pci::PciHandle;
 
 use crate::completion::Completion;
@@ -81,6 +83,17 @@ pub struct SlotState {
 
 /// The hot-plug operations of a slot. Implemented by [`crate::RootPort`]; a VMM's
 /// hot-plug manager can hold ports as `dyn HotplugSlot` without knowing them.
+///
+/// The guest can also remove a device nobody asked it to remove: it powers the
+/// slot off with no unplug pending (sysfs `power`), or after a cancel already
+/// reported [`Cancelled`](crate::HotplugOutcome::Cancelled). No completion
+/// covers that; [`RootPort::on_guest_removal`](crate::RootPort::on_guest_removal)
+/// reports it, with the device, so a coordinator can react (report it, plug
+/// back).
+///
+/// Decisions that resolve by time alone need a timer the port does not have:
+/// see [`next_deadline`](HotplugSlot::next_deadline) and
+/// [`poll`](HotplugSlot::poll).
 pub trait HotplugSlot {
     /// Puts `device` in the slot before the guest runs: presence, link active,
     /// slot power and power indicator on, no event.
@@ -130,6 +143,30 @@ pub trait HotplugSlot {
     /// The device in the slot, if any.
     fn device(&self) -> Option<PciHandle>;
 
-    /// The slot's state.
+    /// The slot's state. A pending decision that is due by time (see
+    /// [`next_deadline`](Self::next_deadline)) resolves first.
     fn slot_state(&self) -> SlotState;
+
+    /// When a pending decision can resolve by time alone, on the port's clock
+    /// (the same time base as [`crate::Clock`]; compare with the VM's
+    /// run-time clock, not wall time), or `None` if nothing pending can.
+    ///
+    /// [`RootPort`](crate::RootPort) has one while a cancel the guest answered
+    /// at the very end of its window is undecided: the guest turned its power
+    /// indicator back on when its button work may already have queued the
+    /// power off. If no power off (nor the Slot Control read that starts it)
+    /// comes within 1 s, or within 1 s of a Slot Control read, the guest kept
+    /// the device and the unplug resolves `Cancelled`. The port has no timer:
+    /// without a guest config access or a VMM call it would stay unresolved, so
+    /// a VMM or coordinator with a timer arms it for this time and calls
+    /// [`poll`](Self::poll). The default implementation returns `None`.
+    fn next_deadline(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Resolves whatever is due by time (see
+    /// [`next_deadline`](Self::next_deadline)), completing its
+    /// [`Completion`]. Harmless to call at any time. The default
+    /// implementation does nothing.
+    fn poll(&mut self) {}
 }

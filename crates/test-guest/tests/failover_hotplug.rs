@@ -510,6 +510,55 @@ fn cancel_taken_with_the_button_work_reports_the_unplug() {
     assert_eq!(pic(&v.primary_port), SLTCTL_PIC_OFF);
 }
 
+/// As above, but the guest takes more than the port's 1 s bound to unbind the
+/// driver between the Slot Control read that starts its disable and the power
+/// off: the port reports the cancel as kept (`Cancelled`) at the bound, and the
+/// power off that follows is a guest removal, reported through
+/// `RootPort::on_guest_removal` with the device so the VMM can plug it back.
+#[test]
+fn a_power_off_after_the_cancel_was_reported_kept_is_a_guest_removal() {
+    let (v, mut g) = booted_with_primary();
+    g.env.timings.unbind = Duration::from_millis(1500);
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    let (r2, clock) = (removed.clone(), g.env.clock.clone());
+    v.primary_port
+        .lock()
+        .unwrap()
+        .on_guest_removal(move |_dev| r2.lock().unwrap().push(clock.now()));
+    let t0 = g.env.clock.now();
+    let c = v.primary_port.lock().unwrap().request_unplug().unwrap();
+    g.run_for(Duration::from_millis(4400));
+    v.primary_port.lock().unwrap().cancel_unplug().unwrap();
+    let stalled = v.irqs.drain();
+    let irqs = v.irqs.clone();
+    let mut stalled = Some(stalled);
+    g.pciehp_mut(PRIMARY_PORT)
+        .unwrap()
+        .set_hook(move |at: PciehpHook| {
+            if at == PciehpHook::ButtonWork {
+                for m in stalled.take().into_iter().flatten() {
+                    irqs.deliver(0, m);
+                }
+            }
+        });
+    g.run_for(Duration::from_millis(600));
+    assert_eq!(c.outcome(), None, "the power off may follow");
+    let deadline = v.primary_port.lock().unwrap().next_deadline().unwrap();
+    assert!(deadline > g.env.clock.now() - Duration::from_millis(100));
+    // A VMM timer at the deadline resolves it while the guest unbinds.
+    g.run_for(deadline - g.env.clock.now());
+    v.primary_port.lock().unwrap().poll();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert!(removed.lock().unwrap().is_empty());
+    g.settle(Duration::from_secs(10));
+    let removed = removed.lock().unwrap().clone();
+    assert_eq!(removed.len(), 1, "the late power off is reported");
+    assert!(removed[0] - t0 >= Duration::from_millis(6400));
+    let p = v.primary_port.lock().unwrap();
+    assert!(p.device().is_none());
+    assert_eq!(p.counters().guest_removals, 1);
+}
+
 #[test]
 fn failed_migration_plugs_the_primary_back() {
     let (v, mut g) = booted_with_primary();

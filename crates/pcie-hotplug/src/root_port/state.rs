@@ -125,7 +125,7 @@ impl RootPort {
     /// Everything [`Persist::restore`] checks, with `occupied` the slot's
     /// occupancy after the restore.
     fn check_restore(&self, state: &RootPortState, occupied: bool) -> Result<()> {
-        if let Some(p) = &self.pending {
+        if let Some(p) = self.pending.as_ref().filter(|_| self.expire_shared()) {
             return Err(Error::Refused(format!(
                 "port '{}' has a {} in flight; restore onto a freshly built port",
                 self.cfg.name, p.op
@@ -209,6 +209,7 @@ impl RootPort {
         state: &RootPortState,
         device: Option<PciHandle>,
     ) -> Result<()> {
+        self.expire();
         if device.is_some() && self.device.is_some() {
             return Err(Error::Refused(format!(
                 "the slot of port '{}' already holds a device",
@@ -249,7 +250,9 @@ impl Persist for RootPort {
     /// [`Completion`](crate::Completion) has not resolved): the text says which
     /// stage it is in and what to wait for.
     fn save(&self) -> Result<RootPortState> {
-        if let Some(p) = &self.pending {
+        // A pending decision that is due resolves first (its Completion
+        // fires), so a save needs no guest access to go through.
+        if let Some(p) = self.pending.as_ref().filter(|_| self.expire_shared()) {
             return Err(self.busy(p));
         }
         Ok(RootPortState {

@@ -648,9 +648,9 @@ fn a_cancel_taken_with_the_button_work_completes_unplugged() {
     assert!(r.port.save().unwrap_err().to_string().contains("very end"));
     // __pciehp_disable_slot reads the power state, then remove_board.
     r.r16(r.cap + SLTCTL);
-    clock.at(7000);
+    clock.at(5900);
     r.isr();
-    assert_eq!(c.outcome(), None, "a disable is under way: no time limit");
+    assert_eq!(c.outcome(), None, "a disable is under way");
     r.cmd(SLTCTL_PCC, SLTCTL_PCC);
     assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
     assert_eq!(cancel.outcome(), Some(HotplugOutcome::Unplugged));
@@ -799,4 +799,124 @@ fn a_guest_removal_nobody_asked_for_is_counted() {
     r.cmd(SLTCTL_PCC, SLTCTL_PCC);
     assert!(r.port.device().is_none());
     assert_eq!(r.port.counters().guest_removals, 1);
+}
+
+/// The guest restored its indicator at the end of its window (after a cancel)
+/// and then did nothing: the port resolves on its own clock.
+fn restored_late() -> (Rig, ManualClock, Completion) {
+    let (mut r, clock, c) = Rig::window_open();
+    clock.at(4000);
+    r.port.cancel_unplug().unwrap();
+    r.isr();
+    clock.at(4995);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    r.isr();
+    (r, clock, c)
+}
+
+#[test]
+fn a_late_restore_resolves_by_poll_without_a_guest_access() {
+    let (mut r, clock, c) = restored_late();
+    assert_eq!(
+        r.port.next_deadline(),
+        Some(Duration::from_millis(4995) + RESTORED_QUIET)
+    );
+    clock.at(5994);
+    r.port.poll();
+    assert_eq!(c.outcome(), None);
+    clock.at(5995);
+    r.port.poll();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(r.port.next_deadline(), None);
+    assert_eq!(r.port.slot_state().pending, None);
+    assert!(r.port.device().is_some());
+    // Through the `dyn HotplugSlot` defaults too.
+    let (mut r, clock, c) = restored_late();
+    clock.at(6000);
+    let slot: &mut dyn HotplugSlot = &mut r.port;
+    slot.poll();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+}
+
+#[test]
+fn a_late_restore_resolves_in_save_and_slot_state() {
+    let (r, clock, c) = restored_late();
+    assert!(r.port.save().is_err(), "undecided");
+    clock.at(5995);
+    r.port.save().unwrap();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    let (mut r, clock, c) = restored_late();
+    assert_eq!(r.port.slot_state().pending, Some(Operation::Unplug));
+    clock.at(5995);
+    assert_eq!(r.port.slot_state().pending, None);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    assert_eq!(r.port.next_deadline(), None);
+    // The next `&mut` call clears it: a new unplug can start.
+    r.port.request_unplug().unwrap();
+}
+
+#[test]
+fn a_slow_guests_power_off_read_after_a_second_is_an_unplug() {
+    let (mut r, clock, c) = restored_late();
+    // Linux's disable path reads Slot Control 1.5 s after the restore.
+    clock.at(6495);
+    let ctl = r.ctl();
+    assert_eq!(c.outcome(), None, "the read itself must not resolve it");
+    clock.at(6600);
+    r.w16(r.cap + SLTCTL, ctl | SLTCTL_PCC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert!(r.port.device().is_none());
+}
+
+#[test]
+fn a_slot_control_read_without_a_power_off_is_bounded() {
+    let (mut r, clock, c) = restored_late();
+    // An lspci-like read, then no power off.
+    clock.at(5200);
+    r.ctl();
+    assert_eq!(r.port.next_deadline(), Some(Duration::from_millis(6200)));
+    clock.at(6199);
+    r.port.poll();
+    assert_eq!(c.outcome(), None);
+    clock.at(6200);
+    r.port.poll();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    // A second Slot Control read past the first one's bound does not rescue it.
+    let (mut r, clock, c) = restored_late();
+    clock.at(5200);
+    r.ctl();
+    clock.at(6300);
+    r.ctl();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+}
+
+#[test]
+fn a_guest_removal_nobody_asked_for_runs_the_callback() {
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    let seen = removed.clone();
+    let mut r = Rig::hp();
+    r.port
+        .on_guest_removal(move |dev| seen.lock().unwrap().push(dev));
+    r.port.cold_plug(nic()).unwrap();
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(removed.lock().unwrap().len(), 1);
+    // After a cancel already reported Cancelled, the guest's power off too.
+    let (mut r, clock, c) = restored_late();
+    let seen = removed.clone();
+    r.port
+        .on_guest_removal(move |dev| seen.lock().unwrap().push(dev));
+    clock.at(6000);
+    r.port.poll();
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Cancelled));
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(removed.lock().unwrap().len(), 2);
+    assert_eq!(r.port.counters().guest_removals, 1);
+    // A requested unplug does not run it.
+    let (mut r, _clock, c) = Rig::window_open();
+    let seen = removed.clone();
+    r.port
+        .on_guest_removal(move |dev| seen.lock().unwrap().push(dev));
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert_eq!(c.outcome(), Some(HotplugOutcome::Unplugged));
+    assert_eq!(removed.lock().unwrap().len(), 2);
 }
