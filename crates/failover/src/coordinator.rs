@@ -33,7 +33,7 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use pcie_hotplug::{Completion, HotplugOutcome};
+use pcie_hotplug::{Completion, HotplugOutcome, RootPort};
 use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_STANDBY;
 use virtio_device::{FeaturesAcked, FeaturesListener};
 use vmm_pci::PciHandle;
@@ -93,6 +93,9 @@ struct PrimaryEntry {
     op: u64,
     /// A cancel of the unplug in flight was requested.
     cancel_requested: bool,
+    /// The last unplug ended `Cancelled`: a guest removal now is the power
+    /// off the guest's button work had queued (`UNPLUG_NOT_CANCELLED`).
+    cancel_resolved: bool,
     /// A migration wants it out while its plug is still in flight (the guest
     /// refuses an unplug while it enables the slot): `Unplugging`, and the
     /// unplug is requested when the plug completes.
@@ -261,6 +264,7 @@ impl Inner {
         let p = &mut self.primaries[idx];
         p.op = op;
         p.cancel_requested = false;
+        p.cancel_resolved = false;
         p.unplug_when_plugged = false;
         op
     }
@@ -431,6 +435,7 @@ impl Inner {
             },
             op: 0,
             cancel_requested: false,
+            cancel_resolved: false,
             unplug_when_plugged: false,
             migration: None,
             before_unplug: (PrimaryState::Hidden, 0),
@@ -659,6 +664,7 @@ impl Inner {
                 let held = self.held(idx);
                 let p = &mut self.primaries[idx];
                 p.state = PrimaryState::Plugged;
+                p.cancel_resolved = true;
                 let migration = p.migration.take();
                 self.emit(Event::UnplugCancelled {
                     primary: primary.clone(),
@@ -678,6 +684,52 @@ impl Inner {
             }
             (Op::Unplug, other) => {
                 log::warn!("failover: unplug of '{primary}' completed as {other:?}; ignored");
+            }
+        }
+        self.advance();
+    }
+
+    /// The guest powered primary `id`'s slot off with no unplug pending (its
+    /// port's `on_guest_removal`): sysfs `power`, or the power off its button
+    /// work had queued before a cancel resolved `Cancelled`. A primary the
+    /// current migration waits for counts as ejected; any other is reported
+    /// and plugged back, unless a migration going ahead holds the primaries
+    /// out.
+    fn guest_removed(&mut self, id: &str, device: &PciHandle) {
+        let Some(idx) = self.primaries.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let p = &self.primaries[idx];
+        if !std::ptr::addr_eq(Arc::as_ptr(&p.device), Arc::as_ptr(device)) {
+            return;
+        }
+        let waited_for = p.state == PrimaryState::Unplugging && !p.unplug_when_plugged;
+        if p.state != PrimaryState::Plugged && !waited_for {
+            log::debug!(
+                "failover: guest removed primary '{id}' while {:?}; ignored",
+                p.state
+            );
+            return;
+        }
+        let followed_cancel = p.cancel_resolved || p.cancel_requested;
+        let held = waited_for && self.held(idx);
+        // Whatever was decided for the slot before is void: it is empty.
+        self.new_op(idx);
+        self.primaries[idx].state = PrimaryState::Unplugged;
+        self.emit(Event::PrimaryUnplugged {
+            primary: id.to_owned(),
+        });
+        if followed_cancel {
+            self.emit(Event::UnplugNotCancelled {
+                primary: id.to_owned(),
+            });
+        }
+        if !held {
+            self.primaries[idx].migration = None;
+            if self.migration_going_ahead() && self.primaries[idx].role == Role::Failover {
+                self.primaries[idx].state = PrimaryState::Hidden;
+            } else {
+                self.plug(idx);
             }
         }
         self.advance();
@@ -1216,6 +1268,29 @@ impl Shared {
         });
     }
 
+    /// The slots of the primaries being unplugged, for their timers.
+    fn unplugging_slots(&self) -> Vec<SharedSlot> {
+        self.lock()
+            .primaries
+            .iter()
+            .filter(|p| p.state == PrimaryState::Unplugging)
+            .map(|p| p.slot.slot.clone())
+            .collect()
+    }
+
+    /// Installs the guest-removal callback of primary `id`'s port. The
+    /// callback runs inside the guest's config write, the port locked: it
+    /// only records the removal (its slot calls and events are deferred).
+    fn watch_removals(self: &Arc<Self>, id: String, port: &Mutex<RootPort>) {
+        let weak = Arc::downgrade(self);
+        lock(port).on_guest_removal(move |device| {
+            if let Some(s) = weak.upgrade() {
+                let _scope = CompletionScope::enter();
+                s.update(Ctx::Completion, |i| i.guest_removed(&id, &device));
+            }
+        });
+    }
+
     pub(crate) fn migration_state(&self, id: u64) -> MigrationState {
         // An id handed out always names a migration; Failed is never reached.
         self.lock()
@@ -1445,8 +1520,13 @@ impl Coordinator {
                 }
             }
         };
+        let (id, port) = (primary.id.clone(), primary.slot.port.clone());
         self.shared
-            .update(Ctx::Vmm, |i| i.add_primary(primary, in_slot))
+            .update(Ctx::Vmm, |i| i.add_primary(primary, in_slot))?;
+        if let Some(port) = port {
+            self.shared.watch_removals(id, &port);
+        }
+        Ok(())
     }
 
     /// The machine's configuration is complete and the guest is about to run
@@ -1517,19 +1597,43 @@ impl Coordinator {
         self.shared.update(Ctx::Vmm, Inner::complete_incoming)
     }
 
-    /// When the current migration's wait gives up, on the coordinator's
-    /// clock: arm a timer for it and call
+    /// When the coordinator's timer must fire, on the coordinator's clock
+    /// (which must be the ports' clock, the VM's run-time clock): the earliest
+    /// of when the current migration's wait gives up and the
+    /// [`next_deadline`](pcie_hotplug::HotplugSlot::next_deadline) of the
+    /// slot of each primary being unplugged (a cancel the port resolves by
+    /// time alone). Arm a timer for it and call
     /// [`check_deadline`](Self::check_deadline) when it fires. `None` while
-    /// nothing waits (or with [`UnplugWait::Unbounded`]).
+    /// nothing waits (or with [`UnplugWait::Unbounded`] and no slot
+    /// deadline). Locks those slots (never while holding the coordinator's
+    /// lock).
     pub fn deadline(&self) -> Option<Duration> {
-        self.shared.lock().deadline()
+        let own = self.shared.lock().deadline();
+        self.shared
+            .unplugging_slots()
+            .iter()
+            .filter_map(|s| lock(s).next_deadline())
+            .chain(own)
+            .min()
     }
 
     /// The VMM's timer for [`deadline`](Self::deadline) fired: a migration
     /// still in wait-unplug fails (and its unplugs are withdrawn); one still
     /// cancelling stops waiting and is cancelled. Early or repeated calls do
     /// nothing.
+    ///
+    /// First it calls [`poll`](pcie_hotplug::HotplugSlot::poll) on the slot
+    /// of each primary being unplugged (each slot locked in turn, the
+    /// coordinator's lock released), so an unplug the port resolves by time
+    /// completes, and makes the slot calls that follows (a primary to plug
+    /// back); then it checks the migration's own deadline.
     pub fn check_deadline(&self) {
+        for s in self.shared.unplugging_slots() {
+            let mut s = lock(&s);
+            let _scope = ExecuteScope::enter();
+            s.poll();
+        }
+        self.shared.run_deferred();
         self.shared.update(Ctx::Vmm, Inner::check_deadline)
     }
 

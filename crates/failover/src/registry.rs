@@ -13,10 +13,11 @@
 //! device to '%s': '%s' and '%s'`, `Bus '%s' does not support hotplugging`) and
 //! name every device involved.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use pcie_hotplug::HotplugSlot;
+use pcie_hotplug::{HotplugSlot, RootPort};
 use vmm_pci::config::{CAP_ID_PCIE, CAPABILITIES_POINTER, STATUS, STATUS_CAP_LIST};
 use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
 use vmm_pci::{PciFunction, PciHandle};
@@ -161,6 +162,9 @@ pub struct Slot {
     pub(crate) name: String,
     pub(crate) slot: SharedSlot,
     pub(crate) hotplug: bool,
+    /// The slot is a [`RootPort`]: the coordinator installs its guest-removal
+    /// callback when it registers the primary.
+    pub(crate) port: Option<Arc<Mutex<RootPort>>>,
 }
 
 impl fmt::Debug for Slot {
@@ -178,6 +182,12 @@ impl Slot {
     /// port's own registers, as a guest reads it: a PCI Express capability
     /// whose Capabilities register says Slot Implemented and whose Slot
     /// Capabilities has Hot-Plug Capable.
+    ///
+    /// When `port` is a [`RootPort`], the coordinator that registers the
+    /// primary installs the port's
+    /// [`on_guest_removal`](RootPort::on_guest_removal) callback (replacing
+    /// any other), so a primary the guest removes by itself is reported and
+    /// plugged back.
     pub fn port<P: HotplugSlot + PciFunction + 'static>(
         name: impl Into<String>,
         port: &Arc<Mutex<P>>,
@@ -186,11 +196,14 @@ impl Slot {
             let mut p = port.lock().unwrap_or_else(|e| e.into_inner());
             slot_can_hotplug(&mut *p)
         };
+        let any: &dyn Any = port;
+        let root_port = any.downcast_ref::<Arc<Mutex<RootPort>>>().cloned();
         let slot: SharedSlot = port.clone();
         Slot {
             name: name.into(),
             slot,
             hotplug,
+            port: root_port,
         }
     }
 
@@ -201,6 +214,7 @@ impl Slot {
             name: name.into(),
             slot,
             hotplug,
+            port: None,
         }
     }
 

@@ -14,8 +14,10 @@ use common::*;
 use failover::{
     Event, MigrationError, MigrationState as S, PrimaryState, Standby, UnpairedReason, UnplugWait,
 };
-use test_guest::{Guest, VirtualClock};
+use pcie_hotplug::HotplugSlot;
+use test_guest::{Guest, PciehpHook, VirtualClock};
 use virtio_net_standby::testing::TestMemory;
+use vmm_pci::MsiSink;
 use vmm_pci::config::CAP_ID_MSI;
 
 /// A source VM per `spec`, every pair registered, booted and settled: the
@@ -303,6 +305,79 @@ fn abort_wait_unplug_after_the_window_plugs_back() {
         vm.coord.primary_state("primary0"),
         Some(PrimaryState::Plugged)
     );
+}
+
+/// migrate/abort/wait-unplug answered at the very end of the window by a guest
+/// slower than the port's 1 s bound to unbind: the coordinator's timer covers
+/// the port's deadline (`deadline()` includes the slot's `next_deadline`), its
+/// `check_deadline` polls the port, which reports the cancel as kept; the
+/// guest's power off that follows is a guest removal, reported
+/// (UNPLUG_NOT_CANCELLED) and plugged back.
+#[test]
+fn a_late_power_off_after_a_kept_cancel_is_reported_and_plugged_back() {
+    let (vm, mut g, _mem) = running(Spec::default());
+    g.env.timings.unbind = Duration::from_millis(1500);
+    let m = vm.coord.prepare_outgoing().unwrap();
+    vm.run_for(&mut g, Duration::from_millis(4400));
+    vm.events.take();
+    m.cancel().unwrap();
+    assert_eq!(vm.events.take_kinds(), [migration(S::Cancelling)]);
+    // The vCPU stalls: the cancel's press is taken with the button work.
+    let stalled = vm.irqs.drain();
+    assert!(!stalled.is_empty());
+    let irqs = vm.irqs.clone();
+    let mut stalled = Some(stalled);
+    g.pciehp_mut(vm.pairs[0].primary_port_bdf)
+        .unwrap()
+        .set_hook(move |at: PciehpHook| {
+            if at == PciehpHook::ButtonWork {
+                for msg in stalled.take().into_iter().flatten() {
+                    irqs.deliver(0, msg);
+                }
+            }
+        });
+    vm.run_for(&mut g, Duration::from_millis(600));
+    assert_eq!(m.state(), S::Cancelling);
+    let port_deadline = vm.pairs[0]
+        .primary_port
+        .lock()
+        .unwrap()
+        .next_deadline()
+        .expect("the port waits for a power off");
+    let migration_deadline = m.deadline();
+    assert_eq!(
+        vm.coord.deadline(),
+        Some(migration_deadline.map_or(port_deadline, |d| d.min(port_deadline)))
+    );
+    assert!(migration_deadline.is_none_or(|d| d > port_deadline));
+    vm.settle(&mut g, SETTLE);
+    assert_eq!(
+        vm.events.kinds(),
+        [
+            unplug_cancelled("primary0"),
+            migration(S::Cancelled),
+            unplugged("primary0"),
+            not_cancelled("primary0"),
+            plugged("primary0"),
+        ]
+    );
+    assert!(at(&vm.events, &unplug_cancelled("primary0")) <= port_deadline);
+    assert_eq!(
+        vm.pairs[0]
+            .primary_port
+            .lock()
+            .unwrap()
+            .counters()
+            .guest_removals,
+        1
+    );
+    assert_eq!(vm.guest_view(&g), [(true, true)]);
+    assert_eq!(vm.slots(), [true]);
+    assert_eq!(
+        vm.coord.primary_state("primary0"),
+        Some(PrimaryState::Plugged)
+    );
+    assert_eq!(vm.coord.deadline(), None);
 }
 
 /// migrate/abort/active, cancelled the moment the migration became active
