@@ -191,39 +191,33 @@ fn in_execute() -> bool {
     IN_EXECUTE.with(|d| d.get() > 0)
 }
 
-/// Marks this thread as making a slot call while it lives.
-struct ExecuteScope;
-
-impl ExecuteScope {
-    fn enter() -> Self {
-        IN_EXECUTE.with(|d| d.set(d.get() + 1));
-        ExecuteScope
-    }
-}
-
-impl Drop for ExecuteScope {
-    fn drop(&mut self) {
-        IN_EXECUTE.with(|d| d.set(d.get().saturating_sub(1)));
-    }
-}
-
 fn in_completion() -> bool {
     IN_COMPLETION.with(|d| d.get() > 0)
 }
 
-/// Marks this thread as inside a completion callback while it lives.
-struct CompletionScope;
+/// Counts this thread into one of the depths above while it lives.
+struct DepthScope(&'static std::thread::LocalKey<std::cell::Cell<u32>>);
 
-impl CompletionScope {
-    fn enter() -> Self {
-        IN_COMPLETION.with(|d| d.set(d.get() + 1));
-        CompletionScope
+impl DepthScope {
+    /// Inside a slot call of the coordinator's own.
+    fn execute() -> Self {
+        Self::enter(&IN_EXECUTE)
+    }
+
+    /// Inside a completion callback.
+    fn completion() -> Self {
+        Self::enter(&IN_COMPLETION)
+    }
+
+    fn enter(depth: &'static std::thread::LocalKey<std::cell::Cell<u32>>) -> Self {
+        depth.with(|d| d.set(d.get() + 1));
+        DepthScope(depth)
     }
 }
 
-impl Drop for CompletionScope {
+impl Drop for DepthScope {
     fn drop(&mut self) {
-        IN_COMPLETION.with(|d| d.set(d.get().saturating_sub(1)));
+        self.0.with(|d| d.set(d.get().saturating_sub(1)));
     }
 }
 
@@ -1179,7 +1173,7 @@ impl Shared {
         let mut then = Vec::new();
         'locked: {
             let mut s = lock(&slot);
-            let _scope = ExecuteScope::enter();
+            let _scope = DepthScope::execute();
             if !self.record(&mut then, |i| i.current_op(idx, op)) {
                 return;
             }
@@ -1262,7 +1256,7 @@ impl Shared {
         let weak = Arc::downgrade(self);
         c.on_complete(move |outcome| {
             if let Some(s) = weak.upgrade() {
-                let _scope = CompletionScope::enter();
+                let _scope = DepthScope::completion();
                 s.update(Ctx::Completion, |i| i.completed(idx, op, what, outcome));
             }
         });
@@ -1285,7 +1279,7 @@ impl Shared {
         let weak = Arc::downgrade(self);
         lock(port).on_guest_removal(move |device| {
             if let Some(s) = weak.upgrade() {
-                let _scope = CompletionScope::enter();
+                let _scope = DepthScope::completion();
                 s.update(Ctx::Completion, |i| i.guest_removed(&id, &device));
             }
         });
@@ -1630,7 +1624,7 @@ impl Coordinator {
     pub fn check_deadline(&self) {
         for s in self.shared.unplugging_slots() {
             let mut s = lock(&s);
-            let _scope = ExecuteScope::enter();
+            let _scope = DepthScope::execute();
             s.poll();
         }
         self.shared.run_deferred();
