@@ -11,6 +11,24 @@ pub struct VirtualClock {
     ns: Arc<AtomicU64>,
 }
 
+/// Saved as the time it shows; restored as a clock of its own at that time.
+#[cfg(feature = "serde")]
+impl serde::Serialize for VirtualClock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.now().serialize(s)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for VirtualClock {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let now = Duration::deserialize(d)?;
+        let c = VirtualClock::new();
+        c.advance_to(now);
+        Ok(c)
+    }
+}
+
 impl VirtualClock {
     /// A clock at time zero.
     pub fn new() -> Self {

@@ -16,6 +16,7 @@ const MIB: u64 = 1 << 20;
 
 /// A BAR the enumerator sized and assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FoundBar {
     /// BAR index.
     pub index: u8,
@@ -33,6 +34,7 @@ pub struct FoundBar {
 
 /// A function the enumerator found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Found {
     /// Where.
     pub bdf: Bdf,
@@ -65,6 +67,7 @@ impl Found {
 }
 
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 struct Window {
     mem: (u64, u64),
     pref: (u64, u64),
@@ -74,6 +77,7 @@ struct Window {
 
 /// Walks and programs a PCI hierarchy through config cycles only.
 #[derive(Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Enumerator {
     next_bus: u8,
     mem_next: u64,

@@ -16,12 +16,18 @@ use crate::virtio::{self, VirtioProbe};
 
 /// What the guest's drivers share.
 #[derive(Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Env {
-    /// The PCI segment.
+    /// The PCI segment. A saved guest does not carry it: a restored one is on
+    /// an empty segment until [`Guest::resume_on`](crate::Guest::resume_on).
+    #[cfg_attr(feature = "serde", serde(skip, default = "Env::no_root"))]
     pub root: Arc<PciRoot>,
-    /// Guest time.
+    /// Guest time (saved as the time it shows; a restored guest gets a clock
+    /// of its own at that time until [`Guest::adopt_clock`](crate::Guest::adopt_clock)).
     pub clock: VirtualClock,
-    /// Interrupts.
+    /// Interrupts. Not saved: save a guest with none pending
+    /// ([`Guest::service`](crate::Guest::service) first).
+    #[cfg_attr(feature = "serde", serde(skip, default = "IrqQueue::new"))]
     pub irqs: Arc<IrqQueue>,
     /// The enumerator and what it found.
     pub enumerator: Enumerator,
@@ -45,6 +51,11 @@ pub struct Env {
 }
 
 impl Env {
+    #[cfg(feature = "serde")]
+    fn no_root() -> Arc<PciRoot> {
+        Arc::new(PciRoot::new())
+    }
+
     /// A fresh environment on `clock`: nothing enumerated or bound yet.
     /// Virtio rings are placed in guest memory from `ring_base` up to `ring_end`.
     pub(crate) fn new(
@@ -109,6 +120,19 @@ impl Env {
             self.log(format!("ring memory exhausted at {a:#x}"));
         }
         a
+    }
+
+    /// Guest memory for driver buffers (`len` bytes, `align`-aligned), from
+    /// the same region as the rings; `None` when it is exhausted.
+    pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
+        let a = self.ring_next.div_ceil(align.max(1)) * align.max(1);
+        let end = a.checked_add(len)?;
+        if end > self.ring_end {
+            self.log(format!("driver memory exhausted: {len} bytes at {a:#x}"));
+            return None;
+        }
+        self.ring_next = end;
+        Some(a)
     }
 
     /// Adds a dmesg line.

@@ -14,6 +14,7 @@ use crate::pciehp::{Pciehp, Timings};
 
 /// A booted guest: its environment and its pciehp instances.
 #[derive(Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Guest {
     /// Shared driver state.
     pub env: Env,
@@ -91,6 +92,15 @@ impl Guest {
     pub fn resume_on(&mut self, root: Arc<PciRoot>, irqs: Arc<IrqQueue>) {
         self.env.root = root;
         self.env.irqs = irqs;
+    }
+
+    /// Live migration to another process: the guest, restored from what it
+    /// saved (serde, with the `serde` feature), runs on `clock` from now on,
+    /// which moves forward to the time the guest had reached. Give the
+    /// destination's ports the same clock, then call [`Guest::resume_on`].
+    pub fn adopt_clock(&mut self, clock: VirtualClock) {
+        clock.advance_to(self.env.clock.now());
+        self.env.clock = clock;
     }
 
     /// The pciehp instance of `port`.

@@ -14,6 +14,8 @@
 //!   button delay, the link wait (20 ms, then polls every 10 ms for 1 s, then
 //!   100 ms), the vendor ID check (every 20 ms for up to 1 s), and the 1 s wait
 //!   after power off; [`PciehpHook`] lands a test's VMM call at an exact point.
+//! - [`net`]: a virtio-net driver polling the probed rings ([`NetIf`]) and
+//!   Linux's `net_failover` choosing its transmit path ([`NetFailover`]).
 //! - [`Guest`]: all of it wired together with an interrupt queue that stands in
 //!   for the local APIC.
 
@@ -24,6 +26,7 @@ mod enumerate;
 mod env;
 mod guest;
 mod irq;
+pub mod net;
 mod pciehp;
 pub mod virtio;
 
@@ -39,7 +42,8 @@ pub use env::Env;
 pub use guest::Guest;
 pub use irq::IrqQueue;
 pub use pciehp::{Pciehp, PciehpHook, PciehpState, Timings};
-pub use virtio::VirtioProbe;
+pub use net::{GuestRam, NetFailover, NetIf, Slave};
+pub use virtio::{QueueRings, VirtioProbe};
 /// A stub endpoint for devices whose insides a scenario does not need (such as
 /// the VF a failover test plugs); defined in `vmm-pci`'s `test-utils`.
 pub use vmm_pci::testing::StubEndpoint;

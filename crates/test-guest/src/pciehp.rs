@@ -59,6 +59,7 @@ const JIFFY: Duration = Duration::from_millis(4);
 
 /// The slot states of `struct controller` (`pciehp.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PciehpState {
     /// Slot off.
     Off,
@@ -90,6 +91,7 @@ impl PciehpState {
 
 /// The waits the model uses; Linux 6.1's values by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Timings {
     /// Attention button delay before acting (`pciehp_ctrl.c:
     /// pciehp_handle_button_press`, `5 * HZ`).
@@ -167,6 +169,7 @@ impl std::fmt::Debug for Hook {
 
 /// One step of the interrupt thread's current work; each may sleep after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 enum Step {
     /// `pciehp_ctrl.c: __pciehp_enable_slot`: latch and power checks, then
     /// `board_added`.
@@ -208,6 +211,7 @@ enum Step {
 
 /// One hot-plug port's pciehp instance.
 #[derive(Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Pciehp {
     /// The port.
     pub port: Bdf,
@@ -226,6 +230,8 @@ pub struct Pciehp {
     steps: VecDeque<Step>,
     wake: Duration,
     removed: Vec<Bdf>,
+    /// Hooks are the test's, not the guest's: a saved guest has none.
+    #[cfg_attr(feature = "serde", serde(skip))]
     hook: Hook,
     /// Commands that timed out waiting for Command Completed.
     pub cmd_timeouts: u64,

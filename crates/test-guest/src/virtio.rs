@@ -30,6 +30,7 @@ const Q_USED: u64 = 0x30;
 
 /// What a successful probe leaves behind.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VirtioProbe {
     /// The function.
     pub bdf: Bdf,
@@ -45,6 +46,25 @@ pub struct VirtioProbe {
     pub vectors: Vec<u32>,
     /// Base of the common configuration (for reset on unbind).
     pub common: u64,
+    /// Base of the device-specific configuration (a net device's MAC, then
+    /// its status).
+    pub device_cfg: u64,
+    /// Where each queue's rings are, in queue order.
+    pub queues: Vec<QueueRings>,
+}
+
+/// Where a queue's split rings are in guest memory, as the probe set them up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct QueueRings {
+    /// Entries.
+    pub size: u16,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
 }
 
 fn find_vendor_cap(env: &mut Env, f: &Found, cfg_type: u8) -> Option<(u16, u64)> {
@@ -140,6 +160,7 @@ pub fn probe(env: &mut Env, f: &Found, supported: u64) -> Result<VirtioProbe, St
         return Err("virtio: config vector refused".into());
     }
     let mut notify = Vec::new();
+    let mut rings = Vec::new();
     for q in 0..queues {
         env.mmio_write(common + Q_SELECT, 2, q as u64);
         let size = env.mmio_read(common + Q_SIZE, 2);
@@ -149,11 +170,14 @@ pub fn probe(env: &mut Env, f: &Found, supported: u64) -> Result<VirtioProbe, St
         let num = size.min(256);
         env.mmio_write(common + Q_SIZE, 2, num);
         let ring = env.alloc_ring(num);
-        for (off, addr) in [
-            (Q_DESC, ring),
-            (Q_AVAIL, ring + 16 * num),
-            (Q_USED, ring + 0x1000 * 4),
-        ] {
+        let r = QueueRings {
+            size: num as u16,
+            desc: ring,
+            avail: ring + 16 * num,
+            used: ring + 0x1000 * 4,
+        };
+        rings.push(r);
+        for (off, addr) in [(Q_DESC, r.desc), (Q_AVAIL, r.avail), (Q_USED, r.used)] {
             env.mmio_write(common + off, 4, addr & 0xffff_ffff);
             env.mmio_write(common + off + 4, 4, addr >> 32);
         }
@@ -182,6 +206,8 @@ pub fn probe(env: &mut Env, f: &Found, supported: u64) -> Result<VirtioProbe, St
         notify,
         vectors,
         common,
+        device_cfg,
+        queues: rings,
     })
 }
 

@@ -4,6 +4,7 @@ use std::fmt;
 
 /// A PCI function address: bus, device (0..32) and function (0..8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Bdf {
     /// Bus number.
     pub bus: u8,
