@@ -30,6 +30,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,11 @@ use vmm_pci::PciHandle;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::event::{Event, EventListener, MacAddress, TimedEvent, UnpairedReason};
-use crate::migration::{self, MigrationState, OutgoingMigration, UnplugWait};
-use crate::registry::{self, Primary, SharedSlot, Slot, Standby};
+use crate::migration::{
+    self, DEFAULT_SWITCH_WAIT, DestinationOffer, MigrationState, OutgoingMigration, StandbyOffer,
+    UnplugWait,
+};
+use crate::registry::{self, Primary, PrimaryLink, SharedSlot, Slot, Standby};
 
 /// Where a primary is, as the coordinator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +57,10 @@ pub enum PrimaryState {
     Plugging,
     /// In the guest.
     Plugged,
+    /// In the guest, its link taken down for migration (make before break,
+    /// [`Primary::link`]): the unplug is requested once the standby carries
+    /// the guest's traffic or the switch wait has passed.
+    LinkDown,
     /// An unplug for migration was requested; the guest has not ejected it.
     Unplugging,
     /// Ejected for migration (on the source, for the destination to plug its
@@ -75,6 +83,10 @@ struct StandbyEntry {
     id: String,
     failover: bool,
     mac: Option<MacAddress>,
+    /// What its device offers, for the pre-flight of a migration to here.
+    offered_features: Option<u64>,
+    /// The last feature set the guest acknowledged on it.
+    acked_features: Option<u64>,
     /// STANDBY was acknowledged (stays so across resets: QEMU does not re-hide
     /// a primary when the driver resets).
     negotiated: bool,
@@ -105,6 +117,19 @@ struct PrimaryEntry {
     /// State and operation before the unplug in flight, restored if the slot
     /// refuses the unplug (a plug in flight goes on).
     before_unplug: (PrimaryState, u64),
+    /// Make before break: the VMM's switch on the primary's link.
+    link: Option<Arc<dyn PrimaryLink>>,
+    /// Held across each call of `link`, so calls for one primary never
+    /// overlap and land in the order they were decided.
+    link_calls: Arc<Mutex<()>>,
+    /// The link should be down (decided under the coordinator's lock).
+    link_want_down: bool,
+    /// The last call of `link` took it down (or tried to).
+    link_down: bool,
+    /// `PRIMARY_LINK_DOWN` was emitted for the link being down now.
+    link_reported: bool,
+    /// `LinkDown`: when the wait for traffic on the standby ends.
+    switch_deadline: Option<Duration>,
 }
 
 struct Outgoing {
@@ -117,10 +142,27 @@ struct Outgoing {
 /// A slot operation, decided under the coordinator's lock and made without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
-    Plug { idx: usize, op: u64 },
-    ColdPlug { idx: usize, op: u64 },
-    Unplug { idx: usize, op: u64 },
-    CancelUnplug { idx: usize, op: u64 },
+    Plug {
+        idx: usize,
+        op: u64,
+    },
+    ColdPlug {
+        idx: usize,
+        op: u64,
+    },
+    Unplug {
+        idx: usize,
+        op: u64,
+    },
+    CancelUnplug {
+        idx: usize,
+        op: u64,
+    },
+    /// Bring the link of `idx` where it is wanted (a call of its
+    /// [`PrimaryLink`], made with no lock of the coordinator's or a slot's).
+    SyncLink {
+        idx: usize,
+    },
 }
 
 impl Action {
@@ -130,6 +172,7 @@ impl Action {
             | Action::ColdPlug { idx, op }
             | Action::Unplug { idx, op }
             | Action::CancelUnplug { idx, op } => (idx, op),
+            Action::SyncLink { idx } => (idx, 0),
         }
     }
 }
@@ -160,6 +203,8 @@ struct Inner {
     next_op: u64,
     next_migration: u64,
     unplug_wait: Option<Duration>,
+    switch_wait: Duration,
+    allow_missing_primary: bool,
     events: VecDeque<TimedEvent>,
     actions: Vec<Action>,
     deferred: Vec<Action>,
@@ -174,6 +219,9 @@ pub(crate) struct Shared {
     listeners: Mutex<Vec<Arc<dyn EventListener>>>,
     delivering: Mutex<()>,
     waker: Mutex<Option<Waker>>,
+    /// A primary's link is down and its unplug waits for traffic on its
+    /// standby: `standby_traffic` has work to do.
+    switching: AtomicBool,
 }
 
 thread_local! {
@@ -185,6 +233,14 @@ thread_local! {
     /// of a completion that fires inside such a call are delivered when the
     /// call returns, without waking the VMM.
     static IN_EXECUTE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// How deep this thread is in calls of a [`PrimaryLink`]: coordinator
+    /// calls the hook makes defer their slot and link calls (the hook's
+    /// per-primary lock is held, and the hook's caller waits).
+    static IN_LINK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+fn in_link() -> bool {
+    IN_LINK.with(|d| d.get() > 0)
 }
 
 fn in_execute() -> bool {
@@ -207,6 +263,11 @@ impl DepthScope {
     /// Inside a completion callback.
     fn completion() -> Self {
         Self::enter(&IN_COMPLETION)
+    }
+
+    /// Inside a call of a link hook.
+    fn link() -> Self {
+        Self::enter(&IN_LINK)
     }
 
     fn enter(depth: &'static std::thread::LocalKey<std::cell::Cell<u32>>) -> Self {
@@ -281,12 +342,14 @@ impl Inner {
     }
 
     fn plug(&mut self, idx: usize) {
+        self.restore_link(idx);
         let op = self.new_op(idx);
         self.primaries[idx].state = PrimaryState::Plugging;
         self.actions.push(Action::Plug { idx, op });
     }
 
     fn cold_plug(&mut self, idx: usize) {
+        self.restore_link(idx);
         let op = self.new_op(idx);
         self.primaries[idx].state = PrimaryState::Plugging;
         self.actions.push(Action::ColdPlug { idx, op });
@@ -386,6 +449,8 @@ impl Inner {
             id: s.id,
             failover: s.failover,
             mac: s.mac,
+            offered_features: s.offered_features,
+            acked_features: None,
             negotiated: false,
         });
         if let Some(idx) = self.primary_for(&id) {
@@ -433,6 +498,12 @@ impl Inner {
             unplug_when_plugged: false,
             migration: None,
             before_unplug: (PrimaryState::Hidden, 0),
+            link: p.link,
+            link_calls: Arc::new(Mutex::new(())),
+            link_want_down: false,
+            link_down: false,
+            link_reported: false,
+            switch_deadline: None,
         });
         self.decide(idx);
         let p = &self.primaries[idx];
@@ -474,6 +545,7 @@ impl Inner {
             );
             return;
         };
+        s.acked_features = Some(e.features);
         if !s.failover || !e.has(VIRTIO_NET_F_STANDBY) {
             return;
         }
@@ -529,12 +601,7 @@ impl Inner {
             return;
         }
         if self.held(idx) {
-            let before = (PrimaryState::Plugged, self.primaries[idx].op);
-            let op = self.new_op(idx);
-            let p = &mut self.primaries[idx];
-            p.before_unplug = before;
-            p.state = PrimaryState::Unplugging;
-            self.actions.push(Action::Unplug { idx, op });
+            self.start_unplug(idx);
         } else {
             self.primaries[idx].migration = None;
         }
@@ -587,6 +654,7 @@ impl Inner {
         (p.state, p.op) = p.before_unplug;
         p.cancel_requested = false;
         p.migration = None;
+        self.restore_link(idx);
         false
     }
 
@@ -602,6 +670,7 @@ impl Inner {
             "cannot unplug primary '{}' from slot '{}': {why}",
             p.id, p.slot.name
         );
+        self.restore_link(idx);
         if let Some(id) = migration {
             // Only the migration that asked fails; it may have ended already.
             let _ = self.fail(id, reason);
@@ -660,6 +729,7 @@ impl Inner {
                 p.state = PrimaryState::Plugged;
                 p.cancel_resolved = true;
                 let migration = p.migration.take();
+                self.restore_link(idx);
                 self.emit(Event::UnplugCancelled {
                     primary: primary.clone(),
                 });
@@ -697,7 +767,8 @@ impl Inner {
         if !std::ptr::addr_eq(Arc::as_ptr(&p.device), Arc::as_ptr(device)) {
             return;
         }
-        let waited_for = p.state == PrimaryState::Unplugging && !p.unplug_when_plugged;
+        let waited_for = (p.state == PrimaryState::Unplugging && !p.unplug_when_plugged)
+            || p.state == PrimaryState::LinkDown;
         if p.state != PrimaryState::Plugged && !waited_for {
             log::debug!(
                 "failover: guest removed primary '{id}' while {:?}; ignored",
@@ -710,6 +781,7 @@ impl Inner {
         // Whatever was decided for the slot before is void: it is empty.
         self.new_op(idx);
         self.primaries[idx].state = PrimaryState::Unplugged;
+        self.primaries[idx].switch_deadline = None;
         self.emit(Event::PrimaryUnplugged {
             primary: id.to_owned(),
         });
@@ -768,7 +840,10 @@ impl Inner {
     fn in_flight(&self, id: u64) -> Vec<String> {
         self.primaries
             .iter()
-            .filter(|p| p.migration == Some(id) && p.state == PrimaryState::Unplugging)
+            .filter(|p| {
+                p.migration == Some(id)
+                    && matches!(p.state, PrimaryState::Unplugging | PrimaryState::LinkDown)
+            })
             .map(|p| p.id.clone())
             .collect()
     }
@@ -788,7 +863,9 @@ impl Inner {
         }
     }
 
-    fn prepare_outgoing(&mut self) -> migration::Result<u64> {
+    /// Whether an outgoing migration may start: none in progress, no
+    /// incoming one.
+    fn can_prepare_outgoing(&self) -> migration::Result<()> {
         if self.incoming {
             return Err(migration::Error::IncomingInProgress);
         }
@@ -797,6 +874,11 @@ impl Inner {
                 return Err(migration::Error::OutgoingInProgress { state: m.state });
             }
         }
+        Ok(())
+    }
+
+    fn prepare_outgoing(&mut self) -> migration::Result<u64> {
+        self.can_prepare_outgoing()?;
         if let Some(m) = self.outgoing.take() {
             self.past.push(m);
         }
@@ -834,18 +916,233 @@ impl Inner {
                 p.unplug_when_plugged = true;
                 continue;
             }
-            let p = &self.primaries[idx];
             if p.role == Role::Failover && p.state == PrimaryState::Plugged {
-                let before = (p.state, p.op);
-                let op = self.new_op(idx);
-                let p = &mut self.primaries[idx];
-                p.before_unplug = before;
-                p.state = PrimaryState::Unplugging;
                 p.migration = Some(id);
-                self.actions.push(Action::Unplug { idx, op });
+                self.start_unplug(idx);
             }
         }
         Ok(id)
+    }
+
+    /// Takes plugged primary `idx` out for its migration: with a link hook,
+    /// its link goes down first (make before break) and the unplug waits for
+    /// the switch; without one the unplug is requested now.
+    fn start_unplug(&mut self, idx: usize) {
+        let p = &mut self.primaries[idx];
+        if p.link.is_some() {
+            p.state = PrimaryState::LinkDown;
+            p.link_want_down = true;
+            p.switch_deadline = None;
+            self.actions.push(Action::SyncLink { idx });
+        } else {
+            self.request_unplug(idx);
+        }
+    }
+
+    /// Requests the unplug of plugged (or link-down) primary `idx`.
+    fn request_unplug(&mut self, idx: usize) {
+        let before = (PrimaryState::Plugged, self.primaries[idx].op);
+        let op = self.new_op(idx);
+        let p = &mut self.primaries[idx];
+        p.before_unplug = before;
+        p.state = PrimaryState::Unplugging;
+        p.switch_deadline = None;
+        self.actions.push(Action::Unplug { idx, op });
+    }
+
+    // --- make before break -------------------------------------------------
+
+    /// The link of `idx` should be up (it is back in the guest, or on its
+    /// way back): a call of its hook is queued if it is (or is going) down.
+    /// Queued before any plug, so the link is up before the primary returns.
+    fn restore_link(&mut self, idx: usize) {
+        let p = &mut self.primaries[idx];
+        p.switch_deadline = None;
+        if p.link.is_some() && p.link_want_down {
+            p.link_want_down = false;
+            self.actions.push(Action::SyncLink { idx });
+        }
+    }
+
+    /// Under `idx`'s link-call lock: the call of its hook to make (`up`), if
+    /// the link is not where it is wanted. A link already down for a
+    /// primary waiting to switch starts the switch.
+    fn link_call(&mut self, idx: usize) -> Option<bool> {
+        let p = self.primaries.get(idx)?;
+        if p.link_want_down != p.link_down {
+            return Some(!p.link_want_down);
+        }
+        if p.link_want_down && p.state == PrimaryState::LinkDown && p.switch_deadline.is_none() {
+            self.link_is_down(idx);
+        }
+        None
+    }
+
+    /// The hook of `idx` was called with `up` and returned `result`.
+    fn link_set(&mut self, idx: usize, up: bool, result: std::io::Result<()>) {
+        let Some(p) = self.primaries.get_mut(idx) else {
+            return;
+        };
+        let primary = p.id.clone();
+        p.link_down = !up;
+        match result {
+            Ok(()) if !up => {
+                p.link_reported = true;
+                self.emit(Event::PrimaryLinkDown { primary });
+            }
+            Ok(()) => {
+                if std::mem::take(&mut p.link_reported) {
+                    self.emit(Event::PrimaryLinkUp { primary });
+                }
+            }
+            Err(e) if !up => {
+                p.link_reported = false;
+                log::warn!(
+                    "failover: cannot take primary '{primary}''s link down ({e}); it is \
+                     unplugged without switching to its standby first (frames in flight may be \
+                     lost)"
+                );
+            }
+            Err(e) => {
+                p.link_reported = false;
+                log::warn!(
+                    "failover: cannot bring primary '{primary}''s link back up ({e}); the guest \
+                     keeps transmitting on its standby until the link is restored"
+                );
+            }
+        }
+        let p = &self.primaries[idx];
+        if p.link_want_down != p.link_down {
+            // Wanted otherwise meanwhile (a cancel while the link went down).
+            self.actions.push(Action::SyncLink { idx });
+        } else if !up && p.state == PrimaryState::LinkDown {
+            self.link_is_down(idx);
+        }
+    }
+
+    /// The link of `idx`, waiting to switch, is down (or its hook failed):
+    /// wait for traffic on the standby, or unplug now.
+    fn link_is_down(&mut self, idx: usize) {
+        if !self.primaries[idx].link_reported {
+            // The hook failed: the switch is an optimisation, the unplug is
+            // what the migration needs.
+            self.request_unplug(idx);
+        } else if self.switch_wait.is_zero() {
+            self.switch(idx, false);
+        } else {
+            self.primaries[idx].switch_deadline = Some(self.now + self.switch_wait);
+        }
+    }
+
+    /// Primary `idx`'s guest is on its standby (or the wait is over): the
+    /// unplug is requested.
+    fn switch(&mut self, idx: usize, traffic_seen: bool) {
+        let p = &self.primaries[idx];
+        let (standby, primary) = (p.pair_id.clone(), p.id.clone());
+        self.emit(Event::SwitchedToStandby {
+            standby,
+            primary,
+            traffic_seen,
+        });
+        self.request_unplug(idx);
+    }
+
+    /// Whether a primary waits for traffic on its standby.
+    fn waiting_for_traffic(&self) -> bool {
+        self.primaries
+            .iter()
+            .any(|p| p.state == PrimaryState::LinkDown && p.switch_deadline.is_some())
+    }
+
+    fn standby_traffic(&mut self, standby: &str) {
+        let Some(idx) = self.primary_for(standby) else {
+            return;
+        };
+        let p = &self.primaries[idx];
+        if p.state == PrimaryState::LinkDown && p.switch_deadline.is_some() {
+            self.switch(idx, true);
+            self.advance();
+        }
+    }
+
+    // --- pre-flight --------------------------------------------------------
+
+    fn destination_offer(&self) -> DestinationOffer {
+        DestinationOffer {
+            standbys: self
+                .standbys
+                .iter()
+                .map(|s| StandbyOffer {
+                    id: s.id.clone(),
+                    failover: s.failover,
+                    offered_features: s.offered_features,
+                    primary: self
+                        .primary_for(&s.id)
+                        .map(|i| self.primaries[i].id.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    fn preflight(&self, offer: &DestinationOffer) -> migration::Result<()> {
+        let mut problems = Vec::new();
+        for s in &self.standbys {
+            let id = &s.id;
+            let Some(d) = offer.standbys.iter().find(|d| d.id == s.id) else {
+                problems.push(format!(
+                    "standby '{id}': the destination has no standby with this id; its state \
+                     has nowhere to go (register it there before migrating)"
+                ));
+                continue;
+            };
+            let negotiated = s.failover && s.negotiated;
+            let failover_off = negotiated && !d.failover;
+            if failover_off {
+                problems.push(format!(
+                    "standby '{id}': the guest negotiated STANDBY here, but the destination's \
+                     standby has failover off; the guest would lose its primary for good (turn \
+                     failover on there)"
+                ));
+            }
+            if let (Some(acked), Some(offered)) = (s.acked_features, d.offered_features) {
+                let mut missing = acked & !offered;
+                if failover_off {
+                    // Said above.
+                    missing &= !(1 << VIRTIO_NET_F_STANDBY);
+                }
+                if missing != 0 {
+                    let bits: Vec<String> = (0..64)
+                        .filter(|b| missing & (1 << b) != 0)
+                        .map(|b| b.to_string())
+                        .collect();
+                    problems.push(format!(
+                        "standby '{id}': the destination's device does not offer feature bits \
+                         {missing:#x} ({} {}) that the guest acknowledged here; its driver \
+                         cannot go on with them missing",
+                        if bits.len() == 1 { "bit" } else { "bits" },
+                        bits.join(", ")
+                    ));
+                }
+            }
+            if negotiated && !failover_off && d.primary.is_none() && !self.allow_missing_primary {
+                if let Some(idx) = self.primary_for(id) {
+                    let p = &self.primaries[idx];
+                    if p.role == Role::Failover {
+                        problems.push(format!(
+                            "standby '{id}': the destination has no primary for it (here: \
+                             '{}'); the guest would run on the standby alone (register one \
+                             there, or allow it with preflight_allow_missing_primary(true))",
+                            p.id
+                        ));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(migration::Error::Preflight { problems })
+        }
     }
 
     /// After the unplug requests: wait-unplug while any is in flight, else
@@ -870,11 +1167,20 @@ impl Inner {
     /// while the migration went ahead.
     fn withdraw(&mut self, id: u64) {
         for idx in 0..self.primaries.len() {
-            let p = &self.primaries[idx];
-            if p.migration != Some(id) {
+            if self.primaries[idx].migration != Some(id) {
                 continue;
             }
+            // The link comes up first: before a withdrawal is answered, and
+            // before a primary that left is plugged back.
+            self.restore_link(idx);
+            let p = &self.primaries[idx];
             match p.state {
+                PrimaryState::LinkDown => {
+                    // Nothing was requested of the slot: it never left.
+                    let p = &mut self.primaries[idx];
+                    p.state = PrimaryState::Plugged;
+                    p.migration = None;
+                }
                 PrimaryState::Unplugging if p.unplug_when_plugged => {
                     // Nothing was requested yet: the plug just goes on.
                     let p = &mut self.primaries[idx];
@@ -944,13 +1250,31 @@ impl Inner {
     }
 
     fn deadline(&self) -> Option<Duration> {
+        let switches = self
+            .primaries
+            .iter()
+            .filter(|p| p.state == PrimaryState::LinkDown)
+            .filter_map(|p| p.switch_deadline);
         self.outgoing
             .as_ref()
             .filter(|m| !m.state.is_terminal())
             .and_then(|m| m.deadline)
+            .into_iter()
+            .chain(switches)
+            .min()
     }
 
     fn check_deadline(&mut self) {
+        let now = self.now;
+        let due: Vec<usize> = (0..self.primaries.len())
+            .filter(|&i| {
+                let p = &self.primaries[i];
+                p.state == PrimaryState::LinkDown && p.switch_deadline.is_some_and(|d| d <= now)
+            })
+            .collect();
+        for idx in due {
+            self.switch(idx, false);
+        }
         let Some(m) = self.outgoing.as_ref() else {
             return;
         };
@@ -1035,7 +1359,7 @@ impl Shared {
     /// slot calls it queued (from a VMM call) or defers them (from a
     /// completion, where the slot is locked).
     fn update<R>(self: &Arc<Self>, ctx: Ctx, f: impl FnOnce(&mut Inner) -> R) -> R {
-        let ctx = if in_completion() {
+        let ctx = if in_completion() || in_link() {
             Ctx::Completion
         } else {
             ctx
@@ -1045,13 +1369,17 @@ impl Shared {
             // Timestamps never go backwards, whatever the clock does.
             i.now = i.now.max(self.clock.now());
             let r = f(&mut i);
+            self.switching
+                .store(i.waiting_for_traffic(), Ordering::Release);
             let actions = std::mem::take(&mut i.actions);
             match ctx {
                 Ctx::Vmm => (r, actions, false),
                 Ctx::Completion => {
                     // Events too wait for the deferred work: listeners never
-                    // run inside the guest's register write.
-                    let wake = !actions.is_empty() || (!i.events.is_empty() && !in_execute());
+                    // run inside the guest's register write. (Inside a link
+                    // hook only the slot and link calls wait.)
+                    let wake = !actions.is_empty()
+                        || (!i.events.is_empty() && in_completion() && !in_execute());
                     i.deferred.extend(actions);
                     (r, Vec::new(), wake)
                 }
@@ -1137,7 +1465,7 @@ impl Shared {
     }
 
     fn run_deferred(self: &Arc<Self>) -> usize {
-        if in_completion() {
+        if in_completion() || in_link() {
             // A listener inside a completion: the slot is locked here. The
             // waker was (or will be) called; the work waits for it.
             return 0;
@@ -1159,6 +1487,10 @@ impl Shared {
     /// the call and its result, so no result is recorded against a primary
     /// the guest has moved on meanwhile.
     fn execute(self: &Arc<Self>, action: Action) {
+        if let Action::SyncLink { idx } = action {
+            self.sync_link(idx);
+            return;
+        }
         let (idx, op) = action.target();
         let target = {
             let i = self.lock();
@@ -1212,6 +1544,35 @@ impl Shared {
                         log::debug!("failover: cancel of an unplug: {e}");
                     }
                 }
+                Action::SyncLink { .. } => {}
+            }
+        }
+        self.after_record(then);
+    }
+
+    /// Brings primary `idx`'s link where it is wanted: one call of its hook,
+    /// with its link-call lock held and no lock of the coordinator's or a
+    /// slot's (the hook may call the coordinator; what that queues waits for
+    /// `run_deferred`).
+    fn sync_link(self: &Arc<Self>, idx: usize) {
+        let target = {
+            let i = self.lock();
+            i.primaries
+                .get(idx)
+                .and_then(|p| p.link.clone().map(|l| (l, p.link_calls.clone())))
+        };
+        let Some((link, calls)) = target else {
+            return;
+        };
+        let mut then = Vec::new();
+        {
+            let _calls = lock(&calls);
+            if let Some(up) = self.record(&mut then, |i| i.link_call(idx)) {
+                let result = {
+                    let _scope = DepthScope::link();
+                    link.set_link(up)
+                };
+                self.record(&mut then, |i| i.link_set(idx, up, result));
             }
         }
         self.after_record(then);
@@ -1224,6 +1585,8 @@ impl Shared {
         let mut i = self.lock();
         i.now = i.now.max(self.clock.now());
         let r = f(&mut i);
+        self.switching
+            .store(i.waiting_for_traffic(), Ordering::Release);
         then.append(&mut i.actions);
         r
     }
@@ -1349,6 +1712,7 @@ impl Shared {
 pub struct CoordinatorBuilder {
     clock: Arc<dyn Clock>,
     unplug_wait: UnplugWait,
+    switch_wait: Duration,
     listeners: Vec<Arc<dyn EventListener>>,
     waker: Option<Waker>,
 }
@@ -1357,6 +1721,7 @@ impl fmt::Debug for CoordinatorBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CoordinatorBuilder")
             .field("unplug_wait", &self.unplug_wait)
+            .field("switch_wait", &self.switch_wait)
             .field("listeners", &self.listeners.len())
             .field("waker", &self.waker.is_some())
             .finish_non_exhaustive()
@@ -1379,6 +1744,17 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// Make before break: how long an outgoing migration waits, after taking
+    /// a primary's link down, for traffic on its standby before it requests
+    /// the unplug anyway (default
+    /// [`DEFAULT_SWITCH_WAIT`](crate::DEFAULT_SWITCH_WAIT), 200 ms).
+    /// `Duration::ZERO` requests the unplug right after the link is down.
+    /// Only primaries with a [`Primary::link`] hook wait.
+    pub fn switch_wait(mut self, wait: Duration) -> Self {
+        self.switch_wait = wait;
+        self
+    }
+
     /// A listener that hears every event from the first registration on.
     pub fn listener(mut self, listener: Arc<dyn EventListener>) -> Self {
         self.listeners.push(listener);
@@ -1398,6 +1774,7 @@ impl CoordinatorBuilder {
                 UnplugWait::Bounded(d) => Some(d),
                 UnplugWait::Unbounded => None,
             },
+            switch_wait: self.switch_wait,
             ..Inner::default()
         };
         Coordinator {
@@ -1408,6 +1785,7 @@ impl CoordinatorBuilder {
                 listeners: Mutex::new(self.listeners),
                 delivering: Mutex::new(()),
                 waker: Mutex::new(self.waker),
+                switching: AtomicBool::new(false),
             }),
         }
     }
@@ -1450,6 +1828,7 @@ impl Coordinator {
         CoordinatorBuilder {
             clock: Arc::new(MonotonicClock::new()),
             unplug_wait: UnplugWait::default(),
+            switch_wait: DEFAULT_SWITCH_WAIT,
             listeners: Vec::new(),
             waker: None,
         }
@@ -1568,6 +1947,86 @@ impl Coordinator {
         })
     }
 
+    /// Pre-flight, on the source: [`preflight`](Self::preflight) against the
+    /// destination's `offer`, then [`prepare_outgoing`](Self::prepare_outgoing),
+    /// as one step (no acknowledgement can slip in between). A refusal
+    /// ([`migration::Error::Preflight`]) unplugs nothing, starts no migration
+    /// and emits no event.
+    pub fn prepare_outgoing_to(
+        &self,
+        offer: &DestinationOffer,
+    ) -> migration::Result<OutgoingMigration> {
+        let id = self.shared.update(Ctx::Vmm, |i| {
+            i.can_prepare_outgoing()?;
+            i.preflight(offer)?;
+            i.prepare_outgoing()
+        })?;
+        self.shared.update(Ctx::Vmm, |i| i.requests_made(id));
+        Ok(OutgoingMigration {
+            shared: self.shared.clone(),
+            id,
+        })
+    }
+
+    /// Pre-flight, on the destination: what it can take, for the source's
+    /// [`preflight`](Self::preflight): each registered standby with whether
+    /// failover is on, the features its device offers (as registered with
+    /// [`Standby::offered_features`]) and the primary registered for it.
+    /// Send it to the source over the migration channel (serde with the
+    /// `serde` feature).
+    pub fn destination_offer(&self) -> DestinationOffer {
+        self.shared.lock().destination_offer()
+    }
+
+    /// Pre-flight, on the source: whether the destination that sent `offer`
+    /// can take this VM's standbys and pairs, checked before anything is
+    /// unplugged (QEMU unplugs first, and reports success when the
+    /// destination then rejects the standby's features while the guest is
+    /// lost). Changes nothing.
+    ///
+    /// Every problem is reported at once, one line each, naming the standby:
+    /// - the destination has no standby with its id;
+    /// - the guest negotiated STANDBY here but the destination's standby has
+    ///   failover off;
+    /// - the destination's device does not offer every feature bit the guest
+    ///   acknowledged here (named in hex; checked when both sides know them:
+    ///   the last `FeaturesAcked` here, [`Standby::offered_features`] there);
+    /// - the destination has no primary for a pair the guest negotiated,
+    ///   unless [`preflight_allow_missing_primary`](Self::preflight_allow_missing_primary)
+    ///   allows it (the guest then runs on the standby there, with
+    ///   `PRIMARY_MISSING`).
+    pub fn preflight(&self, offer: &DestinationOffer) -> migration::Result<()> {
+        self.shared.lock().preflight(offer)
+    }
+
+    /// Whether [`preflight`](Self::preflight) accepts a destination without a
+    /// primary for a negotiated pair (default: no, it refuses). Allow it when
+    /// the destination knowingly has no VF for the guest: it then runs on the
+    /// standby alone there. A source-side policy, independent of any offer.
+    pub fn preflight_allow_missing_primary(&self, allow: bool) {
+        self.shared.lock().allow_missing_primary = allow;
+    }
+
+    /// Make before break: the standby `standby` transmitted a frame for the
+    /// guest. Call it from the standby's transmit path for every frame (or
+    /// batch) it sends; while nothing waits it is one atomic load.
+    ///
+    /// While an outgoing migration waits for a primary's guest to move its
+    /// traffic to `standby` (its link taken down, `PRIMARY_LINK_DOWN`), this
+    /// is the sign that it has: `SWITCHED_TO_STANDBY` (`traffic_seen: true`)
+    /// and the primary's unplug follow. Like a completion it may run inside
+    /// a guest's register write (a queue notify): it makes no slot call and
+    /// delivers no event itself; both wait for
+    /// [`run_deferred`](Self::run_deferred), and the waker is called.
+    pub fn standby_traffic(&self, standby: &str) {
+        if !self.shared.switching.load(Ordering::Acquire) {
+            return;
+        }
+        let _scope = DepthScope::completion();
+        self.shared
+            .update(Ctx::Completion, |i| i.standby_traffic(standby));
+    }
+
     /// This VM is a migration destination: call before restoring any state.
     /// Until [`complete_incoming`](Self::complete_incoming), a restored
     /// acknowledgement of STANDBY is recorded (`FAILOVER_NEGOTIATED`) but
@@ -1660,6 +2119,11 @@ impl Coordinator {
                 PrimaryState::Plugging => Some(format!(
                     "primary '{}' is being plugged into '{}' (wait for PRIMARY_PLUGGED)",
                     p.id, p.slot.name
+                )),
+                PrimaryState::LinkDown => Some(format!(
+                    "primary '{}' is switching to its standby before its unplug (wait for the \
+                     migration to become active)",
+                    p.id
                 )),
                 PrimaryState::Unplugging => Some(format!(
                     "primary '{}' is being unplugged from '{}' (wait for the migration to \

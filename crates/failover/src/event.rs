@@ -188,6 +188,33 @@ pub enum Event {
         #[cfg_attr(feature = "serde", serde(rename = "device-id"))]
         primary: String,
     },
+    /// Make before break: the primary's link was taken down for migration
+    /// ([`PrimaryLink`](crate::PrimaryLink)); the guest moves its traffic to
+    /// the standby, and the unplug is requested once it does (or the switch
+    /// wait has passed).
+    PrimaryLinkDown {
+        /// The primary's id.
+        primary: String,
+    },
+    /// The primary's link was brought back up: its migration was cancelled
+    /// or failed. Comes before the primary is plugged back, if it left.
+    PrimaryLinkUp {
+        /// The primary's id.
+        primary: String,
+    },
+    /// Make before break: the guest transmits on the standby (or the switch
+    /// wait passed without traffic), so the primary's unplug is requested now
+    /// (`UNPLUG_PRIMARY` follows).
+    SwitchedToStandby {
+        /// The standby's id.
+        standby: String,
+        /// The primary's id.
+        primary: String,
+        /// Traffic was seen on the standby; `false`: the switch wait passed
+        /// without any (an idle guest, or one slow to notice the carrier
+        /// loss).
+        traffic_seen: bool,
+    },
     /// The primary left the guest (it powered the slot off).
     PrimaryUnplugged {
         /// The primary's id.
@@ -263,6 +290,30 @@ impl fmt::Display for Event {
             Event::UnplugPrimary { primary } => {
                 write!(f, "asked the guest to release primary '{primary}'")
             }
+            Event::PrimaryLinkDown { primary } => write!(
+                f,
+                "took primary '{primary}''s link down: the guest moves its traffic to the standby"
+            ),
+            Event::PrimaryLinkUp { primary } => {
+                write!(f, "brought primary '{primary}''s link back up")
+            }
+            Event::SwitchedToStandby {
+                standby,
+                primary,
+                traffic_seen: true,
+            } => write!(
+                f,
+                "the guest transmits on standby '{standby}': unplugging primary '{primary}'"
+            ),
+            Event::SwitchedToStandby {
+                standby,
+                primary,
+                traffic_seen: false,
+            } => write!(
+                f,
+                "no traffic on standby '{standby}' within the switch wait: unplugging primary \
+                 '{primary}' anyway"
+            ),
             Event::PrimaryUnplugged { primary } => {
                 write!(f, "primary '{primary}' left the guest")
             }
@@ -646,6 +697,26 @@ mod tests {
                     },
                 ),
                 r#"{"timestamp":{"seconds":0,"microseconds":3000},"event":"PRIMARY_UNPAIRED","data":{"primary":"p","standby":"s1","reason":"no-standby"}}"#,
+            ),
+            (
+                at(
+                    4,
+                    Event::SwitchedToStandby {
+                        standby: "net1".into(),
+                        primary: "hostdev0".into(),
+                        traffic_seen: true,
+                    },
+                ),
+                r#"{"timestamp":{"seconds":0,"microseconds":4000},"event":"SWITCHED_TO_STANDBY","data":{"standby":"net1","primary":"hostdev0","traffic-seen":true}}"#,
+            ),
+            (
+                at(
+                    5,
+                    Event::PrimaryLinkDown {
+                        primary: "hostdev0".into(),
+                    },
+                ),
+                r#"{"timestamp":{"seconds":0,"microseconds":5000},"event":"PRIMARY_LINK_DOWN","data":{"primary":"hostdev0"}}"#,
             ),
         ];
         for (event, line) in cases {

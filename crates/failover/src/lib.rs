@@ -104,6 +104,7 @@ pub use coordinator::{Coordinator, CoordinatorBuilder, PrimaryState};
 pub use event::JsonLines;
 pub use event::{Event, EventListener, EventLog, MacAddress, TimedEvent, UnpairedReason};
 pub use migration::{
-    DEFAULT_UNPLUG_TIMEOUT, Error as MigrationError, MigrationState, OutgoingMigration, UnplugWait,
+    DEFAULT_SWITCH_WAIT, DEFAULT_UNPLUG_TIMEOUT, DestinationOffer, Error as MigrationError,
+    MigrationState, OutgoingMigration, StandbyOffer, UnplugWait,
 };
-pub use registry::{Error as RegistryError, Primary, SharedSlot, Slot, Standby};
+pub use registry::{Error as RegistryError, Primary, PrimaryLink, SharedSlot, Slot, Standby};

@@ -52,6 +52,23 @@ use crate::coordinator::Shared;
 /// ([`UnplugWait::Unbounded`]).
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an outgoing migration waits, after taking a primary's link down
+/// (make before break, [`Primary::link`](crate::Primary::link)), for traffic
+/// on its standby before it requests the unplug anyway: 200 ms.
+///
+/// A guest that transmits moves to the standby within milliseconds of the
+/// carrier loss (the primary's driver reports it from its interrupt or
+/// mailbox work; `net_failover` picks the transmit path per frame), and its
+/// first frame on the standby ends the wait at once
+/// ([`Coordinator::standby_traffic`](crate::Coordinator::standby_traffic)).
+/// So the wait only runs out for a guest that sends nothing, which has nothing
+/// in flight to lose, or for one whose carrier work is delayed by a busy vCPU:
+/// 200 ms covers tens of scheduler ticks of such delay while adding 4% to the
+/// 5 s Linux's pciehp takes to release the primary anyway, and the VM keeps
+/// running meanwhile (no downtime). `Duration::ZERO` requests the unplug right
+/// after the link is down.
+pub const DEFAULT_SWITCH_WAIT: Duration = Duration::from_millis(200);
+
 /// How long an outgoing migration waits for the guest to eject its primaries,
 /// and a cancel for the guest to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,10 +214,54 @@ pub enum Error {
         /// The primaries the guest still holds.
         waiting: Vec<String>,
     },
+    /// The pre-flight check ([`Coordinator::preflight`](crate::Coordinator::preflight))
+    /// found that the destination cannot take this VM's failover pairs.
+    /// Nothing was unplugged and no migration was started; the guest keeps
+    /// its primaries. Shown as one line per problem, each naming the device.
+    #[error("{}", problems.join("\n"))]
+    Preflight {
+        /// Every problem found, one sentence each.
+        problems: Vec<String>,
+    },
 }
 
 /// Result of migration calls.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a migration destination can take, from its
+/// [`Coordinator::destination_offer`](crate::Coordinator::destination_offer):
+/// the source checks it with
+/// [`Coordinator::preflight`](crate::Coordinator::preflight) before it unplugs
+/// anything. The VMMs carry it over their migration channel (serde, with the
+/// `serde` feature: JSON `{"standbys":[{"id":"net1","failover":true,
+/// "offered-features":..,"primary":"hostdev0"}]}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct DestinationOffer {
+    /// Every standby registered on the destination.
+    pub standbys: Vec<StandbyOffer>,
+}
+
+/// One standby a destination has, as [`DestinationOffer`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct StandbyOffer {
+    /// The standby's id (the restored state goes to the standby of the same
+    /// id).
+    pub id: String,
+    /// Whether it has failover on (its device offers `VIRTIO_NET_F_STANDBY`).
+    pub failover: bool,
+    /// The feature bits its device offers
+    /// ([`Standby::offered_features`](crate::Standby::offered_features)), if
+    /// the destination's VMM said; `None` is not checked.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub offered_features: Option<u64>,
+    /// The id of the primary registered for it there, if any.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub primary: Option<String>,
+}
 
 /// The VMM's handle on an outgoing migration, from
 /// [`Coordinator::prepare_outgoing`](crate::Coordinator::prepare_outgoing).
@@ -355,5 +416,35 @@ mod tests {
             UnplugWait::default(),
             UnplugWait::Bounded(Duration::from_secs(30))
         );
+        let e = Error::Preflight {
+            problems: vec!["standby 'a': one".into(), "standby 'b': two".into()],
+        };
+        assert_eq!(e.to_string(), "standby 'a': one\nstandby 'b': two");
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_destination_offer_crosses_as_json() {
+        let offer = DestinationOffer {
+            standbys: vec![StandbyOffer {
+                id: "net1".into(),
+                failover: true,
+                offered_features: Some(1 << 62 | 1 << 32),
+                primary: Some("hostdev0".into()),
+            }],
+        };
+        let json = serde_json::to_string(&offer).unwrap();
+        assert_eq!(
+            json,
+            r#"{"standbys":[{"id":"net1","failover":true,"offered-features":4611686022722355200,"primary":"hostdev0"}]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<DestinationOffer>(&json).unwrap(),
+            offer
+        );
+        let bare: DestinationOffer =
+            serde_json::from_str(r#"{"standbys":[{"id":"net1","failover":false}]}"#).unwrap();
+        assert_eq!(bare.standbys[0].offered_features, None);
+        assert_eq!(bare.standbys[0].primary, None);
     }
 }

@@ -27,6 +27,38 @@ use crate::event::MacAddress;
 /// A slot as the coordinator holds it: anything that hot-plugs.
 pub type SharedSlot = Arc<Mutex<dyn HotplugSlot + Send>>;
 
+/// The VMM's switch on a primary's link, for make before break: before the
+/// coordinator asks the guest to release the primary for migration it takes
+/// the primary's link down, so the guest's `net_failover` moves its transmit
+/// path to the standby first (it transmits on the primary only while that is
+/// running with carrier) and no frame is lost when the primary leaves.
+///
+/// For a VFIO VF it is the host PF's `ip link set PF vf N state disable`
+/// (and `auto` to bring it back); for a virtio-net stand-in without STANDBY,
+/// `StandbyNet::set_link_up(false)`, which clears `VIRTIO_NET_S_LINK_UP` and
+/// raises a configuration interrupt.
+///
+/// The coordinator calls it with none of its locks and no slot locked, never
+/// inside a guest's register write (a call that a completion causes is
+/// deferred to [`Coordinator::run_deferred`](crate::Coordinator::run_deferred)),
+/// and never twice at once for one primary. The hook may call the
+/// coordinator; the slot and link calls that causes wait for `run_deferred`.
+///
+/// An error is logged and the migration goes on without the switch: the
+/// primary is unplugged at once, as without a hook (the switch is an
+/// optimisation, the unplug is what the migration needs). Implemented for
+/// closures `Fn(bool) -> std::io::Result<()>`.
+pub trait PrimaryLink: Send + Sync {
+    /// Takes the primary's link down (`false`) or brings it back up (`true`).
+    fn set_link(&self, up: bool) -> std::io::Result<()>;
+}
+
+impl<F: Fn(bool) -> std::io::Result<()> + Send + Sync> PrimaryLink for F {
+    fn set_link(&self, up: bool) -> std::io::Result<()> {
+        self(up)
+    }
+}
+
 /// Why a standby or primary was not registered. Nothing was registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -123,6 +155,7 @@ pub struct Standby {
     pub(crate) id: String,
     pub(crate) failover: bool,
     pub(crate) mac: Option<MacAddress>,
+    pub(crate) offered_features: Option<u64>,
 }
 
 impl Standby {
@@ -134,6 +167,7 @@ impl Standby {
             id: id.into(),
             failover: true,
             mac: None,
+            offered_features: None,
         }
     }
 
@@ -147,6 +181,17 @@ impl Standby {
     /// The standby's MAC, for the pairing-time check.
     pub fn mac(mut self, mac: impl Into<MacAddress>) -> Self {
         self.mac = Some(mac.into());
+        self
+    }
+
+    /// The feature bits this side's standby device offers (for a
+    /// `StandbyNet`, its `offered_features()`), for the migration pre-flight:
+    /// a destination reports them in its
+    /// [`DestinationOffer`](crate::DestinationOffer), and the source refuses
+    /// a destination that lacks a bit the guest acknowledged. Unknown when
+    /// not given, and then not checked.
+    pub fn offered_features(mut self, features: u64) -> Self {
+        self.offered_features = Some(features);
         self
     }
 
@@ -238,6 +283,7 @@ pub struct Primary {
     pub(crate) device: PciHandle,
     pub(crate) slot: Slot,
     pub(crate) mac: Option<MacAddress>,
+    pub(crate) link: Option<Arc<dyn PrimaryLink>>,
 }
 
 impl fmt::Debug for Primary {
@@ -247,6 +293,7 @@ impl fmt::Debug for Primary {
             .field("failover_pair_id", &self.pair_id)
             .field("slot", &self.slot)
             .field("mac", &self.mac)
+            .field("link", &self.link.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -269,12 +316,26 @@ impl Primary {
             device,
             slot,
             mac: None,
+            link: None,
         }
     }
 
     /// The primary's MAC, for the pairing-time check.
     pub fn mac(mut self, mac: impl Into<MacAddress>) -> Self {
         self.mac = Some(mac.into());
+        self
+    }
+
+    /// The switch on the primary's link, for make before break (see
+    /// [`PrimaryLink`]). With it, an outgoing migration takes the link down
+    /// (`PRIMARY_LINK_DOWN`) and requests the unplug only once the standby
+    /// carries the guest's traffic
+    /// ([`Coordinator::standby_traffic`](crate::Coordinator::standby_traffic))
+    /// or the switch wait has passed; a cancel or failure brings it back up
+    /// (`PRIMARY_LINK_UP`) before the primary is plugged back. Without it the
+    /// primary is unplugged at once, as QEMU does.
+    pub fn link(mut self, link: Arc<dyn PrimaryLink>) -> Self {
+        self.link = Some(link);
         self
     }
 

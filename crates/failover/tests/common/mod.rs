@@ -78,6 +78,28 @@ impl Pair {
             .mac(self.standby_mac)
     }
 
+    /// The feature bits this side's standby device offers.
+    pub fn offered_features(&self) -> u64 {
+        self.standby
+            .lock()
+            .unwrap()
+            .device()
+            .offered_features()
+            .bits()
+    }
+
+    /// The standby as a VMM registers it for the migration pre-flight: with
+    /// what its device offers.
+    pub fn standby_config_offering(&self, failover: bool) -> Standby {
+        self.standby_config(failover)
+            .offered_features(self.offered_features())
+    }
+
+    /// The primary with a recording link hook (make before break).
+    pub fn primary_config_with_link(&self, link: &Arc<RecordingLink>) -> Primary {
+        self.primary_config().link(link.clone())
+    }
+
     /// The primary as the coordinator registers it.
     pub fn primary_config(&self) -> Primary {
         Primary::new(
@@ -105,6 +127,8 @@ pub struct Spec {
     /// Give each primary its standby's MAC (QEMU's tests give different ones).
     pub same_mac: bool,
     pub unplug_wait: UnplugWait,
+    /// Make before break: the coordinator's switch wait.
+    pub switch_wait: Duration,
 }
 
 impl Default for Spec {
@@ -115,6 +139,7 @@ impl Default for Spec {
             cold_standby: true,
             same_mac: true,
             unplug_wait: UnplugWait::default(),
+            switch_wait: failover::DEFAULT_SWITCH_WAIT,
         }
     }
 }
@@ -145,6 +170,7 @@ impl Vm {
         let coord = Coordinator::builder()
             .clock(move || c.now())
             .unplug_wait(spec.unplug_wait)
+            .switch_wait(spec.switch_wait)
             .listener(Arc::new(events.clone()))
             .waker(move || {
                 n.fetch_add(1, Ordering::SeqCst);
@@ -400,6 +426,81 @@ pub struct Saved {
     pub primary_port: Vec<u8>,
 }
 
+/// One call of a [`RecordingLink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkCall {
+    /// When, on the VM's clock.
+    pub at: Duration,
+    /// `true`: link up; `false`: link down.
+    pub up: bool,
+    /// Whether the primary was in its slot then (the port is locked by the
+    /// hook to see: the coordinator never calls it with a slot locked).
+    pub in_slot: bool,
+}
+
+/// A primary's link as the VMM switches it (make before break): records each
+/// call, and can be made to fail. While it is down, the guest's
+/// `net_failover` transmits on the standby.
+pub struct RecordingLink {
+    clock: VirtualClock,
+    port: Arc<Mutex<RootPort>>,
+    pub calls: Mutex<Vec<LinkCall>>,
+    up: AtomicBool,
+    pub fail: AtomicBool,
+}
+
+impl RecordingLink {
+    /// The link of the primary in `port`, up.
+    pub fn new(clock: &VirtualClock, port: &Arc<Mutex<RootPort>>) -> Arc<Self> {
+        Arc::new(RecordingLink {
+            clock: clock.clone(),
+            port: port.clone(),
+            calls: Mutex::new(Vec::new()),
+            up: AtomicBool::new(true),
+            fail: AtomicBool::new(false),
+        })
+    }
+
+    /// The link of pair `i`'s primary in `vm`.
+    pub fn for_pair(vm: &Vm, i: usize) -> Arc<Self> {
+        Self::new(&vm.clock, &vm.pairs[i].primary_port)
+    }
+
+    pub fn calls(&self) -> Vec<LinkCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// (up, in_slot) of each call, without times.
+    pub fn ups(&self) -> Vec<(bool, bool)> {
+        self.calls().iter().map(|c| (c.up, c.in_slot)).collect()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+}
+
+impl failover::PrimaryLink for RecordingLink {
+    fn set_link(&self, up: bool) -> std::io::Result<()> {
+        let in_slot = self
+            .port
+            .try_lock()
+            .expect("the link hook is called with the primary's slot locked")
+            .device()
+            .is_some();
+        self.calls.lock().unwrap().push(LinkCall {
+            at: self.clock.now(),
+            up,
+            in_slot,
+        });
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("PF refused: vf 0 state"));
+        }
+        self.up.store(up, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 // Event constructors, to keep expected sequences readable.
 
 pub fn hidden(primary: &str, standby: &str) -> Event {
@@ -472,6 +573,26 @@ pub fn unplug_cancelled(primary: &str) -> Event {
 pub fn not_cancelled(primary: &str) -> Event {
     Event::UnplugNotCancelled {
         primary: primary.into(),
+    }
+}
+
+pub fn link_down(primary: &str) -> Event {
+    Event::PrimaryLinkDown {
+        primary: primary.into(),
+    }
+}
+
+pub fn link_up(primary: &str) -> Event {
+    Event::PrimaryLinkUp {
+        primary: primary.into(),
+    }
+}
+
+pub fn switched(standby: &str, primary: &str, traffic_seen: bool) -> Event {
+    Event::SwitchedToStandby {
+        standby: standby.into(),
+        primary: primary.into(),
+        traffic_seen,
     }
 }
 
