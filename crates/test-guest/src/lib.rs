@@ -41,8 +41,8 @@ pub use enumerate::{Enumerator, Found, FoundBar};
 pub use env::Env;
 pub use guest::Guest;
 pub use irq::IrqQueue;
-pub use pciehp::{Pciehp, PciehpHook, PciehpState, Timings};
 pub use net::{GuestRam, NetFailover, NetIf, Slave};
+pub use pciehp::{Pciehp, PciehpHook, PciehpState, Timings};
 pub use virtio::{QueueRings, VirtioProbe};
 /// A stub endpoint for devices whose insides a scenario does not need (such as
 /// the VF a failover test plugs); defined in `vmm-pci`'s `test-utils`.

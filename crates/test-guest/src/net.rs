@@ -306,10 +306,15 @@ impl NetFailover {
     /// lost with it), and handles the slaves' config interrupts.
     pub fn sync(&mut self, env: &mut Env, ram: &dyn GuestRam) {
         let now = env.clock.now();
-        for (slot, name) in [(&mut self.standby, "standby"), (&mut self.primary, "primary")] {
+        for (slot, name) in [
+            (&mut self.standby, "standby"),
+            (&mut self.primary, "primary"),
+        ] {
             if let Some(n) = slot
                 && !env.virtio.iter().any(|p| p.bdf == n.bdf)
             {
+                // What the device returned before it went is not lost.
+                n.reclaim(ram);
                 self.log.push((
                     now,
                     format!(
@@ -350,12 +355,17 @@ impl NetFailover {
                     .push((now, format!("{name} {}: cannot open", p.bdf))),
             }
         }
-        for (slot, name) in [(&mut self.standby, "standby"), (&mut self.primary, "primary")] {
+        for (slot, name) in [
+            (&mut self.standby, "standby"),
+            (&mut self.primary, "primary"),
+        ] {
             if let Some(n) = slot
                 && n.handle_interrupts(env)
             {
-                self.log
-                    .push((now, format!("{name} {} carrier {}", n.bdf, onoff(n.carrier))));
+                self.log.push((
+                    now,
+                    format!("{name} {} carrier {}", n.bdf, onoff(n.carrier)),
+                ));
             }
         }
     }

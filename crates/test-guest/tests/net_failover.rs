@@ -34,7 +34,12 @@ impl GuestRam for Ram {
     }
 }
 
-fn function(id: &str, standby: bool, mem: &TestMemory, irqs: &Arc<IrqQueue>) -> Arc<Mutex<Function>> {
+fn function(
+    id: &str,
+    standby: bool,
+    mem: &TestMemory,
+    irqs: &Arc<IrqQueue>,
+) -> Arc<Mutex<Function>> {
     let net: Net = StandbyNetBuilder::new()
         .id(id)
         .mac(MAC)
@@ -48,7 +53,12 @@ fn function(id: &str, standby: bool, mem: &TestMemory, irqs: &Arc<IrqQueue>) -> 
     Arc::new(Mutex::new(f))
 }
 
-fn port(name: &str, slot: u16, dev: &Arc<Mutex<Function>>, irqs: &Arc<IrqQueue>) -> Arc<Mutex<RootPort>> {
+fn port(
+    name: &str,
+    slot: u16,
+    dev: &Arc<Mutex<Function>>,
+    irqs: &Arc<IrqQueue>,
+) -> Arc<Mutex<RootPort>> {
     let p = Arc::new(Mutex::new(
         RootPortBuilder::new(name, slot)
             .port_number(slot as u8)
@@ -108,7 +118,11 @@ fn net_failover_follows_the_primary_carrier_and_receives_on_both() {
     );
     let mut nf = NetFailover::new(MAC);
     nf.sync(&mut g.env, &ram);
-    assert!(nf.standby.as_ref().is_some_and(|s| s.features & (1 << 62) != 0));
+    assert!(
+        nf.standby
+            .as_ref()
+            .is_some_and(|s| s.features & (1 << 62) != 0)
+    );
     assert!(nf.primary.as_ref().is_some_and(|p| p.carrier));
     assert_eq!(nf.tx_path(), Some(Slave::Primary));
 
@@ -128,13 +142,20 @@ fn net_failover_follows_the_primary_carrier_and_receives_on_both() {
     assert_eq!(nf.send(&mut g.env, &ram, &f2), Some(Slave::Standby));
     assert_eq!(sent(&standby), vec![f2]);
     assert!(sent(&primary).is_empty());
-    assert!(nf.log.iter().any(|(_, l)| l.contains("carrier off")), "{:?}", nf.log);
+    assert!(
+        nf.log.iter().any(|(_, l)| l.contains("carrier off")),
+        "{:?}",
+        nf.log
+    );
 
     // A host frame arrives on the standby; the primary, link down, drops
     // what reaches it (as a NIC without link does).
     inject(&standby, eth(MAC, HOST, 3));
     inject(&primary, eth(MAC, HOST, 4));
-    assert_eq!(nf.recv(&mut g.env, &ram), vec![(Slave::Standby, eth(MAC, HOST, 3))]);
+    assert_eq!(
+        nf.recv(&mut g.env, &ram),
+        vec![(Slave::Standby, eth(MAC, HOST, 3))]
+    );
 
     // Link back up: back to the primary, which delivers again.
     primary.lock().unwrap().device().set_link_up(true);
@@ -161,7 +182,14 @@ fn a_saved_guest_round_trips_through_json() {
     let root = Arc::new(root);
     let clock = VirtualClock::new();
     clock.sleep(std::time::Duration::from_millis(1234));
-    let g = Guest::boot_with_clock(clock, root.clone(), irqs.clone(), Timings::default(), u64::MAX, (1 << 20, 8 << 20));
+    let g = Guest::boot_with_clock(
+        clock,
+        root.clone(),
+        irqs.clone(),
+        Timings::default(),
+        u64::MAX,
+        (1 << 20, 8 << 20),
+    );
     let json = serde_json::to_string(&g).unwrap();
     let mut back: Guest = serde_json::from_str(&json).unwrap();
     let dest_clock = VirtualClock::new();
