@@ -36,6 +36,11 @@ pub mod virtio;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+/// `docs/EMBEDDING.md`'s VMM wiring, compiled the same way.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/EMBEDDING.md")]
+pub struct EmbeddingDoctests;
+
 pub use clock::VirtualClock;
 pub use enumerate::{Enumerator, Found, FoundBar};
 pub use env::Env;
