@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::error::{ConfigError, ConfigErrorKind};
 use super::syntax::parse_mac;
@@ -55,13 +55,43 @@ impl Raw {
 
 impl<'de> Deserialize<'de> for Raw {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Raw, D::Error> {
-        d.deserialize_any(RawVisitor)
+        RawSeed { depth: 0 }.deserialize(d)
     }
 }
 
-struct RawVisitor;
+/// How deep a tree may nest. A configuration needs 4 levels (document,
+/// interface list, interface, teaming); the bound keeps any deserializer's
+/// input from recursing deeper here, whatever the format's own limit.
+const MAX_DEPTH: u32 = 32;
 
-impl<'de> Visitor<'de> for RawVisitor {
+/// Reads a [`Raw`] at nesting `depth`.
+#[derive(Clone, Copy)]
+struct RawSeed {
+    depth: u32,
+}
+
+impl RawSeed {
+    fn nested<E: de::Error>(self) -> Result<RawSeed, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(format_args!(
+                "values nest deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        Ok(RawSeed {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for RawSeed {
+    type Value = Raw;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RawSeed {
     type Value = Raw;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,26 +143,28 @@ impl<'de> Visitor<'de> for RawVisitor {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
-        Raw::deserialize(d)
+        self.nested()?.deserialize(d)
     }
 
     fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
-        Raw::deserialize(d)
+        self.nested()?.deserialize(d)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Raw, A::Error> {
         // No capacity from the size hint: the input chooses it.
+        let inner = self.nested()?;
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
+        while let Some(item) = seq.next_element_seed(inner)? {
             items.push(item);
         }
         Ok(Raw::Seq(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+        let inner = self.nested()?;
         let mut entries = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value::<Raw>()?;
+            let value = map.next_value_seed(inner)?;
             entries.push((key, value));
         }
         if let [(key, _)] = entries.as_slice() {
@@ -533,6 +565,17 @@ mod tests {
                 ("a".into(), Raw::Str("x".into()))
             ])
         );
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let ok = format!("{}1{}", "[".repeat(31), "]".repeat(31));
+        assert!(serde_json::from_str::<Raw>(&ok).is_ok());
+        let deep = format!("{}1{}", "[".repeat(33), "]".repeat(33));
+        let e = serde_json::from_str::<Raw>(&deep).unwrap_err();
+        assert!(e.to_string().contains("deeper than 32 levels"), "{e}");
+        let deep = format!("a = {}1{}", "[".repeat(40), "]".repeat(40));
+        assert!(toml::from_str::<Raw>(&deep).is_err());
     }
 
     #[test]

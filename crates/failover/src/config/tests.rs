@@ -1041,3 +1041,12 @@ fn no_input_panics() {
     exercise("\u{feff}[[interface]]");
     exercise("\0");
 }
+
+#[test]
+fn deep_dotted_keys() {
+    let n = 100_000;
+    exercise(&format!("{} = 1", vec!["a"; n].join(".")));
+    exercise(&format!("[{}]\nb = 1", vec!["a"; n].join(".")));
+    exercise(&format!("[[{}]]\nb = 1", vec!["a"; n].join(".")));
+    exercise(&format!("x = {}1{}", "{a = ".repeat(n), "}".repeat(n)));
+}
