@@ -29,11 +29,20 @@ pub(crate) struct Report {
 pub(crate) fn check(interfaces: &[Interface], unread: &[Unread]) -> Report {
     let none = Unread::default();
     let unread_of = |i: usize| unread.get(i).copied().unwrap_or(none);
-    let name = |i: usize| {
-        interfaces
-            .get(i)
-            .map(|x| label(i, &x.alias))
-            .unwrap_or_default()
+    // How many interfaces share each alias: a shared one is named with its
+    // position too, so "'net1' ... 'net1'" never leaves the reader guessing.
+    let mut alias_count: HashMap<&str, usize> = HashMap::new();
+    for x in interfaces {
+        *alias_count.entry(x.alias.as_str()).or_default() += 1;
+    }
+    let name = |i: usize| match interfaces.get(i) {
+        Some(x)
+            if !x.alias.is_empty() && alias_count.get(x.alias.as_str()).is_some_and(|&n| n > 1) =>
+        {
+            format!("{} (interface[{i}])", label(i, &x.alias))
+        }
+        Some(x) => label(i, &x.alias),
+        None => String::new(),
     };
     let mut errors = Vec::new();
     let mut warnings = Vec::new();

@@ -14,7 +14,8 @@ pub type Result<T> = std::result::Result<T, ConfigErrors>;
 ///
 /// Fields that name an interface (`interface`, `standby`, `first`, `other`)
 /// hold it as messages name it: its alias in quotes (`'net1'`), or its
-/// position when it has none (`[2] (no alias)`). Values from the file are
+/// position when it has none (`[2] (no alias)`), or both when another
+/// interface has the same alias (`'net1' (interface[1])`). Values from the file are
 /// kept escaped (as [`str::escape_debug`]), so a message is always one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -161,9 +162,8 @@ pub enum ConfigErrorKind {
         /// The attribute as written.
         persistent: String,
     },
-    /// A persistent (standby) interface that is not virtio (libvirt:
-    /// "virtio-net teaming persistent interface must be <model
-    /// type='virtio'/>").
+    /// A persistent (standby) interface that is not virtio (libvirt's rule
+    /// that it is `<model type='virtio'/>`).
     #[error(
         "interface {interface} has teaming type 'persistent' but model '{model}'; the persistent interface is the standby and must be model \"virtio\""
     )]
