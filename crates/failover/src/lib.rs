@@ -87,12 +87,19 @@
 //! # use pcie_hotplug::HotplugSlot;
 //! ```
 //!
+//! The `config` module (the `config` feature, on by default) reads the pairs
+//! from a declarative TOML or JSON teaming configuration in libvirt's
+//! vocabulary, checks it with every error reported at once, and gives the
+//! `Standby` and what each `Primary` needs.
+//!
 //! The workspace README's `failover` section shows a whole VMM, migration
 //! hooks and the event stream included.
 
 #![deny(missing_docs)]
 
 mod clock;
+#[cfg(feature = "config")]
+pub mod config;
 mod coordinator;
 mod event;
 pub mod migration;
