@@ -25,6 +25,7 @@
 mod app;
 mod out;
 mod proto;
+mod topology;
 mod vm;
 mod wire;
 
@@ -40,7 +41,8 @@ use virtio_device::virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 
 use crate::out::Out;
 use crate::proto::{Msg, Report};
-use crate::vm::{GuestSide, PRIMARY_ID, Spec, Vm};
+use crate::topology::Topology;
+use crate::vm::{GuestSide, Spec, Vm};
 
 /// virtio-net failover, end to end: a source and a destination VMM model in
 /// two processes, a scripted guest, the primary unplugged with
@@ -66,6 +68,15 @@ struct Args {
     /// only one the root ports model).
     #[arg(long, value_enum, default_value_t = Hotplug::Pciehp)]
     hotplug: Hotplug,
+    /// The pair, as a teaming configuration in libvirt's vocabulary (TOML or
+    /// JSON, by extension): a `virtio` standby with `teaming persistent` and a
+    /// `stand-in` primary with `teaming transient`. The built-in one is printed
+    /// by `--print-config`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the built-in teaming configuration and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Print the event stream as JSON lines (QMP-style events with `side`
     /// and `real_ms`), then a JSON summary.
     #[arg(long)]
@@ -84,6 +95,10 @@ enum Hotplug {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_config {
+        print!("{}", topology::DEFAULT_CONFIG.trim_start());
+        return ExitCode::SUCCESS;
+    }
     let r = match &args.destination {
         Some(path) => destination(&args, path),
         None => source(&args),
@@ -139,6 +154,9 @@ fn spawn_destination(args: &Args, sock: &PathBuf) -> Result<Child, String> {
     if args.no_make_before_break {
         c.arg("--no-make-before-break");
     }
+    if let Some(p) = &args.config {
+        c.arg("--config").arg(p);
+    }
     c.spawn()
         .map_err(|e| format!("cannot start the destination process: {e}"))
 }
@@ -154,6 +172,10 @@ impl Drop for TempDir {
 fn source(args: &Args) -> Result<ExitCode, String> {
     let real = Instant::now();
     let out = Out::new("source", args.json);
+    let (topo, warnings) = Topology::load(args.config.as_deref())?;
+    for w in warnings {
+        out.note(Duration::ZERO, &format!("teaming configuration: {w}"));
+    }
     let dir = std::env::temp_dir().join(format!("failover-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let dir = TempDir(dir);
@@ -165,7 +187,7 @@ fn source(args: &Args) -> Result<ExitCode, String> {
         .accept()
         .map_err(|e| format!("the destination did not connect: {e}"))?;
 
-    let mut vm = Vm::new(spec(args, false), out.clone());
+    let mut vm = Vm::new(spec(args, false), &topo, out.clone());
     vm.power_on();
     let mut g = vm.boot();
     out.note(
@@ -297,10 +319,9 @@ fn source(args: &Args) -> Result<ExitCode, String> {
             Msg::Report(r) => *r,
             m => return Err(format!("expected the destination's report, got {m:?}")),
         };
-    let ok = dst
-        .events
-        .iter()
-        .any(|e| matches!(&e.event, Event::PrimaryPlugged { primary } if primary == PRIMARY_ID));
+    let ok = dst.events.iter().any(
+        |e| matches!(&e.event, Event::PrimaryPlugged { primary } if *primary == topo.primary_id),
+    );
     finish(args, &out, real, &mut child, src, Some(dst), ok)
 }
 
@@ -384,7 +405,8 @@ fn destination(args: &Args, sock: &PathBuf) -> Result<ExitCode, String> {
     let out = Out::new("destination", args.json);
     let mut s = UnixStream::connect(sock)
         .map_err(|e| format!("cannot connect to the source at {}: {e}", sock.display()))?;
-    let mut vm = Vm::new(spec(args, true), out.clone());
+    let (topo, _) = Topology::load(args.config.as_deref())?;
+    let mut vm = Vm::new(spec(args, true), &topo, out.clone());
     // The standby is attached by its restore; the machine is ready for the
     // coordinator's registrations (it plugs nothing before negotiation).
     vm.coord.machine_ready();

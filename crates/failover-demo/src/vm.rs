@@ -24,14 +24,9 @@ use vmm_pci::{PciHandle, PciRoot};
 
 use crate::app::Ping;
 use crate::out::Out;
+use crate::topology::Topology;
 use crate::wire::Wire;
 
-/// The pair's MAC (the standby's and the primary's).
-pub const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6f, 0x55, 0xcc];
-/// The standby's id (QEMU's `id=net1`).
-pub const STANDBY_ID: &str = "net1";
-/// The primary's id (QEMU's `id=hostdev0`, `failover_pair_id=net1`).
-pub const PRIMARY_ID: &str = "hostdev0";
 /// Guest RAM.
 pub const RAM_SIZE: u64 = 8 << 20;
 /// Where the guest's drivers put rings and buffers.
@@ -132,13 +127,19 @@ pub struct Vm {
     pub events: EventLog,
     /// The printer.
     pub out: Out,
+    /// The guest's MAC (the standby's).
+    pub mac: [u8; 6],
+    /// The standby's id.
+    pub standby_id: String,
     woken: Arc<AtomicBool>,
     standby_tx: u64,
     nf_printed: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn net_fn(
     id: &str,
+    mac: [u8; 6],
     standby: bool,
     withhold: u64,
     wire: &Wire,
@@ -146,11 +147,11 @@ fn net_fn(
     mem: &TestMemory,
     irqs: &Arc<IrqQueue>,
 ) -> Arc<Mutex<NetFn>> {
-    let mut b = StandbyNetBuilder::new().id(id).mac(MAC).standby(standby);
+    let mut b = StandbyNetBuilder::new().id(id).mac(mac).standby(standby);
     if withhold != 0 {
         let offer: Net = StandbyNetBuilder::new()
             .id(id)
-            .mac(MAC)
+            .mac(mac)
             .standby(standby)
             .build(vec![wire.backend(port)])
             .expect("the demo's device configuration is valid");
@@ -170,11 +171,11 @@ fn net_fn(
 impl Vm {
     /// Builds the machine and registers the pair with the coordinator;
     /// `out` prints every event as it is delivered.
-    pub fn new(spec: Spec, out: Out) -> Vm {
+    pub fn new(spec: Spec, topo: &Topology, out: Out) -> Vm {
         let clock = VirtualClock::new();
         let mem = TestMemory::new(RAM_SIZE);
         let irqs = IrqQueue::new();
-        let wire = Wire::new(MAC);
+        let wire = Wire::new(topo.standby_mac);
         let events = EventLog::new();
         let woken = Arc::new(AtomicBool::new(false));
         let (w, c) = (woken.clone(), clock.clone());
@@ -186,7 +187,8 @@ impl Vm {
             .build();
         let withhold = spec.withhold_features.unwrap_or(0);
         let standby = net_fn(
-            STANDBY_ID,
+            &topo.standby_id,
+            topo.standby_mac,
             true,
             withhold,
             &wire,
@@ -194,7 +196,16 @@ impl Vm {
             &mem,
             &irqs,
         );
-        let primary = net_fn(PRIMARY_ID, false, 0, &wire, Slave::Primary, &mem, &irqs);
+        let primary = net_fn(
+            &topo.primary_id,
+            topo.primary_mac,
+            false,
+            0,
+            &wire,
+            Slave::Primary,
+            &mem,
+            &irqs,
+        );
         standby
             .lock()
             .unwrap()
@@ -207,8 +218,8 @@ impl Vm {
                     .build(irqs.clone()),
             ))
         };
-        let standby_port = port("rp1", 1);
-        let primary_port = port("rp2", 2);
+        let standby_port = port(&topo.standby_slot, 1);
+        let primary_port = port(&topo.primary_slot, 2);
         let mut root = PciRoot::new();
         root.add(1, 0, standby_port.clone())
             .expect("slot 1 is free");
@@ -216,16 +227,20 @@ impl Vm {
             .expect("slot 2 is free");
         let offered = standby.lock().unwrap().device().offered_features().bits();
         coord
-            .add_standby(Standby::new(STANDBY_ID).mac(MAC).offered_features(offered))
+            .add_standby(
+                Standby::new(topo.standby_id.clone())
+                    .mac(topo.standby_mac)
+                    .offered_features(offered),
+            )
             .expect("the standby registers");
         let handle: PciHandle = primary.clone();
         let mut p = Primary::new(
-            PRIMARY_ID,
-            STANDBY_ID,
+            topo.primary_id.clone(),
+            topo.standby_id.clone(),
             handle,
-            Slot::port("rp2", &primary_port),
+            Slot::port(topo.primary_slot.clone(), &primary_port),
         )
-        .mac(MAC);
+        .mac(topo.primary_mac);
         if spec.make_before_break {
             p = p.link(Arc::new(StandInLink(primary.clone())));
         }
@@ -243,6 +258,8 @@ impl Vm {
             coord,
             events,
             out,
+            mac: topo.standby_mac,
+            standby_id: topo.standby_id.clone(),
             woken,
             standby_tx: 0,
             nf_printed: 0,
@@ -274,8 +291,8 @@ impl Vm {
         );
         let mut g = GuestSide {
             kernel,
-            nf: NetFailover::new(MAC),
-            app: Ping::new(MAC, PING_INTERVAL),
+            nf: NetFailover::new(self.mac),
+            app: Ping::new(self.mac, PING_INTERVAL),
         };
         self.step(&mut g);
         g
@@ -342,7 +359,7 @@ impl Vm {
         let tx = self.standby.lock().unwrap().device().counters().tx_frames;
         if tx != self.standby_tx {
             self.standby_tx = tx;
-            self.coord.standby_traffic(STANDBY_ID);
+            self.coord.standby_traffic(&self.standby_id);
         }
     }
 

@@ -157,3 +157,38 @@ fn pre_flight_refuses_an_older_destination_before_unplugging_anything() {
     );
     assert_eq!(count(&s["requests_sent"]["standby"]), 0, "{s}");
 }
+
+#[test]
+fn the_pair_comes_from_a_json_teaming_configuration() {
+    let dir = std::env::temp_dir().join(format!("failover-demo-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("pair.json");
+    std::fs::write(
+        &p,
+        r#"{"interfaces": [
+            {"alias": "ua-net7", "model": "virtio", "mac": "52:54:00:aa:bb:07",
+             "slot": "port7", "teaming": {"type": "persistent"}},
+            {"alias": "hostdev7", "model": "stand-in", "mac": "52:54:00:aa:bb:07",
+             "slot": "port8", "teaming": {"type": "transient", "persistent": "ua-net7"}}
+        ]}"#,
+    )
+    .unwrap();
+    let r = run(&["--config", p.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(r.code, 0, "{}", r.summary());
+    let plugged: Vec<_> = r
+        .lines
+        .iter()
+        .filter(|l| l["event"] == "PRIMARY_PLUGGED")
+        .map(|l| {
+            (
+                l["side"].as_str().unwrap(),
+                l["data"]["primary"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        plugged,
+        [("source", "hostdev7"), ("destination", "hostdev7")]
+    );
+}
