@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use test_guest::{Env, GuestRam, NetFailover, Slave};
 
-use crate::wire::{HOST_MAC, frame, parse};
+use crate::wire::{ETHERTYPE, HOST_MAC, frame, parse};
 
 /// Counters of the guest's program.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -18,9 +18,12 @@ pub struct AppCounters {
     pub not_sent: u64,
     /// Intact replies received on the standby and on the primary.
     pub replies: [u64; 2],
-    /// Frames received that were not an intact reply to an outstanding
-    /// request (corrupted, duplicated or unknown).
+    /// Frames of the demo's EtherType received that were not an intact reply
+    /// to an outstanding request (corrupted, duplicated or unknown).
     pub bad: u64,
+    /// Other traffic the guest received (with `--tap`, whatever the host's
+    /// kernel sends), ignored.
+    pub foreign: u64,
 }
 
 /// The program's state.
@@ -100,6 +103,9 @@ impl Ping {
             match parse(&f, self.mac, HOST_MAC, true) {
                 Some(seq) if self.outstanding.remove(&seq).is_some() => {
                     self.counters.replies[idx(path)] += 1
+                }
+                _ if f.len() < 14 || f[12..14] != ETHERTYPE.to_be_bytes() => {
+                    self.counters.foreign += 1
                 }
                 _ => self.counters.bad += 1,
             }

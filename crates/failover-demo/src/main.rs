@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 mod app;
+mod host;
 mod out;
 mod proto;
 mod topology;
@@ -77,6 +78,11 @@ struct Args {
     /// Print the built-in teaming configuration and exit.
     #[arg(long)]
     print_config: bool,
+    /// Real taps: each process in a network namespace of its own, the
+    /// standby's and the primary's taps on a Linux bridge, the host a packet
+    /// socket on the bridge (needs root, and ip(8) from iproute2).
+    #[arg(long)]
+    tap: bool,
     /// Print the event stream as JSON lines (QMP-style events with `side`
     /// and `real_ms`), then a JSON summary.
     #[arg(long)]
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
 fn spec(args: &Args, destination: bool) -> Spec {
     Spec {
         make_before_break: !args.no_make_before_break,
+        tap: args.tap,
         withhold_features: (destination && args.fail_destination)
             .then_some(1u64 << VIRTIO_NET_F_MRG_RXBUF),
     }
@@ -128,6 +135,10 @@ fn report(vm: &Vm, g: &GuestSide) -> Report {
     Report {
         events: vm.events.events(),
         wire: vm.wire.counters(),
+        host_answered: match &vm.responder {
+            Some(r) => r.answered,
+            None => vm.wire.counters().requests.iter().sum(),
+        },
         app: g.app.counters,
         unanswered: g.app.unanswered(),
         nf_log: g.nf.log.clone(),
@@ -156,6 +167,9 @@ fn spawn_destination(args: &Args, sock: &PathBuf) -> Result<Child, String> {
     }
     if let Some(p) = &args.config {
         c.arg("--config").arg(p);
+    }
+    if args.tap {
+        c.arg("--tap");
     }
     c.spawn()
         .map_err(|e| format!("cannot start the destination process: {e}"))
@@ -187,7 +201,10 @@ fn source(args: &Args) -> Result<ExitCode, String> {
         .accept()
         .map_err(|e| format!("the destination did not connect: {e}"))?;
 
-    let mut vm = Vm::new(spec(args, false), &topo, out.clone());
+    if args.tap {
+        host::enter_namespace().map_err(|e| e.to_string())?;
+    }
+    let mut vm = Vm::new(spec(args, false), &topo, out.clone())?;
     vm.power_on();
     let mut g = vm.boot();
     out.note(
@@ -351,6 +368,9 @@ fn finish(
                 "replies": { "standby": c.replies[0], "primary": c.replies[1] },
                 "lost": lost,
                 "corrupted_or_unexpected": c.bad,
+                "tap": args.tap,
+                "host_answered": { "source": src.host_answered, "destination": dst.as_ref().map(|d| d.host_answered) },
+                "foreign_frames": c.foreign,
                 "source_wire": src.wire,
                 "destination_wire": dst.as_ref().map(|d| d.wire),
                 "guest_seconds": last.guest_time.as_secs_f64(),
@@ -375,14 +395,22 @@ fn finish(
         );
         println!("  lost               {lost:>6}");
         println!("  corrupted          {:>6}", c.bad);
+        let answered = |r: &Report| r.host_answered;
         println!(
-            "  source host        {:>6} frames lost in the primary's port when it left",
-            src.wire.lost_in_port
+            "  host answered      {:>6} on the source, {:>6} on the destination{}",
+            answered(&src),
+            dst.as_ref().map_or(0, answered),
+            if args.tap {
+                " (a Linux bridge per side)"
+            } else {
+                ""
+            }
         );
-        if let Some(d) = &dst {
+        if !args.tap {
             println!(
-                "  destination host   {:>6} frames lost in a port",
-                d.wire.lost_in_port
+                "  lost in a port     {:>6} on the source (the primary's, when it left), {:>6} on the destination",
+                src.wire.lost_in_port,
+                dst.as_ref().map_or(0, |d| d.wire.lost_in_port)
             );
         }
         println!(
@@ -406,7 +434,10 @@ fn destination(args: &Args, sock: &PathBuf) -> Result<ExitCode, String> {
     let mut s = UnixStream::connect(sock)
         .map_err(|e| format!("cannot connect to the source at {}: {e}", sock.display()))?;
     let (topo, _) = Topology::load(args.config.as_deref())?;
-    let mut vm = Vm::new(spec(args, true), &topo, out.clone());
+    if args.tap {
+        host::enter_namespace().map_err(|e| e.to_string())?;
+    }
+    let mut vm = Vm::new(spec(args, true), &topo, out.clone())?;
     // The standby is attached by its restore; the machine is ready for the
     // coordinator's registrations (it plugs nothing before negotiation).
     vm.coord.machine_ready();

@@ -34,8 +34,10 @@ pub enum Msg {
 pub struct Report {
     /// The coordinator's events.
     pub events: Vec<TimedEvent>,
-    /// The host network's counters.
+    /// The host network's counters (the in-process wire; zero with `--tap`).
     pub wire: WireCounters,
+    /// Requests the host answered (the wire's, or the bridge responder's).
+    pub host_answered: u64,
     /// The guest program's counters (cumulative: they migrate with it).
     pub app: AppCounters,
     /// Requests still without a reply at the end.

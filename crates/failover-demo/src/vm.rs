@@ -18,7 +18,7 @@ use failover::{Coordinator, EventLog, Primary, PrimaryLink, Slot, Standby};
 use pcie_hotplug::{HotplugSlot, RootPort, RootPortBuilder, RootPortState};
 use test_guest::{Guest, GuestRam, IrqQueue, NetFailover, Pciehp, Slave, Timings, VirtualClock};
 use virtio_net_standby::testing::{GuestMem, TestMemory};
-use virtio_net_standby::{NetState, StandbyNet, StandbyNetBuilder};
+use virtio_net_standby::{NetBackend, NetState, StandbyNet, StandbyNetBuilder, Tap};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice, VirtioPciState};
 use vmm_pci::{PciHandle, PciRoot};
 
@@ -34,19 +34,25 @@ const DRIVER_MEMORY: (u64, u64) = (1 << 20, RAM_SIZE);
 /// The ping's cadence.
 pub const PING_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The network device type.
-pub type Net = StandbyNet<GuestMem, crate::wire::WireBackend>;
+/// The network device type: over the demo's wire, or a tap.
+pub type Net = StandbyNet<GuestMem, Box<dyn NetBackend>>;
 /// A virtio-net PCI function.
 pub type NetFn = VirtioPciDevice<GuestMem, Net>;
 
 /// The make-before-break switch of the stand-in: its LINK_UP bit, which the
-/// device reports to the guest with a config interrupt.
-struct StandInLink(Arc<Mutex<NetFn>>);
+/// device reports to the guest with a config interrupt; with `--tap`, its tap
+/// too (the bridge forgets the port).
+struct StandInLink(Arc<Mutex<NetFn>>, bool);
 
 impl PrimaryLink for StandInLink {
     fn set_link(&self, up: bool) -> io::Result<()> {
-        let f = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        f.device().set_link_up(up);
+        {
+            let f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            f.device().set_link_up(up);
+        }
+        if self.1 {
+            crate::host::set_port(crate::host::PRIMARY_TAP, up)?;
+        }
         Ok(())
     }
 }
@@ -68,6 +74,9 @@ impl GuestRam for Ram {
 pub struct Spec {
     /// Take the primary's link down before its unplug.
     pub make_before_break: bool,
+    /// Real taps on a bridge in a network namespace of this process's own,
+    /// instead of the in-process wire (see [`crate::host`]).
+    pub tap: bool,
     /// The standby offers this many fewer feature bits (a destination whose
     /// device is older): `Some(mask)` clears `mask` from the offer.
     pub withhold_features: Option<u64>,
@@ -131,9 +140,17 @@ pub struct Vm {
     pub mac: [u8; 6],
     /// The standby's id.
     pub standby_id: String,
+    /// With `--tap`: the host on the bridge.
+    pub responder: Option<crate::host::Responder>,
     woken: Arc<AtomicBool>,
     standby_tx: u64,
     nf_printed: usize,
+}
+
+/// A backend that never carries anything (stands in for a tap that failed to
+/// open, until the error is reported).
+fn wire_less() -> crate::wire::WireBackend {
+    Wire::new([0; 6]).backend(Slave::Standby)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -142,8 +159,7 @@ fn net_fn(
     mac: [u8; 6],
     standby: bool,
     withhold: u64,
-    wire: &Wire,
-    port: Slave,
+    backend: &dyn Fn() -> Box<dyn NetBackend>,
     mem: &TestMemory,
     irqs: &Arc<IrqQueue>,
 ) -> Arc<Mutex<NetFn>> {
@@ -153,13 +169,13 @@ fn net_fn(
             .id(id)
             .mac(mac)
             .standby(standby)
-            .build(vec![wire.backend(port)])
+            .build(vec![backend()])
             .expect("the demo's device configuration is valid");
         let bits = offer.offered_features().bits() & !withhold;
         b = b.features(virtio_net_standby::Features::from_bits(bits));
     }
     let net: Net = b
-        .build(vec![wire.backend(port)])
+        .build(vec![backend()])
         .expect("the demo's device configuration is valid");
     let f = VirtioPciBuilder::new()
         .id(id)
@@ -171,7 +187,7 @@ fn net_fn(
 impl Vm {
     /// Builds the machine and registers the pair with the coordinator;
     /// `out` prints every event as it is delivered.
-    pub fn new(spec: Spec, topo: &Topology, out: Out) -> Vm {
+    pub fn new(spec: Spec, topo: &Topology, out: Out) -> Result<Vm, String> {
         let clock = VirtualClock::new();
         let mem = TestMemory::new(RAM_SIZE);
         let irqs = IrqQueue::new();
@@ -186,13 +202,32 @@ impl Vm {
             .waker(move || w.store(true, Ordering::SeqCst))
             .build();
         let withhold = spec.withhold_features.unwrap_or(0);
+        let tap_error = Arc::new(Mutex::new(None::<String>));
+        let backend = |port: Slave| -> Box<dyn Fn() -> Box<dyn NetBackend>> {
+            if spec.tap {
+                let name = match port {
+                    Slave::Standby => crate::host::STANDBY_TAP,
+                    Slave::Primary => crate::host::PRIMARY_TAP,
+                };
+                let err = tap_error.clone();
+                Box::new(move || match Tap::open(name) {
+                    Ok(t) => Box::new(t) as Box<dyn NetBackend>,
+                    Err(e) => {
+                        *err.lock().unwrap() = Some(format!("cannot open tap {name}: {e}"));
+                        Box::new(wire_less()) as Box<dyn NetBackend>
+                    }
+                })
+            } else {
+                let w = wire.clone();
+                Box::new(move || Box::new(w.backend(port)) as Box<dyn NetBackend>)
+            }
+        };
         let standby = net_fn(
             &topo.standby_id,
             topo.standby_mac,
             true,
             withhold,
-            &wire,
-            Slave::Standby,
+            &*backend(Slave::Standby),
             &mem,
             &irqs,
         );
@@ -201,11 +236,24 @@ impl Vm {
             topo.primary_mac,
             false,
             0,
-            &wire,
-            Slave::Primary,
+            &*backend(Slave::Primary),
             &mem,
             &irqs,
         );
+        if let Some(e) = tap_error.lock().unwrap().take() {
+            return Err(e);
+        }
+        let responder = if spec.tap {
+            for name in [crate::host::STANDBY_TAP, crate::host::PRIMARY_TAP] {
+                crate::host::attach(name).map_err(|e| format!("tap {name}: {e}"))?;
+            }
+            Some(
+                crate::host::Responder::open(topo.standby_mac)
+                    .map_err(|e| format!("the host's packet socket: {e}"))?,
+            )
+        } else {
+            None
+        };
         standby
             .lock()
             .unwrap()
@@ -242,10 +290,10 @@ impl Vm {
         )
         .mac(topo.primary_mac);
         if spec.make_before_break {
-            p = p.link(Arc::new(StandInLink(primary.clone())));
+            p = p.link(Arc::new(StandInLink(primary.clone(), spec.tap)));
         }
         coord.add_primary(p).expect("the primary registers");
-        Vm {
+        Ok(Vm {
             clock,
             ram: Ram(mem),
             root: Arc::new(root),
@@ -263,7 +311,8 @@ impl Vm {
             woken,
             standby_tx: 0,
             nf_printed: 0,
-        }
+            responder,
+        })
     }
 
     /// Power on: the standby is cold-plugged, the machine is ready (the
@@ -346,13 +395,29 @@ impl Vm {
         if present {
             fns.push(&self.primary);
         }
-        for f in fns {
+        let mut sent = 0;
+        for f in &fns {
             let f = f.lock().unwrap();
             let dev = f.device();
             if dev.is_active()
                 && let Some(qp) = dev.queue_pair(0)
             {
+                let before = qp.counters().tx_frames;
                 qp.process_tx();
+                sent += qp.counters().tx_frames - before;
+            }
+        }
+        if let Some(r) = &mut self.responder {
+            // The kernel answers within the write that carried the request;
+            // a few milliseconds cover a softirq that runs late.
+            r.respond(sent as usize, 5);
+        }
+        for f in &fns {
+            let f = f.lock().unwrap();
+            let dev = f.device();
+            if dev.is_active()
+                && let Some(qp) = dev.queue_pair(0)
+            {
                 qp.process_rx();
             }
         }

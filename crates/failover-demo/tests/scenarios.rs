@@ -192,3 +192,32 @@ fn the_pair_comes_from_a_json_teaming_configuration() {
         [("source", "hostdev7"), ("destination", "hostdev7")]
     );
 }
+
+/// `--tap` needs root (a network namespace, taps, a bridge) and ip(8); CI
+/// runs as root with iproute2. Elsewhere it says why it skips.
+#[test]
+fn with_real_taps_on_a_bridge_nothing_is_lost() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if !root || !ip || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: --tap needs root, ip(8) and /dev/net/tun");
+        return;
+    }
+    let r = run(&["--tap"]);
+    let s = r.summary();
+    assert_eq!(r.code, 0, "{s}");
+    assert_eq!(s["tap"], true);
+    assert_eq!(count(&s["lost"]), 0);
+    let sent = count(&s["requests_sent"]["primary"]) + count(&s["requests_sent"]["standby"]);
+    let answered = count(&s["host_answered"]["source"]) + count(&s["host_answered"]["destination"]);
+    assert_eq!(sent, answered, "{s}");
+    assert!(
+        r.events("source")
+            .contains(&"PRIMARY_LINK_DOWN".to_string())
+    );
+}
