@@ -27,6 +27,18 @@
 //! [`Coordinator::run_deferred`] (or that thread, or any later coordinator
 //! call, whichever comes first); the events of a VMM call are delivered on its
 //! thread before it returns.
+//!
+//! A primary's link hook ([`PrimaryLink`], make before break) is called like a
+//! slot: never with the coordinator's lock held, never inside a completion
+//! (a link change a completion calls for is deferred work too), and with no
+//! slot locked. Calls for one primary are serialized by a lock of their own
+//! (taken before the coordinator's, never while a slot is locked), so they
+//! reach the VMM in the order they were decided. The hook may call the
+//! coordinator: the slot and link calls that causes are deferred (the hook's
+//! lock is held and its caller waits), its events are delivered.
+//! [`Coordinator::standby_traffic`] comes from the standby's transmit path,
+//! maybe inside a guest's queue notify: it is treated as a completion (its
+//! slot call and events wait for `run_deferred`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -1061,7 +1073,6 @@ impl Inner {
         let p = &self.primaries[idx];
         if p.state == PrimaryState::LinkDown && p.switch_deadline.is_some() {
             self.switch(idx, true);
-            self.advance();
         }
     }
 
@@ -1936,6 +1947,20 @@ impl Coordinator {
     /// unplug, or failed when a slot refused: see the handle's reason). See
     /// [`migration`](crate::migration) for the states.
     ///
+    /// A primary with a link hook ([`Primary::link`]) is switched first
+    /// (make before break): its link goes down (`PRIMARY_LINK_DOWN`, state
+    /// [`PrimaryState::LinkDown`]), and its unplug is requested when its
+    /// standby transmits ([`standby_traffic`](Self::standby_traffic)) or when
+    /// the switch wait runs out ([`CoordinatorBuilder::switch_wait`], on the
+    /// [`deadline`](Self::deadline) timer): `SWITCHED_TO_STANDBY`, then
+    /// `UNPLUG_PRIMARY`. A hook that fails is logged and the primary is
+    /// unplugged at once. A cancel or failure brings every link it took down
+    /// back up (`PRIMARY_LINK_UP`), before the primary is plugged back if it
+    /// left. After `complete()` the link stays down with the primary gone.
+    ///
+    /// [`prepare_outgoing_to`](Self::prepare_outgoing_to) checks the
+    /// destination first.
+    ///
     /// Refused while another outgoing migration or an incoming one is in
     /// progress.
     pub fn prepare_outgoing(&self) -> migration::Result<OutgoingMigration> {
@@ -2052,7 +2077,8 @@ impl Coordinator {
 
     /// When the coordinator's timer must fire, on the coordinator's clock
     /// (which must be the ports' clock, the VM's run-time clock): the earliest
-    /// of when the current migration's wait gives up and the
+    /// of when the current migration's wait gives up, when the switch wait of
+    /// a primary whose link is down runs out (make before break), and the
     /// [`next_deadline`](pcie_hotplug::HotplugSlot::next_deadline) of the
     /// slot of each primary being unplugged (a cancel the port resolves by
     /// time alone). Arm a timer for it and call
@@ -2070,10 +2096,12 @@ impl Coordinator {
             .min()
     }
 
-    /// The VMM's timer for [`deadline`](Self::deadline) fired: a migration
-    /// still in wait-unplug fails (and its unplugs are withdrawn); one still
-    /// cancelling stops waiting and is cancelled. Early or repeated calls do
-    /// nothing.
+    /// The VMM's timer for [`deadline`](Self::deadline) fired: a primary
+    /// whose switch wait ran out without traffic on its standby is unplugged
+    /// (`SWITCHED_TO_STANDBY` with `traffic_seen: false`, then
+    /// `UNPLUG_PRIMARY`); a migration still in wait-unplug fails (and its
+    /// unplugs are withdrawn); one still cancelling stops waiting and is
+    /// cancelled. Early or repeated calls do nothing.
     ///
     /// First it calls [`poll`](pcie_hotplug::HotplugSlot::poll) on the slot
     /// of each primary being unplugged (each slot locked in turn, the
