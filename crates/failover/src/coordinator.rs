@@ -2043,6 +2043,9 @@ impl Coordinator {
     /// a guest's register write (a queue notify): it makes no slot call and
     /// delivers no event itself; both wait for
     /// [`run_deferred`](Self::run_deferred), and the waker is called.
+    ///
+    /// Traffic counts once the link hook's down call has returned (a frame
+    /// on the standby before that is not taken as the switch).
     pub fn standby_traffic(&self, standby: &str) {
         if !self.shared.switching.load(Ordering::Acquire) {
             return;
@@ -2946,6 +2949,76 @@ mod tests {
         );
         assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
         assert_eq!(r.coord.deadline(), None);
+    }
+
+    #[test]
+    fn link_calls_for_one_primary_never_overlap_and_keep_their_order() {
+        let r = rig(1, true);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let busy = Arc::new(AtomicBool::new(false));
+        let (c, b) = (calls.clone(), busy.clone());
+        r.plugged_with_link(
+            0,
+            Arc::new(move |up: bool| {
+                assert!(!b.swap(true, Ordering::SeqCst), "two calls at once");
+                c.lock().unwrap().push(up);
+                if !up {
+                    // The PF is slow to answer.
+                    entered_tx.send(()).unwrap();
+                    release_rx.lock().unwrap().recv().unwrap();
+                }
+                b.store(false, Ordering::SeqCst);
+                Ok(())
+            }),
+        );
+        let coord = r.coord.clone();
+        let preparing = std::thread::spawn(move || coord.prepare_outgoing().unwrap());
+        entered.recv().unwrap();
+        // The management layer cancels from another thread meanwhile: its
+        // link call waits for the down call to return.
+        let id = r.coord.shared.lock().outgoing.as_ref().unwrap().id;
+        let m = OutgoingMigration {
+            shared: r.coord.shared.clone(),
+            id,
+        };
+        let cancelling = std::thread::spawn(move || m.cancel());
+        std::thread::sleep(Duration::from_millis(20));
+        release.send(()).unwrap();
+        cancelling.join().unwrap().unwrap();
+        let m = preparing.join().unwrap();
+        r.coord.run_deferred();
+        assert_eq!(m.state(), MigrationState::Cancelled);
+        assert_eq!(*calls.lock().unwrap(), [false, true]);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+        let links: Vec<Event> = r
+            .events
+            .kinds()
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::PrimaryLinkDown { .. } | Event::PrimaryLinkUp { .. }
+                )
+            })
+            .collect();
+        assert_eq!(
+            links,
+            [
+                Event::PrimaryLinkDown {
+                    primary: "hostdev0".into()
+                },
+                Event::PrimaryLinkUp {
+                    primary: "hostdev0".into()
+                }
+            ]
+        );
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
     }
 
     #[test]
