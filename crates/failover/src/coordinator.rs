@@ -27,6 +27,18 @@
 //! [`Coordinator::run_deferred`] (or that thread, or any later coordinator
 //! call, whichever comes first); the events of a VMM call are delivered on its
 //! thread before it returns.
+//!
+//! A primary's link hook ([`PrimaryLink`], make before break) is called like a
+//! slot: never with the coordinator's lock held, never inside a completion
+//! (a link change a completion calls for is deferred work too), and with no
+//! slot locked. Calls for one primary are serialized by a lock of their own
+//! (taken before the coordinator's, never while a slot is locked), so they
+//! reach the VMM in the order they were decided. The hook may call the
+//! coordinator: the slot and link calls that causes are deferred (the hook's
+//! lock is held and its caller waits), its events are delivered.
+//! [`Coordinator::standby_traffic`] comes from the standby's transmit path,
+//! maybe inside a guest's queue notify: it is treated as a completion (its
+//! slot call and events wait for `run_deferred`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -1061,7 +1073,6 @@ impl Inner {
         let p = &self.primaries[idx];
         if p.state == PrimaryState::LinkDown && p.switch_deadline.is_some() {
             self.switch(idx, true);
-            self.advance();
         }
     }
 
@@ -1936,6 +1947,20 @@ impl Coordinator {
     /// unplug, or failed when a slot refused: see the handle's reason). See
     /// [`migration`](crate::migration) for the states.
     ///
+    /// A primary with a link hook ([`Primary::link`]) is switched first
+    /// (make before break): its link goes down (`PRIMARY_LINK_DOWN`, state
+    /// [`PrimaryState::LinkDown`]), and its unplug is requested when its
+    /// standby transmits ([`standby_traffic`](Self::standby_traffic)) or when
+    /// the switch wait runs out ([`CoordinatorBuilder::switch_wait`], on the
+    /// [`deadline`](Self::deadline) timer): `SWITCHED_TO_STANDBY`, then
+    /// `UNPLUG_PRIMARY`. A hook that fails is logged and the primary is
+    /// unplugged at once. A cancel or failure brings every link it took down
+    /// back up (`PRIMARY_LINK_UP`), before the primary is plugged back if it
+    /// left. After `complete()` the link stays down with the primary gone.
+    ///
+    /// [`prepare_outgoing_to`](Self::prepare_outgoing_to) checks the
+    /// destination first.
+    ///
     /// Refused while another outgoing migration or an incoming one is in
     /// progress.
     pub fn prepare_outgoing(&self) -> migration::Result<OutgoingMigration> {
@@ -2018,6 +2043,9 @@ impl Coordinator {
     /// a guest's register write (a queue notify): it makes no slot call and
     /// delivers no event itself; both wait for
     /// [`run_deferred`](Self::run_deferred), and the waker is called.
+    ///
+    /// Traffic counts once the link hook's down call has returned (a frame
+    /// on the standby before that is not taken as the switch).
     pub fn standby_traffic(&self, standby: &str) {
         if !self.shared.switching.load(Ordering::Acquire) {
             return;
@@ -2052,7 +2080,8 @@ impl Coordinator {
 
     /// When the coordinator's timer must fire, on the coordinator's clock
     /// (which must be the ports' clock, the VM's run-time clock): the earliest
-    /// of when the current migration's wait gives up and the
+    /// of when the current migration's wait gives up, when the switch wait of
+    /// a primary whose link is down runs out (make before break), and the
     /// [`next_deadline`](pcie_hotplug::HotplugSlot::next_deadline) of the
     /// slot of each primary being unplugged (a cancel the port resolves by
     /// time alone). Arm a timer for it and call
@@ -2070,10 +2099,12 @@ impl Coordinator {
             .min()
     }
 
-    /// The VMM's timer for [`deadline`](Self::deadline) fired: a migration
-    /// still in wait-unplug fails (and its unplugs are withdrawn); one still
-    /// cancelling stops waiting and is cancelled. Early or repeated calls do
-    /// nothing.
+    /// The VMM's timer for [`deadline`](Self::deadline) fired: a primary
+    /// whose switch wait ran out without traffic on its standby is unplugged
+    /// (`SWITCHED_TO_STANDBY` with `traffic_seen: false`, then
+    /// `UNPLUG_PRIMARY`); a migration still in wait-unplug fails (and its
+    /// unplugs are withdrawn); one still cancelling stops waiting and is
+    /// cancelled. Early or repeated calls do nothing.
     ///
     /// First it calls [`poll`](pcie_hotplug::HotplugSlot::poll) on the slot
     /// of each primary being unplugged (each slot locked in turn, the
@@ -2167,7 +2198,7 @@ impl FeaturesListener for Coordinator {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
     use pcie_hotplug::{HotplugSlot, RootPort, RootPortBuilder};
     use vmm_pci::PciFunction;
@@ -2229,12 +2260,27 @@ mod tests {
         }
 
         fn primary(&self, i: usize) -> registry::Result<()> {
-            self.coord.add_primary(Primary::new(
+            self.coord.add_primary(self.primary_config(i))
+        }
+
+        fn primary_config(&self, i: usize) -> Primary {
+            Primary::new(
                 format!("hostdev{i}"),
                 format!("net{i}"),
                 self.devices[i].clone(),
                 Slot::port(format!("rp{i}"), &self.ports[i]),
-            ))
+            )
+        }
+
+        /// Pair `i` registered with a link hook and plugged in the guest.
+        fn plugged_with_link(&self, i: usize, link: Arc<dyn PrimaryLink>) {
+            self.standby(i, true).unwrap();
+            self.coord
+                .add_primary(self.primary_config(i).link(link))
+                .unwrap();
+            self.ack(i, STANDBY, false);
+            self.guest_enables(i);
+            self.coord.run_deferred();
         }
 
         fn ack(&self, i: usize, features: u64, restored: bool) {
@@ -2696,6 +2742,328 @@ mod tests {
         assert!(format!("{:?}", r.coord).contains("primaries: 1"));
     }
 
+    #[test]
+    fn standby_traffic_is_a_no_op_while_nothing_waits() {
+        let r = rig(2, true);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        // Before anything is registered.
+        r.coord.standby_traffic("net0");
+        r.plugged_with_link(
+            0,
+            Arc::new(move |up: bool| {
+                c.lock().unwrap().push(up);
+                Ok(())
+            }),
+        );
+        r.standby(1, true).unwrap();
+        r.primary(1).unwrap();
+        r.ack(1, STANDBY, false);
+        r.guest_enables(1);
+        r.coord.run_deferred();
+        let quiet = |r: &Rig| {
+            let (events, wakes) = (r.events.kinds().len(), r.wakes.load(Ordering::SeqCst));
+            r.coord.standby_traffic("net0");
+            r.coord.standby_traffic("net1");
+            r.coord.standby_traffic("nope");
+            assert!(!r.coord.shared.switching.load(Ordering::SeqCst));
+            assert_eq!(r.events.kinds().len(), events);
+            assert_eq!(r.wakes.load(Ordering::SeqCst), wakes);
+            assert!(r.coord.shared.lock().deferred.is_empty());
+        };
+        // Plugged, no migration.
+        quiet(&r);
+        // hostdev1 (no hook) is being unplugged, hostdev0 waits: traffic on
+        // net1 is nobody's signal, and changes nothing.
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert!(r.coord.shared.switching.load(Ordering::SeqCst));
+        let wakes = r.wakes.load(Ordering::SeqCst);
+        r.coord.standby_traffic("net1");
+        assert_eq!(r.wakes.load(Ordering::SeqCst), wakes);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::LinkDown)
+        );
+        // net0's traffic switches it; from then on nothing waits again.
+        r.coord.standby_traffic("net0");
+        assert_eq!(r.wakes.load(Ordering::SeqCst), wakes + 1);
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Unplugging)
+        );
+        quiet(&r);
+        m.cancel().unwrap();
+        quiet(&r);
+        assert_eq!(*calls.lock().unwrap(), [false, true]);
+    }
+
+    #[test]
+    fn the_link_hook_runs_with_no_lock_held_and_may_call_back() {
+        let r = rig(2, true);
+        let coord: Arc<Mutex<Option<Coordinator>>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, n, port0) = (coord.clone(), calls.clone(), r.ports[0].clone());
+        r.plugged_with_link(
+            0,
+            Arc::new(move |up: bool| {
+                n.fetch_add(1, Ordering::SeqCst);
+                let c = c.lock().unwrap().clone().unwrap();
+                // Neither the coordinator's lock nor the primary's slot is
+                // held (by this thread or any other).
+                assert!(c.shared.inner.try_lock().is_ok(), "called under the lock");
+                assert!(port0.try_lock().is_ok(), "called with the slot locked");
+                // Calling back works; what it queues for slots waits.
+                let state = c.primary_state("hostdev0");
+                assert_eq!(
+                    state,
+                    Some(if up {
+                        PrimaryState::Plugged
+                    } else {
+                        PrimaryState::LinkDown
+                    })
+                );
+                let _ = c.deadline();
+                assert!(c.ready_to_save().is_err() != up);
+                c.standby_traffic("net0");
+                assert_eq!(c.run_deferred(), 0, "no slot call from inside the hook");
+                c.check_deadline();
+                if !up {
+                    assert!(matches!(
+                        c.prepare_outgoing(),
+                        Err(migration::Error::OutgoingInProgress { .. })
+                    ));
+                } else {
+                    // The guest acknowledges STANDBY on net1 meanwhile (the
+                    // migration was cancelled): its plug is deferred, not
+                    // made from inside the hook.
+                    c.features_acked(&FeaturesAcked {
+                        device_id: "net1".into(),
+                        device_type: 1,
+                        features: STANDBY,
+                        restored: false,
+                    });
+                }
+                Ok(())
+            }),
+        );
+        *coord.lock().unwrap() = Some(r.coord.clone());
+        r.standby(1, true).unwrap();
+        r.primary(1).unwrap();
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // While the hook ran the link was not down yet: its own traffic
+        // call was no signal.
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::LinkDown)
+        );
+        assert!(r.coord.shared.switching.load(Ordering::SeqCst));
+        let wakes = r.wakes.load(Ordering::SeqCst);
+        m.cancel().unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(m.state(), MigrationState::Cancelled);
+        assert!(r.wakes.load(Ordering::SeqCst) > wakes);
+        assert!(!r.in_slot(1), "the plug waits for run_deferred");
+        assert_eq!(r.coord.run_deferred(), 1);
+        assert!(r.in_slot(1));
+        let tail: Vec<Event> = r.events.kinds().into_iter().rev().take(4).collect();
+        assert_eq!(
+            tail,
+            [
+                // Reported once the call that caused it returned.
+                Event::PrimaryLinkUp {
+                    primary: "hostdev0".into()
+                },
+                Event::FailoverNegotiated {
+                    standby: "net1".into()
+                },
+                Event::Migration {
+                    status: MigrationState::Cancelled,
+                    reason: None
+                },
+                Event::Migration {
+                    status: MigrationState::Cancelling,
+                    reason: None
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hook_that_cancels_the_migration_leaves_the_link_up() {
+        let r = rig(1, true);
+        let coord: Arc<Mutex<Option<Coordinator>>> = Arc::default();
+        let ups = Arc::new(Mutex::new(Vec::new()));
+        let (c, u) = (coord.clone(), ups.clone());
+        r.plugged_with_link(
+            0,
+            Arc::new(move |up: bool| {
+                u.lock().unwrap().push(up);
+                let Some(c) = c.lock().unwrap().clone() else {
+                    return Ok(());
+                };
+                if !up {
+                    // From inside the down call (the management layer
+                    // cancels): the link call this causes waits until this
+                    // one has returned.
+                    let id = c.shared.lock().outgoing.as_ref().unwrap().id;
+                    let m = OutgoingMigration {
+                        shared: c.shared.clone(),
+                        id,
+                    };
+                    m.cancel().unwrap();
+                    assert_eq!(m.state(), MigrationState::Cancelled);
+                }
+                Ok(())
+            }),
+        );
+        *coord.lock().unwrap() = Some(r.coord.clone());
+        r.events.take();
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(m.state(), MigrationState::Cancelled);
+        assert_eq!(*ups.lock().unwrap(), [false, true]);
+        r.coord.run_deferred();
+        assert_eq!(*ups.lock().unwrap(), [false, true], "no third call");
+        let status = |status| Event::Migration {
+            status,
+            reason: None,
+        };
+        assert_eq!(
+            r.events.kinds(),
+            [
+                status(MigrationState::Setup),
+                status(MigrationState::Cancelling),
+                status(MigrationState::Cancelled),
+                Event::PrimaryLinkDown {
+                    primary: "hostdev0".into()
+                },
+                Event::PrimaryLinkUp {
+                    primary: "hostdev0".into()
+                },
+            ]
+        );
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
+        assert_eq!(r.coord.deadline(), None);
+    }
+
+    #[test]
+    fn link_calls_for_one_primary_never_overlap_and_keep_their_order() {
+        let r = rig(1, true);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let busy = Arc::new(AtomicBool::new(false));
+        let (c, b) = (calls.clone(), busy.clone());
+        r.plugged_with_link(
+            0,
+            Arc::new(move |up: bool| {
+                assert!(!b.swap(true, Ordering::SeqCst), "two calls at once");
+                c.lock().unwrap().push(up);
+                if !up {
+                    // The PF is slow to answer.
+                    entered_tx.send(()).unwrap();
+                    release_rx.lock().unwrap().recv().unwrap();
+                }
+                b.store(false, Ordering::SeqCst);
+                Ok(())
+            }),
+        );
+        let coord = r.coord.clone();
+        let preparing = std::thread::spawn(move || coord.prepare_outgoing().unwrap());
+        entered.recv().unwrap();
+        // The management layer cancels from another thread meanwhile: its
+        // link call waits for the down call to return.
+        let id = r.coord.shared.lock().outgoing.as_ref().unwrap().id;
+        let m = OutgoingMigration {
+            shared: r.coord.shared.clone(),
+            id,
+        };
+        let cancelling = std::thread::spawn(move || m.cancel());
+        std::thread::sleep(Duration::from_millis(20));
+        release.send(()).unwrap();
+        cancelling.join().unwrap().unwrap();
+        let m = preparing.join().unwrap();
+        r.coord.run_deferred();
+        assert_eq!(m.state(), MigrationState::Cancelled);
+        assert_eq!(*calls.lock().unwrap(), [false, true]);
+        assert_eq!(
+            r.coord.primary_state("hostdev0"),
+            Some(PrimaryState::Plugged)
+        );
+        let links: Vec<Event> = r
+            .events
+            .kinds()
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::PrimaryLinkDown { .. } | Event::PrimaryLinkUp { .. }
+                )
+            })
+            .collect();
+        assert_eq!(
+            links,
+            [
+                Event::PrimaryLinkDown {
+                    primary: "hostdev0".into()
+                },
+                Event::PrimaryLinkUp {
+                    primary: "hostdev0".into()
+                }
+            ]
+        );
+        assert_eq!(r.ports[0].lock().unwrap().counters().button_presses, 1);
+    }
+
+    #[test]
+    fn a_failing_link_hook_is_logged_and_the_unplug_goes_on() {
+        let r = rig(1, true);
+        r.plugged_with_link(
+            0,
+            Arc::new(|up: bool| {
+                if up {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("no PF"))
+                }
+            }),
+        );
+        r.events.take();
+        let m = r.coord.prepare_outgoing().unwrap();
+        assert_eq!(
+            r.events.take_kinds(),
+            [
+                Event::Migration {
+                    status: MigrationState::Setup,
+                    reason: None
+                },
+                Event::UnplugPrimary {
+                    primary: "hostdev0".into()
+                },
+                Event::Migration {
+                    status: MigrationState::WaitUnplug,
+                    reason: None
+                },
+            ]
+        );
+        assert!(!r.coord.shared.switching.load(Ordering::SeqCst));
+        m.cancel().unwrap();
+        // The link is brought up (it may be half down) but no
+        // PRIMARY_LINK_UP is claimed for a down that never was.
+        assert!(
+            !r.events
+                .kinds()
+                .iter()
+                .any(|e| matches!(e, Event::PrimaryLinkUp { .. }))
+        );
+    }
+
     /// Every VMM call in any order, with guest register writes between them:
     /// nothing panics, and the migration rules hold.
     #[test]
@@ -2709,12 +3077,24 @@ mod tests {
         };
         for _ in 0..300 {
             let r = rig(2, true);
+            // Make before break on the primaries registered with a hook.
+            let up: Vec<Arc<AtomicBool>> =
+                (0..2).map(|_| Arc::new(AtomicBool::new(true))).collect();
+            let link = |i: usize| -> Arc<dyn PrimaryLink> {
+                let (up, port) = (up[i].clone(), r.ports[i].clone());
+                Arc::new(move |u: bool| {
+                    assert!(port.try_lock().is_ok(), "called with the slot locked");
+                    up.store(u, Ordering::SeqCst);
+                    Ok(())
+                })
+            };
             let mut handles: Vec<OutgoingMigration> = Vec::new();
-            for _ in 0..60 {
+            for _ in 0..150 {
                 let i = next(2) as usize;
-                match next(17) {
+                match next(18) {
                     0 => drop(r.standby(i, next(4) != 0)),
-                    1 => drop(r.primary(i)),
+                    1 if next(2) == 0 => drop(r.primary(i)),
+                    1 => drop(r.coord.add_primary(r.primary_config(i).link(link(i)))),
                     2 => r.coord.machine_ready(),
                     3 => r.ack(
                         i,
@@ -2740,6 +3120,7 @@ mod tests {
                         r.coord.check_deadline();
                     }
                     15 => drop(r.coord.run_deferred()),
+                    16 => r.coord.standby_traffic(&format!("net{i}")),
                     _ => drop(r.coord.ready_to_save()),
                 }
                 let live = handles.iter().filter(|m| !m.state().is_terminal()).count();
@@ -2748,6 +3129,28 @@ mod tests {
                     if m.state().is_terminal() {
                         assert_eq!(m.deadline(), None);
                     }
+                }
+            }
+            // Once the deferred work is done, every link is where it is
+            // wanted, and up for a primary in (or going into) the guest.
+            while r.coord.run_deferred() > 0 {}
+            let i = r.coord.shared.lock();
+            for p in &i.primaries {
+                if p.link.is_none() {
+                    continue;
+                }
+                let idx: usize = p.id["hostdev".len()..].parse().unwrap();
+                assert_eq!(
+                    up[idx].load(Ordering::SeqCst),
+                    !p.link_want_down,
+                    "{}",
+                    p.id
+                );
+                if matches!(p.state, PrimaryState::Plugged | PrimaryState::Plugging) {
+                    assert!(!p.link_want_down, "{} is {:?}", p.id, p.state);
+                }
+                if p.state == PrimaryState::LinkDown {
+                    assert!(i.migration_going_ahead(), "{} left LinkDown", p.id);
                 }
             }
         }

@@ -26,6 +26,25 @@
 //!   guest that never ejects ([`UnplugWait`], 30 s by default), and on cancel
 //!   or failure withdraws the unplugs the guest has not acted on and plugs
 //!   back every primary that left.
+//! - **Make before break** ([`Primary::link`], a [`PrimaryLink`] the VMM
+//!   implements): QEMU unplugs the primary while it still carries the guest's
+//!   traffic, and frames in flight are lost. With a link hook the coordinator
+//!   takes the primary's link down first (`PRIMARY_LINK_DOWN`), so the guest's
+//!   `net_failover` moves its transmit path to the standby, and requests the
+//!   unplug when the standby transmits ([`Coordinator::standby_traffic`]) or
+//!   after the switch wait ([`DEFAULT_SWITCH_WAIT`], 200 ms):
+//!   `SWITCHED_TO_STANDBY`, then `UNPLUG_PRIMARY`. A cancel or failure brings
+//!   the link back up (`PRIMARY_LINK_UP`) before any replug. A failing hook is
+//!   logged and the primary unplugged at once: the switch is an optimisation,
+//!   the unplug is what the migration needs.
+//! - **Pre-flight** ([`Coordinator::destination_offer`] on the destination,
+//!   [`Coordinator::preflight`] or [`Coordinator::prepare_outgoing_to`] on the
+//!   source): before anything is unplugged, the source checks that the
+//!   destination has each standby, with failover on where the guest
+//!   negotiated STANDBY, offering every feature bit the guest acknowledged,
+//!   and a primary for each negotiated pair (unless allowed absent). Every
+//!   problem is reported at once ([`MigrationError::Preflight`]); QEMU
+//!   unplugs first and can lose the guest.
 //! - **Migration, destination** ([`Coordinator::prepare_incoming`],
 //!   [`Coordinator::complete_incoming`]): the restored standby's
 //!   acknowledgement arrives by the same route; the primary is plugged before

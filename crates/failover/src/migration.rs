@@ -16,6 +16,18 @@
 //!    └─(nothing to unplug)──► active ──cancel()/fail()──────────► cancelled / failed
 //! ```
 //!
+//! With make before break ([`Primary::link`](crate::Primary::link)) a
+//! primary's part of wait-unplug starts with its link going down
+//! (`PrimaryState::LinkDown`); its unplug is requested when its standby
+//! transmits or after [`DEFAULT_SWITCH_WAIT`]. A cancel or failure then brings
+//! the link back up; nothing was asked of the slot, and the primary never
+//! leaves.
+//!
+//! [`Coordinator::prepare_outgoing_to`](crate::Coordinator::prepare_outgoing_to)
+//! first checks the destination's [`DestinationOffer`] (pre-flight): a
+//! destination that cannot take the pairs is refused with every problem at
+//! once ([`Error::Preflight`]), before anything is unplugged.
+//!
 //! It leaves wait-unplug the moment the guest's register write that ejects the
 //! last primary completes (QEMU re-checks every 250 ms). A guest that never
 //! ejects fails the migration after [`UnplugWait`] (30 s by default; QEMU waits

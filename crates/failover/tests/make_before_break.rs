@@ -454,3 +454,45 @@ fn each_pair_switches_on_its_own_standbys_traffic() {
     assert_eq!(vm.guest_view(&g), [(true, false), (true, false)]);
     assert_eq!(link.ups(), [(false, true)]);
 }
+
+/// Beside it, the break before make QEMU does (no hook): after
+/// UNPLUG_PRIMARY the guest keeps transmitting on the primary for the whole
+/// of Linux's 5 s button delay, until the very moment it removes the device,
+/// so whatever is in flight then is lost. With the hook not one frame goes
+/// out on the primary after the unplug is requested.
+#[test]
+fn without_a_hook_the_guest_transmits_on_the_primary_until_it_leaves() {
+    let count = |hooked: bool| {
+        let (vm, mut g, links, _mem) = if hooked {
+            running_with_links(Spec::default())
+        } else {
+            let mem = TestMemory::new(4 << 20);
+            let vm = Vm::new(Spec::default(), &mem, &VirtualClock::new());
+            vm.register_all(true);
+            let mut g = vm.boot(GUEST_FAILOVER);
+            vm.settle(&mut g, SETTLE);
+            // Never registered: always up, as a primary without a hook.
+            let link = RecordingLink::for_pair(&vm, 0);
+            (vm, g, vec![link], mem)
+        };
+        vm.events.take();
+        let m = vm.coord.prepare_outgoing().unwrap();
+        let mut on_primary_after_request = 0;
+        while m.state() == S::WaitUnplug {
+            vm.run_for(&mut g, Duration::from_millis(50));
+            let requested = vm.events.kinds().contains(&unplug_primary("primary0"));
+            let on_primary = send_frame(&vm, &g, &links[0], 0);
+            if requested && on_primary {
+                on_primary_after_request += 1;
+            }
+            vm.service(&mut g);
+            assert!(vm.clock.now() < SETTLE * 2, "{:#?}", vm.events.kinds());
+        }
+        assert_eq!(m.state(), S::Active);
+        on_primary_after_request
+    };
+    assert_eq!(count(true), 0);
+    // 5 s of button delay at 50 ms cadence, give or take the unbind.
+    let without = count(false);
+    assert!((95..=105).contains(&without), "{without}");
+}
