@@ -1010,7 +1010,7 @@ impl Inner {
             Err(e) if !up => {
                 p.link_reported = false;
                 log::warn!(
-                    "failover: cannot take primary '{primary}''s link down ({e}); it is \
+                    "failover: cannot take the link of primary '{primary}' down ({e}); it is \
                      unplugged without switching to its standby first (frames in flight may be \
                      lost)"
                 );
@@ -1018,7 +1018,7 @@ impl Inner {
             Err(e) => {
                 p.link_reported = false;
                 log::warn!(
-                    "failover: cannot bring primary '{primary}''s link back up ({e}); the guest \
+                    "failover: cannot bring the link of primary '{primary}' back up ({e}); the guest \
                      keeps transmitting on its standby until the link is restored"
                 );
             }

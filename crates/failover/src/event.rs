@@ -292,10 +292,10 @@ impl fmt::Display for Event {
             }
             Event::PrimaryLinkDown { primary } => write!(
                 f,
-                "took primary '{primary}''s link down: the guest moves its traffic to the standby"
+                "took the link of primary '{primary}' down: the guest moves its traffic to the standby"
             ),
             Event::PrimaryLinkUp { primary } => {
-                write!(f, "brought primary '{primary}''s link back up")
+                write!(f, "brought the link of primary '{primary}' back up")
             }
             Event::SwitchedToStandby {
                 standby,
