@@ -65,8 +65,10 @@ struct Args {
     /// frames that make-before-break saves (and exits 1 when any is lost).
     #[arg(long)]
     no_make_before_break: bool,
-    /// How the primary leaves: pciehp (Linux's native PCIe hot-plug, the
-    /// only one the root ports model).
+    /// How the primary leaves: `pciehp`, the guest's attention-button path
+    /// (Linux's 5 s delay), or `surprise`, out at once (the port reports
+    /// Hot-Plug Surprise), safe because make-before-break moved the guest
+    /// first.
     #[arg(long, value_enum, default_value_t = Hotplug::Pciehp)]
     hotplug: Hotplug,
     /// The pair, as a teaming configuration in libvirt's vocabulary (TOML or
@@ -97,6 +99,8 @@ struct Args {
 enum Hotplug {
     /// PCIe native hot-plug with Linux's pciehp.
     Pciehp,
+    /// Surprise removal.
+    Surprise,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,7 @@ fn spec(args: &Args, destination: bool) -> Spec {
     Spec {
         make_before_break: !args.no_make_before_break,
         tap: args.tap,
+        surprise: args.hotplug == Hotplug::Surprise,
         withhold_features: (destination && args.fail_destination)
             .then_some(1u64 << VIRTIO_NET_F_MRG_RXBUF),
     }
@@ -170,6 +175,9 @@ fn spawn_destination(args: &Args, sock: &PathBuf) -> Result<Child, String> {
     }
     if args.tap {
         c.arg("--tap");
+    }
+    if args.hotplug == Hotplug::Surprise {
+        c.args(["--hotplug", "surprise"]);
     }
     c.spawn()
         .map_err(|e| format!("cannot start the destination process: {e}"))

@@ -74,6 +74,9 @@ impl GuestRam for Ram {
 pub struct Spec {
     /// Take the primary's link down before its unplug.
     pub make_before_break: bool,
+    /// Migration removes the primary by surprise instead of through the
+    /// guest's attention-button path.
+    pub surprise: bool,
     /// Real taps on a bridge in a network namespace of this process's own,
     /// instead of the in-process wire (see [`crate::host`]).
     pub tap: bool,
@@ -262,6 +265,7 @@ impl Vm {
             Arc::new(Mutex::new(
                 RootPortBuilder::new(name, slot)
                     .port_number(slot as u8)
+                    .surprise(spec.surprise)
                     .clock(clock.now_fn())
                     .build(irqs.clone()),
             ))
@@ -286,7 +290,7 @@ impl Vm {
             topo.primary_id.clone(),
             topo.standby_id.clone(),
             handle,
-            Slot::port(topo.primary_slot.clone(), &primary_port),
+            Slot::port(topo.primary_slot.clone(), &primary_port).surprise(spec.surprise),
         )
         .mac(topo.primary_mac);
         if spec.make_before_break {

@@ -221,3 +221,32 @@ fn with_real_taps_on_a_bridge_nothing_is_lost() {
             .contains(&"PRIMARY_LINK_DOWN".to_string())
     );
 }
+
+/// The guest time of `side`'s first MIGRATION event with `status`.
+fn status_at(r: &Run, side: &str, status: &str) -> f64 {
+    let l = r
+        .lines
+        .iter()
+        .find(|l| l["side"] == side && l["event"] == "MIGRATION" && l["data"]["status"] == status)
+        .unwrap_or_else(|| panic!("no {status} on the {side}"));
+    l["timestamp"]["seconds"].as_f64().unwrap()
+        + l["timestamp"]["microseconds"].as_f64().unwrap() / 1e6
+}
+
+#[test]
+fn surprise_removal_after_make_before_break_ends_wait_unplug_at_once() {
+    let r = run(&["--hotplug", "surprise"]);
+    let s = r.summary();
+    assert_eq!(r.code, 0, "{s}");
+    assert_eq!(count(&s["lost"]), 0);
+    let waited = status_at(&r, "source", "active") - status_at(&r, "source", "wait-unplug");
+    // One ping interval for the guest's first frame on the standby, then out.
+    assert!(
+        (0.0..0.05).contains(&waited),
+        "wait-unplug took {waited} s of guest time"
+    );
+    let pciehp = run(&[]);
+    let waited_pciehp =
+        status_at(&pciehp, "source", "active") - status_at(&pciehp, "source", "wait-unplug");
+    assert!(waited_pciehp > 5.0, "{waited_pciehp}");
+}

@@ -1508,9 +1508,9 @@ impl Shared {
             i.primaries
                 .get(idx)
                 .filter(|p| p.op == op)
-                .map(|p| (p.slot.slot.clone(), p.device.clone()))
+                .map(|p| (p.slot.slot.clone(), p.device.clone(), p.slot.surprise))
         };
-        let Some((slot, device)) = target else {
+        let Some((slot, device, surprise)) = target else {
             return;
         };
         let mut then = Vec::new();
@@ -1533,6 +1533,24 @@ impl Shared {
                     // A refusal of an earlier request may have failed the
                     // migration since this one was decided.
                     if !self.record(&mut then, |i| i.unplug_still_wanted(idx, op)) {
+                        break 'locked;
+                    }
+                    if surprise {
+                        // Out at once; the guest finds the slot empty.
+                        match s.surprise_remove() {
+                            Ok(_) => {
+                                self.record(&mut then, |i| i.unplug_requested(idx, op));
+                                self.record(&mut then, |i| {
+                                    i.completed(idx, op, Op::Unplug, HotplugOutcome::Unplugged)
+                                });
+                            }
+                            Err(pcie_hotplug::Error::Empty(_)) => {
+                                self.record(&mut then, |i| i.already_out(idx, op))
+                            }
+                            Err(e) => {
+                                self.record(&mut then, |i| i.unplug_refused(idx, op, e.to_string()))
+                            }
+                        }
                         break 'locked;
                     }
                     match s.request_unplug() {

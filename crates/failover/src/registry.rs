@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use pcie_hotplug::{HotplugSlot, RootPort};
 use vmm_pci::config::{CAP_ID_PCIE, CAPABILITIES_POINTER, STATUS, STATUS_CAP_LIST};
-use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC};
+use vmm_pci::pcie::{FLAGS, FLAGS_SLOT, SLTCAP, SLTCAP_HPC, SLTCAP_HPS};
 use vmm_pci::{PciFunction, PciHandle};
 
 use crate::event::MacAddress;
@@ -120,6 +120,18 @@ pub enum Error {
         /// The slot's name.
         slot: String,
     },
+    /// The slot was asked to unplug by surprise but cannot.
+    #[error(
+        "primary '{primary}': slot '{slot}' cannot remove a device by surprise (its Slot \
+         Capabilities lack Hot-Plug Surprise); build its port with surprise(true), or unplug \
+         with the guest's cooperation"
+    )]
+    NoSurprise {
+        /// The primary's id.
+        primary: String,
+        /// The slot's name.
+        slot: String,
+    },
     /// The slot is already another registered primary's.
     #[error(
         "primary '{primary}': slot '{slot}' is already primary '{other}'s; give each primary \
@@ -207,6 +219,10 @@ pub struct Slot {
     pub(crate) name: String,
     pub(crate) slot: SharedSlot,
     pub(crate) hotplug: bool,
+    /// Its Slot Capabilities say Hot-Plug Surprise (always for [`Slot::new`]).
+    pub(crate) surprise_capable: bool,
+    /// Migration removes the primary by surprise ([`Slot::surprise`]).
+    pub(crate) surprise: bool,
     /// The slot is a [`RootPort`]: the coordinator installs its guest-removal
     /// callback when it registers the primary.
     pub(crate) port: Option<Arc<Mutex<RootPort>>>,
@@ -237,9 +253,9 @@ impl Slot {
         name: impl Into<String>,
         port: &Arc<Mutex<P>>,
     ) -> Self {
-        let hotplug = {
+        let (hotplug, surprise_capable) = {
             let mut p = port.lock().unwrap_or_else(|e| e.into_inner());
-            slot_can_hotplug(&mut *p)
+            slot_capabilities(&mut *p)
         };
         let any: &dyn Any = port;
         let root_port = any.downcast_ref::<Arc<Mutex<RootPort>>>().cloned();
@@ -248,6 +264,8 @@ impl Slot {
             name: name.into(),
             slot,
             hotplug,
+            surprise_capable,
+            surprise: false,
             port: root_port,
         }
     }
@@ -259,8 +277,30 @@ impl Slot {
             name: name.into(),
             slot,
             hotplug,
+            surprise_capable: true,
+            surprise: false,
             port: None,
         }
+    }
+
+    /// Migration takes the primary out by surprise
+    /// ([`HotplugSlot::surprise_remove`]) instead of asking the guest: the
+    /// device leaves at once, the guest finds its slot empty (Presence Detect
+    /// Changed) and wait-unplug ends there, not after Linux's 5 s
+    /// attention-button delay. Frames the primary still carries are lost with
+    /// it, so give the primary a [`PrimaryLink`] hook: with make before break
+    /// the guest has moved to the standby first. A plug (the replug after a
+    /// cancel, the destination's plug) is the usual one. The port must report
+    /// Hot-Plug Surprise (`RootPortBuilder::surprise(true)`); registration
+    /// refuses it otherwise.
+    pub fn surprise(mut self, on: bool) -> Self {
+        self.surprise = on;
+        self
+    }
+
+    /// Whether migration removes the primary by surprise.
+    pub fn is_surprise(&self) -> bool {
+        self.surprise
     }
 
     /// The slot's name, as errors and events use it.
@@ -373,6 +413,12 @@ impl Primary {
                 slot: self.slot.name.clone(),
             });
         }
+        if self.slot.surprise && !self.slot.surprise_capable {
+            return Err(Error::NoSurprise {
+                primary: self.id.clone(),
+                slot: self.slot.name.clone(),
+            });
+        }
         Ok(())
     }
 }
@@ -386,23 +432,28 @@ fn config_u32(f: &mut dyn PciFunction, offset: u16) -> u32 {
 /// Whether the bridge `f`'s slot can hot-plug: its PCI Express capability
 /// says Slot Implemented and Slot Capabilities has Hot-Plug Capable. The
 /// capability list is walked as a guest walks it (at most 48 entries).
-fn slot_can_hotplug(f: &mut dyn PciFunction) -> bool {
+/// (Hot-Plug Capable, Hot-Plug Surprise) from a port's registers.
+fn slot_capabilities(f: &mut dyn PciFunction) -> (bool, bool) {
     if config_u32(f, STATUS) as u16 & STATUS_CAP_LIST == 0 {
-        return false;
+        return (false, false);
     }
     let mut ptr = config_u32(f, CAPABILITIES_POINTER) as u8 as u16 & !3;
     for _ in 0..48 {
         if ptr < 0x40 {
-            return false;
+            return (false, false);
         }
         let head = config_u32(f, ptr) as u16;
         if head as u8 == CAP_ID_PCIE {
             let flags = config_u32(f, ptr + FLAGS) as u16;
-            return flags & FLAGS_SLOT != 0 && config_u32(f, ptr + SLTCAP) & SLTCAP_HPC != 0;
+            if flags & FLAGS_SLOT == 0 {
+                return (false, false);
+            }
+            let cap = config_u32(f, ptr + SLTCAP);
+            return (cap & SLTCAP_HPC != 0, cap & SLTCAP_HPS != 0);
         }
         ptr = (head >> 8) & !3;
     }
-    false
+    (false, false)
 }
 
 #[cfg(test)]
@@ -421,12 +472,44 @@ mod tests {
     }
 
     #[test]
+    fn a_surprise_slot_needs_a_port_with_hot_plug_surprise() {
+        let refused = Primary::new(
+            "hostdev0",
+            "net1",
+            StubEndpoint::vf(),
+            port("rp1", true).surprise(true),
+        );
+        assert_eq!(
+            refused.check().unwrap_err().to_string(),
+            "primary 'hostdev0': slot 'rp1' cannot remove a device by surprise (its Slot \
+             Capabilities lack Hot-Plug Surprise); build its port with surprise(true), or unplug \
+             with the guest's cooperation"
+        );
+        let p = Arc::new(Mutex::new(
+            RootPortBuilder::new("rp2", 2)
+                .surprise(true)
+                .build(Arc::new(RecordingMsi::default())),
+        ));
+        let slot = Slot::port("rp2", &p).surprise(true);
+        assert!(slot.is_surprise());
+        assert!(
+            Primary::new("hostdev0", "net1", StubEndpoint::vf(), slot)
+                .check()
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn a_port_says_whether_its_slot_can_hotplug() {
         assert!(port("rp1", true).hotplug_capable());
+        assert!(
+            !port("rp1", true).surprise_capable,
+            "RootPortBuilder's default"
+        );
         assert!(!port("rp2", false).hotplug_capable());
         // An endpoint has no slot at all.
         let ep = StubEndpoint::vf();
-        assert!(!slot_can_hotplug(&mut *ep.lock().unwrap()));
+        assert_eq!(slot_capabilities(&mut *ep.lock().unwrap()), (false, false));
     }
 
     #[test]
