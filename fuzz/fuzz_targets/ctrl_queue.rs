@@ -42,7 +42,12 @@ enum Op {
         head: u16,
     },
     /// A well-known command with well-formed data (so the handlers run).
-    Known { which: u8, arg: u16, macs: Vec<[u8; 6]>, head: u16 },
+    Known {
+        which: u8,
+        arg: u16,
+        macs: Vec<[u8; 6]>,
+        head: u16,
+    },
     /// Anything to the rings.
     Raw(QueueOp),
 }
@@ -68,7 +73,13 @@ fn table(macs: &[[u8; 6]]) -> Option<(Vec<[u8; 6]>, bool, usize)> {
 /// What the filter must be after `class, cmd, data` answered OK; `None` if the
 /// command cannot succeed. `Some(None)`: succeeds without a filter change.
 /// The second value: the command is unambiguous, so it must succeed.
-fn model(f: Features, before: &RxFilter, class: u8, cmd: u8, data: &[u8]) -> (Option<RxFilter>, bool) {
+fn model(
+    f: Features,
+    before: &RxFilter,
+    class: u8,
+    cmd: u8,
+    data: &[u8],
+) -> (Option<RxFilter>, bool) {
     let mut after = before.clone();
     let class = u32::from(class);
     let cmd = u32::from(cmd);
@@ -92,7 +103,9 @@ fn model(f: Features, before: &RxFilter, class: u8, cmd: u8, data: &[u8]) -> (Op
             if !f.has(VIRTIO_NET_F_CTRL_MAC_ADDR) {
                 return (None, false);
             }
-            let Ok(mac) = <[u8; 6]>::try_from(data) else { return (None, false) };
+            let Ok(mac) = <[u8; 6]>::try_from(data) else {
+                return (None, false);
+            };
             after.mac = mac;
             (Some(after), true)
         }
@@ -114,8 +127,12 @@ fn model(f: Features, before: &RxFilter, class: u8, cmd: u8, data: &[u8]) -> (Op
                 let (m, over, _) = table(&macs)?;
                 Some((m, over, end))
             };
-            let Some((uni, uo, next)) = read(0) else { return (None, false) };
-            let Some((multi, mo, end)) = read(next) else { return (None, false) };
+            let Some((uni, uo, next)) = read(0) else {
+                return (None, false);
+            };
+            let Some((multi, mo, end)) = read(next) else {
+                return (None, false);
+            };
             if end != data.len() {
                 return (None, false);
             }
@@ -126,7 +143,9 @@ fn model(f: Features, before: &RxFilter, class: u8, cmd: u8, data: &[u8]) -> (Op
             (Some(after), true)
         }
         VIRTIO_NET_CTRL_VLAN if f.has(VIRTIO_NET_F_CTRL_VLAN) => {
-            let Ok(v) = <[u8; 2]>::try_from(data) else { return (None, false) };
+            let Ok(v) = <[u8; 2]>::try_from(data) else {
+                return (None, false);
+            };
             let vid = u16::from_le_bytes(v);
             let allow = match cmd {
                 VIRTIO_NET_CTRL_VLAN_ADD => true,
@@ -165,11 +184,28 @@ fuzz_target!(|input: Input| {
                 layout,
                 head,
             } => (*class, *cmd, data.clone(), Some(layout), *head),
-            Op::Known { which, arg, macs, head } => {
+            Op::Known {
+                which,
+                arg,
+                macs,
+                head,
+            } => {
                 let (class, cmd, data) = match which % 6 {
-                    0 => (VIRTIO_NET_CTRL_RX, *arg as u32 % 6, vec![(*arg >> 8) as u8 & 1]),
-                    1 => (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, macs.first().copied().unwrap_or([2, 0, 0, 0, 0, 1]).to_vec()),
-                    2 => (VIRTIO_NET_CTRL_VLAN, u32::from(arg & 1), ((arg >> 1) % 4200).to_le_bytes().to_vec()),
+                    0 => (
+                        VIRTIO_NET_CTRL_RX,
+                        *arg as u32 % 6,
+                        vec![(*arg >> 8) as u8 & 1],
+                    ),
+                    1 => (
+                        VIRTIO_NET_CTRL_MAC,
+                        VIRTIO_NET_CTRL_MAC_ADDR_SET,
+                        macs.first().copied().unwrap_or([2, 0, 0, 0, 0, 1]).to_vec(),
+                    ),
+                    2 => (
+                        VIRTIO_NET_CTRL_VLAN,
+                        u32::from(arg & 1),
+                        ((arg >> 1) % 4200).to_le_bytes().to_vec(),
+                    ),
                     3 => {
                         let split = usize::from(*arg) % (macs.len() + 1);
                         let mut d = (split as u32).to_le_bytes().to_vec();
@@ -178,8 +214,16 @@ fuzz_target!(|input: Input| {
                         macs[split..].iter().for_each(|m| d.extend_from_slice(m));
                         (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, d)
                     }
-                    4 => (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, arg.to_le_bytes().to_vec()),
-                    _ => (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, vec![]),
+                    4 => (
+                        VIRTIO_NET_CTRL_MQ,
+                        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                        arg.to_le_bytes().to_vec(),
+                    ),
+                    _ => (
+                        VIRTIO_NET_CTRL_ANNOUNCE,
+                        VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+                        vec![],
+                    ),
                 };
                 (class as u8, cmd as u8, data, None, *head)
             }
@@ -233,7 +277,10 @@ fuzz_target!(|input: Input| {
         let after = (*rig.dev.rx_filter()).clone();
         if !well_formed {
             if ack_len == 0 || ack_first {
-                assert_eq!(len, 0, "a chain without room for the ack was used with length {len}");
+                assert_eq!(
+                    len, 0,
+                    "a chain without room for the ack was used with length {len}"
+                );
                 assert_eq!(after, before, "a malformed command changed the filter");
             }
             continue;
@@ -244,7 +291,10 @@ fuzz_target!(|input: Input| {
         assert!(ack == OK || ack == ERR, "ack byte {ack:#x}");
         let (expect, must) = model(features, &before, class, cmd, &data);
         if ack == ERR {
-            assert_eq!(after, before, "command {class}/{cmd} failed but changed the filter");
+            assert_eq!(
+                after, before,
+                "command {class}/{cmd} failed but changed the filter"
+            );
             assert!(
                 !must || expect.is_none(),
                 "command {class}/{cmd} {data:x?} refused though negotiated and well formed"
@@ -253,9 +303,16 @@ fuzz_target!(|input: Input| {
             let Some(expect) = expect else {
                 panic!("command {class}/{cmd} {data:x?} answered OK but cannot succeed");
             };
-            assert_eq!(after, expect, "command {class}/{cmd} {data:x?} left the filter wrong");
+            assert_eq!(
+                after, expect,
+                "command {class}/{cmd} {data:x?} left the filter wrong"
+            );
             if class as u32 == VIRTIO_NET_CTRL_MAC && cmd as u32 == VIRTIO_NET_CTRL_MAC_ADDR_SET {
-                assert_eq!(rig.dev.config().mac, after.mac, "MAC set in the filter, not the config");
+                assert_eq!(
+                    rig.dev.config().mac,
+                    after.mac,
+                    "MAC set in the filter, not the config"
+                );
             }
         }
         // Tables never exceed their size; an overflowed table is empty.

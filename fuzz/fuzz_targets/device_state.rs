@@ -41,7 +41,10 @@ fn net() -> Net {
     StandbyNetBuilder::new()
         .queue_pairs(2)
         .queue_size(64)
-        .build(vec![RecordingBackend::default(), RecordingBackend::default()])
+        .build(vec![
+            RecordingBackend::default(),
+            RecordingBackend::default(),
+        ])
         .expect("net device")
 }
 
@@ -73,8 +76,14 @@ fn space() -> ConfigSpace {
         class: ClassCode::ETHERNET,
     };
     let mut cs = ConfigSpace::new(HeaderType::Endpoint, &ids, true);
-    cs.add_bar(0, BarKind::Memory32 { prefetchable: false }, 0x1000)
-        .expect("bar 0");
+    cs.add_bar(
+        0,
+        BarKind::Memory32 {
+            prefetchable: false,
+        },
+        0x1000,
+    )
+    .expect("bar 0");
     cs.add_bar(2, BarKind::Memory64 { prefetchable: true }, 0x4000)
         .expect("bar 2");
     cs

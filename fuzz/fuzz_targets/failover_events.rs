@@ -44,9 +44,14 @@ enum Op {
     CheckDeadline,
     RunDeferred,
     /// The guest masks (or unmasks) pair `pair`'s primary port interrupt.
-    Mask { pair: u8, masked: bool },
+    Mask {
+        pair: u8,
+        masked: bool,
+    },
     /// The guest powers pair `pair`'s primary slot off (sysfs `power` 0).
-    PowerOff { pair: u8 },
+    PowerOff {
+        pair: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -69,7 +74,10 @@ fn check_events(vm: &Vm, side: &str) {
             Event::PrimaryPlugged { primary } => {
                 match enabled.iter_mut().find(|(p, _)| p == primary) {
                     Some((_, on)) => {
-                        assert!(!*on, "{side}: event {i}: '{primary}' reported enabled twice: {events:#?}");
+                        assert!(
+                            !*on,
+                            "{side}: event {i}: '{primary}' reported enabled twice: {events:#?}"
+                        );
                         *on = true;
                     }
                     None => enabled.push((primary.clone(), true)),
@@ -82,10 +90,15 @@ fn check_events(vm: &Vm, side: &str) {
             }
             Event::Migration { status, .. } => {
                 if let Some(prev) = last_migration {
-                    assert_ne!(prev, *status, "{side}: event {i}: migration status {status} twice: {events:#?}");
+                    assert_ne!(
+                        prev, *status,
+                        "{side}: event {i}: migration status {status} twice: {events:#?}"
+                    );
                     if matches!(
                         prev,
-                        MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+                        MigrationState::Completed
+                            | MigrationState::Failed
+                            | MigrationState::Cancelled
                     ) {
                         assert_eq!(
                             *status,
@@ -102,7 +115,11 @@ fn check_events(vm: &Vm, side: &str) {
     // A primary last reported enabled is in its slot.
     for p in &vm.pairs {
         if enabled.iter().any(|(id, on)| *id == p.primary_id && *on) {
-            assert!(p.primary_in_slot(), "{side}: '{}' reported enabled but not in its slot", p.primary_id);
+            assert!(
+                p.primary_in_slot(),
+                "{side}: '{}' reported enabled but not in its slot",
+                p.primary_id
+            );
         }
     }
 }
@@ -139,7 +156,11 @@ fuzz_target!(|input: Input| {
         },
         ..Spec::default()
     };
-    let features = if input.standby_guest { GUEST_FAILOVER } else { GUEST_NO_STANDBY };
+    let features = if input.standby_guest {
+        GUEST_FAILOVER
+    } else {
+        GUEST_NO_STANDBY
+    };
     let mem = TestMemory::new(4 << 20);
     let clock = VirtualClock::new();
     let vm = Vm::new(spec(), &mem, &clock);
@@ -176,7 +197,8 @@ fuzz_target!(|input: Input| {
             Op::Mask { pair, masked } => {
                 let p = &vm.pairs[usize::from(*pair) % vm.pairs.len()];
                 if let Some(msi) = cap(&g, p.primary_port_bdf, CAP_ID_MSI) {
-                    g.env.cfg_write(p.primary_port_bdf, msi + 0x10, 4, u32::from(*masked));
+                    g.env
+                        .cfg_write(p.primary_port_bdf, msi + 0x10, 4, u32::from(*masked));
                 }
             }
             Op::PowerOff { pair } => {
@@ -206,7 +228,9 @@ fuzz_target!(|input: Input| {
                     &clock,
                 );
                 for p in &dst.pairs {
-                    dst.coord.add_standby(p.standby_config(true)).expect("standby");
+                    dst.coord
+                        .add_standby(p.standby_config(true))
+                        .expect("standby");
                     dst.coord.add_primary(p.primary_config()).expect("primary");
                 }
                 dst.coord.prepare_incoming().expect("incoming");
@@ -217,7 +241,10 @@ fuzz_target!(|input: Input| {
                 check_events(&dst, "destination");
                 let (src_slots, dst_slots) = (vm.slots(), dst.slots());
                 for (i, neg) in negotiated(&dst).iter().enumerate() {
-                    assert!(!(src_slots[i] && dst_slots[i]), "pair {i}: the primary is on both sides");
+                    assert!(
+                        !(src_slots[i] && dst_slots[i]),
+                        "pair {i}: the primary is on both sides"
+                    );
                     if *neg {
                         assert!(
                             dst_slots[i] && !src_slots[i],
@@ -234,13 +261,20 @@ fuzz_target!(|input: Input| {
         check_events(&vm, "source");
         // The end of a migration path that stays on the source.
         if let Some(mig) = &m {
-            if matches!(mig.state(), MigrationState::Cancelled | MigrationState::Failed) {
+            if matches!(
+                mig.state(),
+                MigrationState::Cancelled | MigrationState::Failed
+            ) {
                 calm(&vm, &mut g);
                 check_events(&vm, "source");
                 let slots = vm.slots();
                 for (i, neg) in negotiated(&vm).iter().enumerate() {
                     if *neg {
-                        assert!(slots[i], "pair {i}: the primary is not back after a {} migration", mig.state());
+                        assert!(
+                            slots[i],
+                            "pair {i}: the primary is not back after a {} migration",
+                            mig.state()
+                        );
                     }
                 }
                 m = None;

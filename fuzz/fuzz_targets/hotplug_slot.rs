@@ -40,7 +40,10 @@ enum Op {
     Service,
     /// A raw guest write into the PCI Express capability: Slot Control (0),
     /// Slot Status (1), Link Control (2), or the MSI capability's mask (3).
-    Raw { reg: u8, value: u16 },
+    Raw {
+        reg: u8,
+        value: u16,
+    },
     /// A raw guest read of Slot Control or Slot Status.
     Read(bool),
 }
@@ -159,7 +162,11 @@ impl Rig {
             let n = r.fired.load(Ordering::SeqCst);
             assert!(n <= 1, "request {i} ({:?}) completed {n} times", r.kind);
             let outcome = r.completion.outcome();
-            assert_eq!(outcome.is_some(), n == 1, "request {i}: outcome {outcome:?} but {n} callbacks");
+            assert_eq!(
+                outcome.is_some(),
+                n == 1,
+                "request {i}: outcome {outcome:?} but {n} callbacks"
+            );
             let Some(outcome) = outcome else {
                 unresolved.push(i);
                 continue;
@@ -171,22 +178,44 @@ impl Rig {
             // The outcome is true right after the step that resolved it.
             match (r.kind, outcome) {
                 (Kind::Plug, HotplugOutcome::Plugged) => {
-                    assert_eq!(in_slot, Some(r.device), "plug {i} says Plugged but the device is not in the slot");
-                    assert!(state.present && state.powered, "plug {i} says Plugged in a slot {state:?}");
+                    assert_eq!(
+                        in_slot,
+                        Some(r.device),
+                        "plug {i} says Plugged but the device is not in the slot"
+                    );
+                    assert!(
+                        state.present && state.powered,
+                        "plug {i} says Plugged in a slot {state:?}"
+                    );
                 }
                 (Kind::Plug, HotplugOutcome::Cancelled | HotplugOutcome::Aborted) => {
-                    assert_ne!(in_slot, Some(r.device), "plug {i} says {outcome:?} but the device is in the slot");
+                    assert_ne!(
+                        in_slot,
+                        Some(r.device),
+                        "plug {i} says {outcome:?} but the device is in the slot"
+                    );
                 }
                 (Kind::Unplug, HotplugOutcome::Unplugged) => {
-                    assert_ne!(in_slot, Some(r.device), "unplug {i} says Unplugged but the device is in the slot");
+                    assert_ne!(
+                        in_slot,
+                        Some(r.device),
+                        "unplug {i} says Unplugged but the device is in the slot"
+                    );
                 }
                 (Kind::Unplug, HotplugOutcome::Cancelled) => {
-                    assert_eq!(in_slot, Some(r.device), "unplug {i} says Cancelled but the device left");
+                    assert_eq!(
+                        in_slot,
+                        Some(r.device),
+                        "unplug {i} says Cancelled but the device left"
+                    );
                 }
                 (k, o) => panic!("request {i}: a {k:?} cannot end {o:?}"),
             }
         }
-        assert!(unresolved.len() <= 1, "requests {unresolved:?} unresolved at once");
+        assert!(
+            unresolved.len() <= 1,
+            "requests {unresolved:?} unresolved at once"
+        );
         match (state.pending, unresolved.first()) {
             (None, None) => {}
             (Some(op), Some(&i)) => {
@@ -195,13 +224,20 @@ impl Rig {
                     Operation::Plug => Kind::Plug,
                     Operation::Unplug => Kind::Unplug,
                 };
-                assert_eq!(k, want, "the slot says {op} pending, the unresolved request is a {k:?}");
+                assert_eq!(
+                    k, want,
+                    "the slot says {op} pending, the unresolved request is a {k:?}"
+                );
             }
             (p, u) => panic!("the slot says pending {p:?}, unresolved request {u:?}"),
         }
         // A cancel's completion is its unplug's.
         for (c, i) in &self.cancels {
-            assert_eq!(c.outcome(), self.requests[*i].completion.outcome(), "a cancel's completion is not its unplug's");
+            assert_eq!(
+                c.outcome(),
+                self.requests[*i].completion.outcome(),
+                "a cancel's completion is not its unplug's"
+            );
         }
         // Reachable on the secondary bus exactly when present and powered.
         let mut b = [0u8; 4];
@@ -237,7 +273,10 @@ fuzz_target!(|input: Input| {
     let mut requests = Vec::new();
     if input.cold {
         let dev = StubEndpoint::vf();
-        port.lock().expect("lock").cold_plug(dev).expect("cold plug");
+        port.lock()
+            .expect("lock")
+            .cold_plug(dev)
+            .expect("cold plug");
     }
     let mut root = PciRoot::new();
     root.add(1, 0, port.clone()).expect("add port");
@@ -283,7 +322,11 @@ fuzz_target!(|input: Input| {
                 let a = rig.device_in_slot().or(rig.held());
                 let r = rig.port().request_unplug();
                 if let Ok(c) = r {
-                    rig.track(Kind::Unplug, a.expect("an unplug accepted for an empty slot with no plug held"), c);
+                    rig.track(
+                        Kind::Unplug,
+                        a.expect("an unplug accepted for an empty slot with no plug held"),
+                        c,
+                    );
                 }
             }
             Op::Cancel => {
@@ -301,8 +344,15 @@ fuzz_target!(|input: Input| {
                 let before = rig.device_in_slot().or(rig.held());
                 let r = rig.port().surprise_remove();
                 if let Ok(h) = r {
-                    assert_eq!(Some(addr(&h)), before, "surprise removal returned another device");
-                    assert!(rig.device_in_slot().is_none(), "the device stayed after a surprise removal");
+                    assert_eq!(
+                        Some(addr(&h)),
+                        before,
+                        "surprise removal returned another device"
+                    );
+                    assert!(
+                        rig.device_in_slot().is_none(),
+                        "the device stayed after a surprise removal"
+                    );
                 }
             }
             Op::Interlock(on) => rig.port().set_interlock(*on),
@@ -332,7 +382,10 @@ fuzz_target!(|input: Input| {
                 "{:?} {op:?}: {st:?} in slot {:?}, outcomes {:?}",
                 rig.clock.now(),
                 rig.device_in_slot(),
-                rig.requests.iter().map(|r| (r.kind, r.completion.outcome())).collect::<Vec<_>>()
+                rig.requests
+                    .iter()
+                    .map(|r| (r.kind, r.completion.outcome()))
+                    .collect::<Vec<_>>()
             );
         }
         rig.check();
@@ -345,7 +398,10 @@ fuzz_target!(|input: Input| {
                 "{:?} settle: {st:?} in slot {:?}, outcomes {:?}",
                 rig.clock.now(),
                 rig.device_in_slot(),
-                rig.requests.iter().map(|r| (r.kind, r.completion.outcome())).collect::<Vec<_>>()
+                rig.requests
+                    .iter()
+                    .map(|r| (r.kind, r.completion.outcome()))
+                    .collect::<Vec<_>>()
             );
         }
         rig.check();

@@ -30,11 +30,21 @@ use vmm_pci::{ConfigSpace, PciFunction};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { off: u16, len: u8 },
-    Write { off: u16, len: u8, value: u32 },
+    Read {
+        off: u16,
+        len: u8,
+    },
+    Write {
+        off: u16,
+        len: u8,
+        value: u32,
+    },
     /// A dword write at a register the function is known for (BARs, command,
     /// capability registers), so the fuzzer reaches them often.
-    Reg { which: u8, value: u32 },
+    Reg {
+        which: u8,
+        value: u32,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -150,7 +160,12 @@ fn caps(f: &mut dyn PciFunction) -> Vec<(u16, u32)> {
 /// The read-only identity: IDs, class and revision, header type, subsystem,
 /// capability pointer, interrupt pin.
 fn identity(f: &mut dyn PciFunction, bridge: bool) -> Vec<u32> {
-    let mut v = vec![r32(f, 0), r32(f, 8), (r32(f, 0xc) >> 16) & 0x7f, r32(f, 0x34) & 0xff];
+    let mut v = vec![
+        r32(f, 0),
+        r32(f, 8),
+        (r32(f, 0xc) >> 16) & 0x7f,
+        r32(f, 0x34) & 0xff,
+    ];
     v.push((r32(f, 0x3c) >> 8) & 0xff);
     if !bridge {
         v.push(r32(f, 0x2c));
@@ -217,10 +232,19 @@ fn check_bars(func: &mut Func, bars: &[Option<Bar>]) {
         let v = r32(f, off);
         let flag_mask = if b.flags & 1 != 0 { 0x3 } else { 0xf };
         assert_eq!(v & flag_mask, b.flags, "BAR {i} flag bits changed: {v:#x}");
-        assert_eq!(v & !flag_mask & !b.mask_lo, 0, "BAR {i} holds address bits below its size: {v:#x} (mask {:#x})", b.mask_lo);
+        assert_eq!(
+            v & !flag_mask & !b.mask_lo,
+            0,
+            "BAR {i} holds address bits below its size: {v:#x} (mask {:#x})",
+            b.mask_lo
+        );
         if let Some(mh) = b.mask_hi {
             let h = r32(f, off + 4);
-            assert_eq!(h & !mh, 0, "BAR {i} upper dword {h:#x} outside its mask {mh:#x}");
+            assert_eq!(
+                h & !mh,
+                0,
+                "BAR {i} upper dword {h:#x} outside its mask {mh:#x}"
+            );
         }
     }
     for r in f.bar_regions().iter().flatten() {
@@ -233,11 +257,24 @@ fn check_bars(func: &mut Func, bars: &[Option<Bar>]) {
         if b.mask_hi.is_some() {
             addr |= u64::from(r32(f, off + 4)) << 32;
         }
-        assert_eq!(r.address, addr, "BAR {} decodes at {:#x} but reads {addr:#x}", r.index, r.address);
-        assert!(r.size.is_power_of_two(), "BAR {} size {:#x}", r.index, r.size);
+        assert_eq!(
+            r.address, addr,
+            "BAR {} decodes at {:#x} but reads {addr:#x}",
+            r.index, r.address
+        );
+        assert!(
+            r.size.is_power_of_two(),
+            "BAR {} size {:#x}",
+            r.index,
+            r.size
+        );
         let sized = bar_size(b);
         if b.flags & 1 == 0 {
-            assert_eq!(r.size, sized, "BAR {} decodes {:#x} bytes but sizes as {sized:#x}", r.index, r.size);
+            assert_eq!(
+                r.size, sized,
+                "BAR {} decodes {:#x} bytes but sizes as {sized:#x}",
+                r.index, r.size
+            );
         }
     }
 }
@@ -284,7 +321,11 @@ fuzz_target!(|input: Input| {
                 let regs: Vec<u16> = (0..6u16)
                     .map(|i| 0x10 + 4 * i)
                     .chain([0x04, 0x18, 0x1c, 0x20, 0x24, 0x3c])
-                    .chain(caps0.iter().flat_map(|(o, _)| [o + 0, o + 4, o + 8, o + 0xc, o + 0x10, o + 0x18]))
+                    .chain(
+                        caps0
+                            .iter()
+                            .flat_map(|(o, _)| [o + 0, o + 4, o + 8, o + 0xc, o + 0x10, o + 0x18]),
+                    )
                     .collect();
                 (regs[usize::from(*which) % regs.len()], 4, *value)
             }
@@ -292,8 +333,9 @@ fuzz_target!(|input: Input| {
         let data = &value.to_le_bytes()[..len];
         let before = func.space().map(raw);
         let status0 = r32(func.f(), 4) >> 16;
-        let masks0: Option<Vec<(u8, u8, u8)>> =
-            func.space().map(|cs| (0..cs.size()).map(|o| masks(cs, o)).collect());
+        let masks0: Option<Vec<(u8, u8, u8)>> = func
+            .space()
+            .map(|cs| (0..cs.size()).map(|o| masks(cs, o)).collect());
         func.f().write_config(off, data);
         // A write never sets a Status bit (the interrupt status is the device's).
         let status1 = r32(func.f(), 4) >> 16;
@@ -318,7 +360,11 @@ fuzz_target!(|input: Input| {
                 // Write-1-to-clear bits are events: the function may set them
                 // (a command completed), only the guest clears them.
                 let events = c & new;
-                let exempt: u8 = exempt.iter().filter(|(b, _)| *b == o).map(|(_, m)| *m).fold(0, |a, m| a | m);
+                let exempt: u8 = exempt
+                    .iter()
+                    .filter(|(b, _)| *b == o)
+                    .map(|(_, m)| *m)
+                    .fold(0, |a, m| a | m);
                 assert_eq!(
                     (new ^ expect) & !dynamic & !events & !exempt,
                     0,
@@ -326,14 +372,27 @@ fuzz_target!(|input: Input| {
                 );
             }
         }
-        assert_eq!(identity(func.f(), bridge), id0, "the identity changed after writing {data:x?} at {off:#x}");
-        assert_eq!(caps(func.f()), caps0, "the capability list changed after writing {data:x?} at {off:#x}");
+        assert_eq!(
+            identity(func.f(), bridge),
+            id0,
+            "the identity changed after writing {data:x?} at {off:#x}"
+        );
+        assert_eq!(
+            caps(func.f()),
+            caps0,
+            "the capability list changed after writing {data:x?} at {off:#x}"
+        );
         check_bars(&mut func, &bars);
     }
     // Sizing at the end reads the masks of the start.
     assert_eq!(
-        learn_bars(func.f(), nbars).iter().map(|b| b.map(|b| (b.flags, b.mask_lo, b.mask_hi))).collect::<Vec<_>>(),
-        bars.iter().map(|b| b.map(|b| (b.flags, b.mask_lo, b.mask_hi))).collect::<Vec<_>>(),
+        learn_bars(func.f(), nbars)
+            .iter()
+            .map(|b| b.map(|b| (b.flags, b.mask_lo, b.mask_hi)))
+            .collect::<Vec<_>>(),
+        bars.iter()
+            .map(|b| b.map(|b| (b.flags, b.mask_lo, b.mask_hi)))
+            .collect::<Vec<_>>(),
         "BAR sizing changed"
     );
 });

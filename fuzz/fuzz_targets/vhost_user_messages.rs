@@ -45,12 +45,22 @@ enum Payload {
     Raw(Vec<u8>),
     U64(u64),
     /// `vhost_vring_state`.
-    State { index: u32, num: u32 },
+    State {
+        index: u32,
+        num: u32,
+    },
     /// `vhost_vring_addr`: index, flags, descriptor, used, available, log.
-    Addr { index: u32, flags: u32, addrs: [u64; 4] },
+    Addr {
+        index: u32,
+        flags: u32,
+        addrs: [u64; 4],
+    },
     /// A memory table: `(guest address, size, user address, mmap offset)` per
     /// region, one memfd each.
-    MemTable { regions: Vec<(u64, u64, u64, u64)>, padding: u8 },
+    MemTable {
+        regions: Vec<(u64, u64, u64, u64)>,
+        padding: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -123,7 +133,11 @@ fn make_fd(kind: Fd, keep: &mut Vec<OwnedFd>) -> RawFd {
             Fd::DevNull => libc::open(c"/dev/null".as_ptr(), libc::O_RDWR),
         }
     };
-    assert!(fd >= 0, "cannot create a descriptor: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "cannot create a descriptor: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: `fd` was just created above and nothing else owns it.
     keep.push(unsafe { OwnedFd::from_raw_fd(fd) });
     fd
@@ -189,7 +203,10 @@ fn step(i: u8, keep: &mut Vec<OwnedFd>) -> (Vec<u8>, Vec<RawFd>) {
     match i % 12 {
         0 => (msg(GET_FEATURES, &[]), vec![]),
         1 => (msg(3, &[]), vec![]),
-        2 => (msg(2, &(u64::MAX >> 2 | 1 << 32 | 1 << 30).to_le_bytes()), vec![]),
+        2 => (
+            msg(2, &(u64::MAX >> 2 | 1 << 32 | 1 << 30).to_le_bytes()),
+            vec![],
+        ),
         3 => (msg(15, &[]), vec![]),
         4 => (msg(16, &0x1ffffu64.to_le_bytes()), vec![]),
         5 => {
@@ -213,21 +230,35 @@ fn step(i: u8, keep: &mut Vec<OwnedFd>) -> (Vec<u8>, Vec<RawFd>) {
             }
             (msg(9, &p), vec![])
         }
-        9 => (msg(13, &u64::from(q).to_le_bytes()), vec![make_fd(Fd::EventFd, keep)]),
-        10 => (msg(12, &u64::from(q).to_le_bytes()), vec![make_fd(Fd::EventFd, keep)]),
+        9 => (
+            msg(13, &u64::from(q).to_le_bytes()),
+            vec![make_fd(Fd::EventFd, keep)],
+        ),
+        10 => (
+            msg(12, &u64::from(q).to_le_bytes()),
+            vec![make_fd(Fd::EventFd, keep)],
+        ),
         _ => (msg(18, &state(q, 1)), vec![]),
     }
 }
 
 fn probe(path: &std::path::Path) {
     let s = UnixStream::connect(path).expect("the server stopped accepting connections");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    (&s).write_all(&header(GET_FEATURES, VERSION, 0)).expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    (&s).write_all(&header(GET_FEATURES, VERSION, 0))
+        .expect("write");
     let mut r = [0u8; 20];
     (&s).read_exact(&mut r)
         .unwrap_or_else(|e| panic!("the next frontend got no answer to GET_FEATURES: {e}"));
-    assert_eq!(u32::from_le_bytes(r[0..4].try_into().expect("4")), GET_FEATURES);
-    assert_ne!(u32::from_le_bytes(r[4..8].try_into().expect("4")) & REPLY, 0);
+    assert_eq!(
+        u32::from_le_bytes(r[0..4].try_into().expect("4")),
+        GET_FEATURES
+    );
+    assert_ne!(
+        u32::from_le_bytes(r[4..8].try_into().expect("4")) & REPLY,
+        0
+    );
 }
 
 fuzz_target!(|msgs: Vec<Msg>| {
@@ -266,14 +297,26 @@ fuzz_target!(|msgs: Vec<Msg>| {
                 fds,
                 split,
             } => {
-                let mut fds: Vec<RawFd> = fds.iter().take(40).map(|k| make_fd(*k, &mut keep)).collect();
+                let mut fds: Vec<RawFd> = fds
+                    .iter()
+                    .take(40)
+                    .map(|k| make_fd(*k, &mut keep))
+                    .collect();
                 let p = match payload {
                     Payload::Raw(b) => b.clone(),
                     Payload::U64(v) => v.to_le_bytes().to_vec(),
-                    Payload::State { index, num } => [index.to_le_bytes(), num.to_le_bytes()].concat(),
-                    Payload::Addr { index, flags, addrs } => {
+                    Payload::State { index, num } => {
+                        [index.to_le_bytes(), num.to_le_bytes()].concat()
+                    }
+                    Payload::Addr {
+                        index,
+                        flags,
+                        addrs,
+                    } => {
                         let mut p = [index.to_le_bytes(), flags.to_le_bytes()].concat();
-                        addrs.iter().for_each(|a| p.extend_from_slice(&a.to_le_bytes()));
+                        addrs
+                            .iter()
+                            .for_each(|a| p.extend_from_slice(&a.to_le_bytes()));
                         p.extend_from_slice(&0u64.to_le_bytes());
                         p
                     }
@@ -311,10 +354,15 @@ fuzz_target!(|msgs: Vec<Msg>| {
     drop(keep);
     match drain.join().expect("reader") {
         Ok(()) => {}
-        Err(e) => panic!("the server kept the connection open 10 s after the frontend stopped: {e}"),
+        Err(e) => {
+            panic!("the server kept the connection open 10 s after the frontend stopped: {e}")
+        }
     }
     drop(s);
     probe(&srv.path);
     let after = srv.stats.connections.load(Ordering::SeqCst);
-    assert!(after >= before + 2, "connections counted {before} -> {after}");
+    assert!(
+        after >= before + 2,
+        "connections counted {before} -> {after}"
+    );
 });

@@ -36,21 +36,58 @@ const DRIVER_OK: u8 = 4;
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// A common configuration access.
-    Common { off: u8, size: u8, value: u64, write: bool },
+    Common {
+        off: u8,
+        size: u8,
+        value: u64,
+        write: bool,
+    },
     /// A notification.
-    Notify { off: u16, size: u8, value: u32 },
+    Notify {
+        off: u16,
+        size: u8,
+        value: u32,
+    },
     /// An ISR access (reading clears it).
-    Isr { off: u8, size: u8, write: bool },
+    Isr {
+        off: u8,
+        size: u8,
+        write: bool,
+    },
     /// A device configuration access.
-    DevCfg { off: u8, size: u8, value: u64, write: bool },
+    DevCfg {
+        off: u8,
+        size: u8,
+        value: u64,
+        write: bool,
+    },
     /// Any BAR, any offset.
-    Bar { bar: u8, off: u32, size: u8, value: u64, write: bool },
+    Bar {
+        bar: u8,
+        off: u32,
+        size: u8,
+        value: u64,
+        write: bool,
+    },
     /// A PCI configuration access (any size, any offset).
-    Config { off: u16, size: u8, value: u32, write: bool },
+    Config {
+        off: u16,
+        size: u8,
+        value: u32,
+        write: bool,
+    },
     /// The driver's usual moves, so the paths past them run.
     Status(u8),
-    DriverFeatures { high: bool, value: u32 },
-    QueueSetup { queue: u16, size: u16, enable: bool, addr: u32 },
+    DriverFeatures {
+        high: bool,
+        value: u32,
+    },
+    QueueSetup {
+        queue: u16,
+        size: u16,
+        enable: bool,
+        addr: u32,
+    },
     /// Writes 0 to the status register.
     Reset,
 }
@@ -104,7 +141,15 @@ fn common_dump(d: &mut Dev) -> Vec<u64> {
     }
     for q in 0..4u64 {
         wr(d, VIRTIO_BAR, c + 22, q, 2);
-        for (off, len) in [(24, 2), (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8)] {
+        for (off, len) in [
+            (24, 2),
+            (26, 2),
+            (28, 2),
+            (30, 2),
+            (32, 8),
+            (40, 8),
+            (48, 8),
+        ] {
             out.push(rd(d, VIRTIO_BAR, c + off, len));
         }
     }
@@ -123,7 +168,12 @@ fuzz_target!(|input: Input| {
         let activations = d.device().activations;
         let status_before = d.status();
         match op {
-            Op::Common { off, size: s, value, write } => {
+            Op::Common {
+                off,
+                size: s,
+                value,
+                write,
+            } => {
                 let off = c + u64::from(*off % 64);
                 if *write {
                     wr(&mut d, VIRTIO_BAR, off, *value, size(*s));
@@ -131,11 +181,20 @@ fuzz_target!(|input: Input| {
                     rd(&mut d, VIRTIO_BAR, off, size(*s));
                 }
             }
-            Op::Notify { off, size: s, value } => {
-                let off = NOTIFY_CFG_OFFSET + u64::from(*off) % (8 * u64::from(NOTIFY_OFF_MULTIPLIER));
+            Op::Notify {
+                off,
+                size: s,
+                value,
+            } => {
+                let off =
+                    NOTIFY_CFG_OFFSET + u64::from(*off) % (8 * u64::from(NOTIFY_OFF_MULTIPLIER));
                 wr(&mut d, VIRTIO_BAR, off, u64::from(*value), size(*s));
             }
-            Op::Isr { off, size: s, write } => {
+            Op::Isr {
+                off,
+                size: s,
+                write,
+            } => {
                 let off = ISR_CFG_OFFSET + u64::from(*off % 8);
                 if *write {
                     wr(&mut d, VIRTIO_BAR, off, 0xff, size(*s));
@@ -143,7 +202,12 @@ fuzz_target!(|input: Input| {
                     rd(&mut d, VIRTIO_BAR, off, size(*s));
                 }
             }
-            Op::DevCfg { off, size: s, value, write } => {
+            Op::DevCfg {
+                off,
+                size: s,
+                value,
+                write,
+            } => {
                 let off = DEVICE_CFG_OFFSET + u64::from(*off % 32);
                 if *write {
                     wr(&mut d, VIRTIO_BAR, off, *value, size(*s));
@@ -151,7 +215,13 @@ fuzz_target!(|input: Input| {
                     rd(&mut d, VIRTIO_BAR, off, size(*s));
                 }
             }
-            Op::Bar { bar, off, size: s, value, write } => {
+            Op::Bar {
+                bar,
+                off,
+                size: s,
+                value,
+                write,
+            } => {
                 let bar = match bar % 4 {
                     0 => VIRTIO_BAR,
                     1 => MSIX_BAR,
@@ -164,7 +234,12 @@ fuzz_target!(|input: Input| {
                     rd(&mut d, bar, off, size(*s));
                 }
             }
-            Op::Config { off, size: s, value, write } => {
+            Op::Config {
+                off,
+                size: s,
+                value,
+                write,
+            } => {
                 let off = off % 0x1100;
                 let len = size(*s);
                 if *write {
@@ -179,11 +254,22 @@ fuzz_target!(|input: Input| {
                 wr(&mut d, VIRTIO_BAR, c + 8, u64::from(*high), 4);
                 wr(&mut d, VIRTIO_BAR, c + 12, u64::from(*value), 4);
             }
-            Op::QueueSetup { queue, size: qs, enable, addr } => {
+            Op::QueueSetup {
+                queue,
+                size: qs,
+                enable,
+                addr,
+            } => {
                 wr(&mut d, VIRTIO_BAR, c + 22, u64::from(queue % 4), 2);
                 wr(&mut d, VIRTIO_BAR, c + 24, u64::from(*qs), 2);
                 for (k, o) in [32u64, 40, 48].into_iter().enumerate() {
-                    wr(&mut d, VIRTIO_BAR, c + o, u64::from(*addr) + 0x1000 * k as u64, 8);
+                    wr(
+                        &mut d,
+                        VIRTIO_BAR,
+                        c + o,
+                        u64::from(*addr) + 0x1000 * k as u64,
+                        8,
+                    );
                 }
                 wr(&mut d, VIRTIO_BAR, c + 28, u64::from(*enable), 2);
             }
@@ -197,7 +283,11 @@ fuzz_target!(|input: Input| {
                 status & FEATURES_OK != 0 && status & DRIVER_OK != 0,
                 "activated with status {status:#x} after {op:?}"
             );
-            assert_eq!(fake.acked, Some(d.driver_features()), "activated with other features than the driver's");
+            assert_eq!(
+                fake.acked,
+                Some(d.driver_features()),
+                "activated with other features than the driver's"
+            );
         }
         if fake.active {
             assert!(fake.acked.is_some(), "active without acknowledged features");
@@ -207,14 +297,25 @@ fuzz_target!(|input: Input| {
             "DRIVER_OK without FEATURES_OK: {status:#x}"
         );
         if status & FEATURES_OK != 0 {
-            assert_eq!(fake.acked, Some(d.driver_features()), "FEATURES_OK shown for features the device did not accept");
-            assert_eq!(d.driver_features() & VERSION_1, VERSION_1, "FEATURES_OK without a required feature");
+            assert_eq!(
+                fake.acked,
+                Some(d.driver_features()),
+                "FEATURES_OK shown for features the device did not accept"
+            );
+            assert_eq!(
+                d.driver_features() & VERSION_1,
+                VERSION_1,
+                "FEATURES_OK without a required feature"
+            );
         }
         // A reset returns to the fresh state.
         if status == 0 && (status_before != 0 || matches!(op, Op::Reset)) {
             assert!(!d.device().active, "still active after a reset");
             let now = common_dump(&mut d);
-            assert_eq!(now, fresh, "common configuration after a reset differs from a fresh transport's");
+            assert_eq!(
+                now, fresh,
+                "common configuration after a reset differs from a fresh transport's"
+            );
         }
     }
 });

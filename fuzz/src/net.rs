@@ -218,7 +218,13 @@ impl Rig {
     /// Builds the device, negotiates `features` (pruned to a valid set of what
     /// the device offers, VERSION_1 always) and activates it with queues of
     /// `size` entries.
-    pub fn new(which: Which, features: u64, size: u16, opaque: bool, truncating: bool) -> Option<Rig> {
+    pub fn new(
+        which: Which,
+        features: u64,
+        size: u16,
+        opaque: bool,
+        truncating: bool,
+    ) -> Option<Rig> {
         let be = RecordingBackend {
             opaque,
             truncating,
@@ -356,8 +362,13 @@ impl Rig {
                 if i + 1 < n {
                     flags |= F_NEXT;
                 }
-                self.mem
-                    .write_descriptor(self.rings.desc + 16 * idx as u64, *addr, *len, flags, next);
+                self.mem.write_descriptor(
+                    self.rings.desc + 16 * idx as u64,
+                    *addr,
+                    *len,
+                    flags,
+                    next,
+                );
             }
         }
         self.publish(head, 1);
@@ -449,10 +460,7 @@ impl Rig {
                     self.fed += 1;
                 }
             }
-            QueueOp::Full(on) => self
-                .be
-                .full
-                .store(*on, std::sync::atomic::Ordering::SeqCst),
+            QueueOp::Full(on) => self.be.full.store(*on, std::sync::atomic::Ordering::SeqCst),
             QueueOp::Link(up) => self.dev.set_link_up(*up),
             QueueOp::Process => return self.process().is_some(),
         }
@@ -544,11 +552,11 @@ impl Rig {
         let r = self.rings;
         let table = (r.desc, r.desc + 16 * u64::from(r.size));
         let used = (r.used, r.used + r.used_len());
-        if self
-            .writable
-            .iter()
-            .any(|w| overlaps(*w, table) || overlaps(*w, used) || self.tables.iter().any(|t| overlaps(*w, *t)))
-        {
+        if self.writable.iter().any(|w| {
+            overlaps(*w, table)
+                || overlaps(*w, used)
+                || self.tables.iter().any(|t| overlaps(*w, *t))
+        }) {
             self.unclean = true;
         }
         let c0 = self.counters();
@@ -597,7 +605,11 @@ impl Rig {
                 let len = u32_at(&after, e + 4);
                 used_sum += u64::from(len);
                 if id >= u32::from(r.size) {
-                    assert_eq!(len, 0, "{:?}: used id {id} is outside the table but has length {len}", self.which);
+                    assert_eq!(
+                        len, 0,
+                        "{:?}: used id {id} is outside the table but has length {len}",
+                        self.which
+                    );
                     continue;
                 }
                 let room = self.chain_writable(&before, id as u16);
@@ -623,13 +635,20 @@ impl Rig {
                         + c.tx_dropped_offload
                         + c.tx_dropped_link_down
                 });
-                assert_eq!(outcomes, out.chains as u64, "TX: chains vs counted outcomes");
+                assert_eq!(
+                    outcomes, out.chains as u64,
+                    "TX: chains vs counted outcomes"
+                );
                 if let Some(n) = used_count {
                     assert_eq!(n, out.chains as u64, "TX: used entries vs chains taken");
                 }
                 let log = self.be.log.lock().expect("lock");
                 let new = &log.sent[sent0..];
-                assert_eq!(new.len() as u64, d(|c| c.tx_frames), "TX: frames sent vs counted");
+                assert_eq!(
+                    new.len() as u64,
+                    d(|c| c.tx_frames),
+                    "TX: frames sent vs counted"
+                );
                 let bytes: u64 = new.iter().map(|f| f.len() as u64 - HDR_LEN).sum();
                 assert_eq!(bytes, d(|c| c.tx_bytes), "TX: bytes sent vs counted");
             }
@@ -640,7 +659,13 @@ impl Rig {
                     + c1.rx_dropped_backend
                     + c1.rx_dropped_too_big;
                 let left = self.be.incoming.lock().expect("lock").len() as u64;
-                let pending = self.dev.queue_pair(0).expect("pair 0").lock().pending().len() as u64;
+                let pending = self
+                    .dev
+                    .queue_pair(0)
+                    .expect("pair 0")
+                    .lock()
+                    .pending()
+                    .len() as u64;
                 assert_eq!(
                     gone + left + pending,
                     self.fed,
@@ -656,13 +681,20 @@ impl Rig {
             }
             Which::Ctrl => {
                 let outcomes = d(|c| c.ctrl_ok + c.ctrl_err + c.ctrl_malformed);
-                assert_eq!(outcomes, out.chains as u64, "ctrl: chains vs counted outcomes");
+                assert_eq!(
+                    outcomes, out.chains as u64,
+                    "ctrl: chains vs counted outcomes"
+                );
                 if let Some(n) = used_count {
                     assert_eq!(n, out.chains as u64, "ctrl: used entries vs chains taken");
                 }
             }
         }
-        if self.dev.needs_reset() { None } else { Some(out) }
+        if self.dev.needs_reset() {
+            None
+        } else {
+            Some(out)
+        }
     }
 
     /// The used entry at `pos` of the used ring: `(id, len)`.
@@ -680,7 +712,8 @@ impl Rig {
     pub fn ack_byte(&self, head: u16, indirect: bool) -> u8 {
         let mem = self.mem.read(0, MEM as usize);
         let (base, n, mut i) = if indirect {
-            let (table, _, _, _) = desc_at(&mem, self.rings.desc + 16 * u64::from(head)).expect("head");
+            let (table, _, _, _) =
+                desc_at(&mem, self.rings.desc + 16 * u64::from(head)).expect("head");
             (table, IND_ENTRIES, 0u64)
         } else {
             (self.rings.desc, u64::from(self.rings.size), u64::from(head))
@@ -717,7 +750,13 @@ impl Rig {
         if self.which == Which::Ctrl {
             return;
         }
-        let Some((rx, tx)) = self.dev.queue_pair(0).expect("pair 0").lock().queue_states() else {
+        let Some((rx, tx)) = self
+            .dev
+            .queue_pair(0)
+            .expect("pair 0")
+            .lock()
+            .queue_states()
+        else {
             return;
         };
         let q = if self.which == Which::Rx { rx } else { tx };
@@ -761,7 +800,9 @@ pub fn run_queue(which: Which, input: &QueueInput) {
     }
     // Whatever the guest left: one last pass, links up and backend drained.
     rig.dev.set_link_up(true);
-    rig.be.full.store(false, std::sync::atomic::Ordering::SeqCst);
+    rig.be
+        .full
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     if rig.process().is_some() {
         rig.check_positions();
     }

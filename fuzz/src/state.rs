@@ -87,9 +87,9 @@ pub fn check<P: Persist>(mk: impl Fn() -> P, valid: &P::State, input: &Bytes) {
         Ok(()) => {
             let saved = dev.save().expect("a restored device saves");
             let mut second = mk();
-            second
-                .restore(&saved)
-                .unwrap_or_else(|e| panic!("a device refuses the state its twin saved after restoring: {e}\n{saved:?}"));
+            second.restore(&saved).unwrap_or_else(|e| {
+                panic!("a device refuses the state its twin saved after restoring: {e}\n{saved:?}")
+            });
             assert_eq!(
                 second.save().expect("saves"),
                 saved,
