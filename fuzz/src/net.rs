@@ -572,9 +572,17 @@ impl Rig {
         // Nothing outside the used ring and the writable buffers changed. The
         // transmit path writes no buffer at all.
         if !self.unclean || self.which == Which::Tx {
-            for (i, (a, b)) in before.iter().zip(&after).enumerate() {
-                let i = i as u64;
-                if a != b {
+            // Page by page (one memcmp each), then byte by byte where they differ.
+            const PAGE: usize = 4096;
+            for (p, (pa, pb)) in before.chunks(PAGE).zip(after.chunks(PAGE)).enumerate() {
+                if pa == pb {
+                    continue;
+                }
+                for (k, (a, b)) in pa.iter().zip(pb).enumerate() {
+                    if a == b {
+                        continue;
+                    }
+                    let i = (p * PAGE + k) as u64;
                     let in_used = (used.0..used.1).contains(&i);
                     let in_writable = self.writable.iter().any(|w| (w.0..w.1).contains(&i));
                     assert!(
