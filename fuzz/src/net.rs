@@ -487,7 +487,7 @@ impl Rig {
                     tables.push(t);
                     let n = (u64::from(len) / 16).min(1024);
                     for k in 0..n {
-                        if let Some((a, l, f, _)) = desc_at(mem, addr + 16 * k) {
+                        if let Some((a, l, f, _)) = desc_at(mem, addr.saturating_add(16 * k)) {
                             note(a, l, f, &mut writable);
                         }
                     }
@@ -515,7 +515,7 @@ impl Rig {
             if flags & F_INDIRECT != 0 {
                 let n = (u64::from(len) / 16).min(1024);
                 for k in 0..n {
-                    if let Some((_, l, f, _)) = desc_at(mem, addr + 16 * k) {
+                    if let Some((_, l, f, _)) = desc_at(mem, addr.saturating_add(16 * k)) {
                         if f & F_WRITE != 0 {
                             total += u64::from(l);
                         }
