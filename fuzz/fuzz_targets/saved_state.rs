@@ -5,8 +5,8 @@
 
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use device_state::crc32;
+use libfuzzer_sys::fuzz_target;
 use virtio_net_standby::testing::GuestMem;
 use virtio_net_standby::{NetState, PairBackend, PairConfig, StandbyNet, StandbyNetBuilder, pair};
 
@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
     for _ in 1..pairs {
         backends.push(pair(PairConfig::default()).unwrap().0);
     }
-    let mut dev: StandbyNet<GuestMem, PairBackend> =
-        StandbyNetBuilder::new().queue_pairs(pairs as u16).build(backends).unwrap();
+    let mut dev: StandbyNet<GuestMem, PairBackend> = StandbyNetBuilder::new()
+        .queue_pairs(pairs as u16)
+        .build(backends)
+        .unwrap();
     let _ = dev.restore(&state);
 });

@@ -718,7 +718,12 @@ impl RootPort {
                 // The device leaves now, not when the indicator goes off.
                 removed = self.device_powered_off(dev);
             }
-        } else if self.guest_powering_off && (on || pic == SLTCTL_PIC_OFF) {
+        } else if self.guest_powering_off && ((on && !was_on) || pic == SLTCTL_PIC_OFF) {
+            // Only the guest's move past the power off releases a held plug:
+            // it turns the indicator off, or powers the slot back on. A write
+            // that leaves a surprise-emptied slot powered (the indicator a
+            // cancel restores) comes before Linux has handled the removal,
+            // which would take the held device out again.
             self.guest_powering_off = false;
             if let Some(device) = self.pending.as_mut().and_then(|p| p.held.take()) {
                 log::debug!(

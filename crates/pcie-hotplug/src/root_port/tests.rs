@@ -792,6 +792,38 @@ fn a_surprise_removal_of_a_powered_slot_holds_plugs_until_the_guest_is_done() {
     assert!(!r.port.plug_held());
 }
 
+/// Found by the `hotplug_slot` fuzz target: the guest, in its button window,
+/// aborted an unplug (indicator back on, the slot still powered) right after a
+/// surprise removal, before handling that removal. The held plug went in on
+/// that write and completed Plugged, then Linux handled the removal and
+/// powered the slot off with the new device in it.
+#[test]
+fn a_write_that_keeps_the_slot_powered_does_not_release_a_held_plug() {
+    let mut r = Rig::new(RootPortBuilder::new("rp-s", 2).surprise(true));
+    r.port.cold_plug(nic()).unwrap();
+    r.port.surprise_remove().unwrap();
+    let plug = r.port.plug(nic()).unwrap();
+    assert!(r.port.plug_held());
+    // Indicator writes with the slot powered: still held, nothing completes.
+    r.cmd(SLTCTL_PIC_BLINK, SLTCTL_PIC);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    assert!(r.port.plug_held());
+    assert!(r.port.device().is_none());
+    assert_eq!(plug.outcome(), None);
+    // Linux handles the removal: power off, 1 s, indicator off; the plug goes in.
+    r.ack(SLTSTA_EVENTS);
+    r.cmd(SLTCTL_PCC, SLTCTL_PCC);
+    assert!(r.port.plug_held());
+    r.cmd(SLTCTL_PIC_OFF, SLTCTL_PIC);
+    assert!(!r.port.plug_held());
+    assert!(r.port.device().is_some());
+    assert_eq!(plug.outcome(), None);
+    // The guest powers it on and lights the indicator: plugged.
+    r.cmd(0, SLTCTL_PCC);
+    r.cmd(SLTCTL_PIC_ON, SLTCTL_PIC);
+    assert_eq!(plug.outcome(), Some(HotplugOutcome::Plugged));
+}
+
 #[test]
 fn a_guest_removal_nobody_asked_for_is_counted() {
     let mut r = Rig::hp();
