@@ -88,6 +88,7 @@ use vhost::vhost_user::message::{
 };
 
 use crate::channel::BackendChannel;
+use crate::dirty::{self, LogArea, MigrationLog};
 
 /// Length of a vhost-user message header.
 pub const HEADER_LEN: usize = 12;
@@ -125,6 +126,45 @@ pub enum Error {
     /// short by the kernel).
     #[error("the frontend attached more file descriptors than a message may carry")]
     TooManyFds,
+    /// `SET_LOG_BASE` came without its descriptor or with a malformed payload.
+    #[error(
+        "the frontend sent SET_LOG_BASE with {fds} descriptor(s) and a {size}-byte payload; it needs one memory file and 16 bytes"
+    )]
+    LogBaseMalformed {
+        /// Descriptors attached.
+        fds: usize,
+        /// Payload size.
+        size: usize,
+    },
+    /// The frontend's dirty log cannot be mapped: a migration would copy
+    /// stale memory, so the connection ends (and the frontend's migration
+    /// fails) instead.
+    #[error(transparent)]
+    LogBase(dirty::Error),
+}
+
+/// What the relay hands to the device on the way: the backend-request
+/// channel, the dirty log and the announcement `SEND_RARP` asks for.
+#[derive(Clone)]
+pub(crate) struct Hooks {
+    /// The backend-request channel.
+    pub channel: Arc<BackendChannel>,
+    /// The device's dirty log.
+    pub log: Arc<MigrationLog>,
+    /// Sends a RARP announcement for the MAC address.
+    pub rarp: Arc<dyn Fn([u8; 6]) -> io::Result<()> + Send + Sync>,
+}
+
+impl Hooks {
+    /// Hooks around `channel` with a fresh log and no RARP.
+    #[cfg(test)]
+    pub(crate) fn with_channel(channel: Arc<BackendChannel>) -> Self {
+        Hooks {
+            channel,
+            log: MigrationLog::new(),
+            rarp: Arc::new(|_| Ok(())),
+        }
+    }
 }
 
 /// Result of relay operations.
@@ -152,7 +192,7 @@ impl Relay {
         name: &str,
         frontend: UnixStream,
         handler: UnixStream,
-        channel: Arc<BackendChannel>,
+        hooks: Hooks,
     ) -> io::Result<Relay> {
         let (f_in, h_out) = (frontend.try_clone()?, handler.try_clone()?);
         let h_in = handler.try_clone()?;
@@ -165,7 +205,7 @@ impl Relay {
         let down = thread::Builder::new()
             .name(format!("{name}-relay-in"))
             .spawn(move || {
-                let r = forward_requests(&tag, &f_in, &f_ack, &h_out, &channel);
+                let r = forward_requests(&tag, &f_in, &f_ack, &h_out, &hooks);
                 match &r {
                     Ok(()) => log::info!("{tag}: the connection closed"),
                     Err(e) => log::error!("{tag}: dropping the frontend's connection: {e}"),
@@ -249,7 +289,7 @@ fn forward_requests(
     frontend: &UnixStream,
     frontend_out: &Mutex<UnixStream>,
     handler: &UnixStream,
-    channel: &BackendChannel,
+    hooks: &Hooks,
 ) -> Result<()> {
     let mut payload = Vec::with_capacity(MAX_MSG_SIZE);
     let mut negotiation = Negotiation::default();
@@ -263,7 +303,14 @@ fn forward_requests(
             log::debug!("{name}: relay: {q:?}");
             hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         }
-        observe(request, &payload, &fds, channel);
+        observe(request, &payload, &fds, &hooks.channel);
+        if let Some(reply) = migration(name, &hdr, &payload, &fds, hooks)? {
+            // Answered here: the handler does not know the request.
+            if let Some(reply) = reply {
+                send_with_fds(&lock(frontend_out), &[&reply], &[])?;
+            }
+            continue;
+        }
         match negotiation.before(&hdr, &payload) {
             Action::Forward => {
                 let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -513,6 +560,93 @@ pub(crate) fn mend(request: u32, payload: &mut Vec<u8>) -> Option<Quirk> {
         }
     }
     None
+}
+
+/// An acknowledgement of `request`: the header and a `u64` status (0: done).
+fn ack(request: u32, status: u64) -> [u8; HEADER_LEN + 8] {
+    let mut m = [0u8; HEADER_LEN + 8];
+    m[0..4].copy_from_slice(&request.to_le_bytes());
+    m[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+    m[8..12].copy_from_slice(&8u32.to_le_bytes());
+    m[12..].copy_from_slice(&status.to_le_bytes());
+    m
+}
+
+/// The migration requests. `SET_LOG_BASE`: the log is mapped for the device
+/// (and the request goes on to the handler, which answers it);
+/// `SET_VRING_ADDR`: the ring's used-ring logging is noted (and the request
+/// goes on); `SEND_RARP`, which the handler does not know: the announcement
+/// is sent and the request answered here. Returns `Some(reply)` for a request
+/// the relay consumed.
+#[allow(clippy::type_complexity)]
+fn migration(
+    name: &str,
+    hdr: &[u8; HEADER_LEN],
+    payload: &[u8],
+    fds: &[OwnedFd],
+    hooks: &Hooks,
+) -> Result<Option<Option<[u8; HEADER_LEN + 8]>>> {
+    let (request, flags) = (field(hdr, 0), field(hdr, 4));
+    if request == FrontendReq::SET_LOG_BASE as u32 {
+        if fds.len() != 1 || payload.len() != 16 {
+            return Err(Error::LogBaseMalformed {
+                fds: fds.len(),
+                size: payload.len(),
+            });
+        }
+        let size = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+        let offset = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+        use std::os::fd::AsFd;
+        let area = LogArea::map(fds[0].as_fd(), offset, size).map_err(Error::LogBase)?;
+        log::debug!("{name}: relay: dirty log of {size} bytes at offset {offset}");
+        hooks.log.set_area(area);
+    } else if request == FrontendReq::SET_VRING_ADDR as u32 && payload.len() == 40 {
+        let (index, addr_flags) = (field(payload, 0), field(payload, 4));
+        let log_addr = u64::from_le_bytes(payload[32..40].try_into().expect("8 bytes"));
+        hooks
+            .log
+            .set_ring_log(index, addr_flags & VRING_F_LOG != 0, log_addr);
+    } else if request == FrontendReq::SEND_RARP as u32 {
+        let status = match payload.get(..6) {
+            Some(m) => {
+                let mac: [u8; 6] = m.try_into().expect("6 bytes");
+                match (hooks.rarp)(mac) {
+                    Ok(()) => {
+                        log::info!("{name}: RARP announcement sent for {}", fmt_mac(mac));
+                        0
+                    }
+                    Err(e) => {
+                        log::warn!("{name}: cannot send the RARP announcement: {e}");
+                        1
+                    }
+                }
+            }
+            None => {
+                log::warn!(
+                    "{name}: SEND_RARP with a {}-byte payload carries no MAC address",
+                    payload.len()
+                );
+                1
+            }
+        };
+        let wants = flags & FLAG_NEED_REPLY != 0
+            && hooks
+                .channel
+                .protocol_features()
+                .is_some_and(|p| p & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0);
+        return Ok(Some(wants.then(|| ack(request, status))));
+    }
+    Ok(None)
+}
+
+/// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`'s flags.
+const VRING_F_LOG: u32 = 0x1;
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// Notes what the backend-request channel needs to know.
@@ -787,7 +921,13 @@ mod tests {
         let (front, front_peer) = UnixStream::pair().unwrap();
         let (hand, hand_peer) = UnixStream::pair().unwrap();
         let ch = BackendChannel::new("t").unwrap();
-        let relay = Relay::start("t", front_peer, hand_peer, Arc::clone(&ch)).unwrap();
+        let relay = Relay::start(
+            "t",
+            front_peer,
+            hand_peer,
+            Hooks::with_channel(Arc::clone(&ch)),
+        )
+        .unwrap();
         // SET_MEM_TABLE with one region in a two-region payload and an fd.
         let (a, _b) = UnixStream::pair().unwrap();
         let body = mem_table(1, 2);

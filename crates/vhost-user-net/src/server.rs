@@ -319,6 +319,15 @@ impl<B: NetBackend + 'static> Server<B> {
         }
     }
 
+    fn hooks(&self) -> relay::Hooks {
+        let net = Arc::clone(&self.net);
+        relay::Hooks {
+            channel: Arc::clone(self.net.channel()),
+            log: Arc::clone(self.net.migration_log()),
+            rarp: Arc::new(move |mac| net.send_rarp(mac)),
+        }
+    }
+
     /// Serves one frontend; returns whether it was disconnected because the
     /// link went down.
     fn serve_one(&self, frontend: UnixStream) -> Result<bool> {
@@ -352,13 +361,8 @@ impl<B: NetBackend + 'static> Server<B> {
         daemon
             .start(&mut Listener::from(listener))
             .map_err(|e| Error::Daemon(e.to_string()))?;
-        let relay = Relay::start(
-            self.net.name(),
-            frontend,
-            inner,
-            Arc::clone(self.net.channel()),
-        )
-        .map_err(Error::Connection)?;
+        let relay = Relay::start(self.net.name(), frontend, inner, self.hooks())
+            .map_err(Error::Connection)?;
         let (done, dropped) = (AtomicBool::new(false), AtomicBool::new(false));
         let result = std::thread::scope(|scope| {
             let watcher = std::thread::Builder::new()
