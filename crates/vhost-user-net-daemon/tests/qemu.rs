@@ -1097,7 +1097,10 @@ fn run_migration(env: Env) {
         .unwrap_or(f64::NAN);
     let after_resume = replies
         .iter()
-        .filter(|r| r.1.checked_duration_since(t0).is_some_and(|d| d.as_secs_f64() > resume))
+        .filter(|r| {
+            r.1.checked_duration_since(t0)
+                .is_some_and(|d| d.as_secs_f64() > resume)
+        })
         .count();
     let mut report = format!(
         "QEMU migration: {}\nguest before: {up}; destination primary: {back} at {t_back:.2} s\n\
