@@ -297,6 +297,12 @@ echo "CARRIER_DOWN $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carr
 i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 1 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
 echo "CARRIER_UP $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carrier)"
 ping -c 2 -W 3 {HOST_IP} > /dev/null 2>&1 && echo PING_AFTER_LINK_OK
+echo RESTART_WAIT
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 0 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESTART_DOWN $(cat /sys/class/net/$S/carrier)"
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 1 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESTART_UP $(cat /sys/class/net/$S/carrier)"
+ping -c 2 -W 3 {HOST_IP} > /dev/null 2>&1 && echo PING_AFTER_RESTART_OK
 echo '== END'
 poweroff -f
 "#
@@ -469,6 +475,9 @@ struct Machine<'a> {
     qmp: &'a Path,
     primary_tap: Option<&'a str>,
     incoming: Option<&'a Path>,
+    /// QEMU listens on the socket (`server=on`) and the daemon connects
+    /// (`--client`), as libvirt's `mode='server'`.
+    listen: bool,
 }
 
 impl Qemu {
@@ -497,10 +506,11 @@ impl Qemu {
             .args(["-device", "pcie-root-port,id=root1,chassis=1,slot=1"])
             .args(["-device", "pcie-root-port,id=root2,chassis=2,slot=2"])
             .arg("-chardev")
-            .arg(format!(
-                "socket,id=c0,path={},reconnect=1",
-                m.socket.display()
-            ))
+            .arg(if m.listen {
+                format!("socket,id=c0,path={},server=on,wait=off", m.socket.display())
+            } else {
+                format!("socket,id=c0,path={},reconnect=1", m.socket.display())
+            })
             .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
             .arg("-device")
             .arg(format!(
@@ -626,11 +636,12 @@ fn run(env: Env) {
     ip(&["link", "set", "lo", "up"]);
     ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
     ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-    let be = Backend::start_binary(
+    let daemon_args = ["--tap", TAP, "--mac", MAC, "--id", "net1"];
+    let mut be = Backend::start_binary(
         Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
         &dir,
         "vu",
-        &["--tap", TAP, "--mac", MAC, "--id", "net1"],
+        &daemon_args,
     );
     let listener = TcpListener::bind((HOST_IP, 5001)).unwrap();
     let receiver = std::thread::spawn(move || {
@@ -658,6 +669,7 @@ fn run(env: Env) {
             qmp: &qmp_path,
             primary_tap: None,
             incoming: None,
+            listen: false,
         },
     );
     let mut qmp = Qmp::connect(&qmp_path);
@@ -740,9 +752,35 @@ fn run(env: Env) {
     qemu.expect("PING_AFTER_LINK_OK", Duration::from_secs(15));
     let link_secs = t_link.elapsed().as_secs_f64();
 
+    // The daemon dies and a new one starts on the same socket while QEMU
+    // runs: QEMU's reconnect=1 brings the guest's traffic back.
+    qemu.expect("RESTART_WAIT", Duration::from_secs(10));
+    let t_restart = Instant::now();
+    let first_log = be.log_text();
+    be.kill();
+    assert_eq!(
+        qemu.expect("RESTART_DOWN ", Duration::from_secs(20)),
+        "0",
+        "the guest saw the daemon go"
+    );
+    let be = Backend::start_binary(
+        Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir,
+        "vu",
+        &daemon_args,
+    );
+    assert_eq!(qemu.expect("RESTART_UP ", Duration::from_secs(20)), "1");
+    qemu.expect("PING_AFTER_RESTART_OK", Duration::from_secs(15));
+    let restart_secs = t_restart.elapsed().as_secs_f64();
+
     qemu.expect("== END", Duration::from_secs(10));
     qemu.wait(Duration::from_secs(20));
-    let log = be.log_text();
+    let log = first_log;
+    let second_log = be.log_text();
+    assert!(
+        second_log.contains("device active on 2 queue(s)"),
+        "the restarted daemon serves QEMU again:\n{second_log}"
+    );
     assert!(!log.contains("connection failed"), "{log}");
     assert!(
         log.matches("device active on 2 queue(s)").count() >= 2,
@@ -753,7 +791,7 @@ fn run(env: Env) {
         "QEMU was disconnected for the link:\n{log}"
     );
     eprintln!(
-        "QEMU test: {:.1} s in all; ping+bulk from {:.1} s, guest TX {:.1} s, guest RX {:.1} s ({} MiB each), link down/up {:.1} s",
+        "QEMU test: {:.1} s in all; ping+bulk from {:.1} s, guest TX {:.1} s, guest RX {:.1} s ({} MiB each), link down/up {:.1} s, daemon restart {restart_secs:.1} s",
         started.elapsed().as_secs_f64(),
         t_ping.duration_since(started).as_secs_f64(),
         tx_secs,
@@ -949,10 +987,14 @@ fn run_migration(env: Env) {
         "vu-src",
         &["--tap", "vuqtap0", "--mac", MAC, "--id", "net1"],
     );
-    let be_dst = Backend::start_binary(
+    // The destination's daemon connects to the socket its QEMU listens on
+    // (libvirt's mode='server').
+    let dst_socket = dir.join("dst-qemu-vu.sock");
+    let be_dst = Backend::start_client(
         bin,
         &dir,
         "vu-dst",
+        &dst_socket,
         &["--tap", "vuqtap1", "--mac", MAC, "--id", "net1"],
     );
     let (src_qmp, dst_qmp) = (dir.join("src-qmp.sock"), dir.join("dst-qmp.sock"));
@@ -967,6 +1009,7 @@ fn run_migration(env: Env) {
             qmp: &src_qmp,
             primary_tap: Some("vuptap0"),
             incoming: None,
+            listen: false,
         },
     );
     let mut qs = Qmp::connect(&src_qmp);
@@ -987,10 +1030,11 @@ fn run_migration(env: Env) {
         &initrd,
         &Machine {
             name: "dst",
-            socket: &be_dst.socket,
+            socket: &dst_socket,
             qmp: &dst_qmp,
             primary_tap: Some("vuptap1"),
             incoming: Some(&mig),
+            listen: true,
         },
     );
     let mut qd = Qmp::connect(&dst_qmp);
