@@ -26,9 +26,16 @@
 //! may send: a message longer than the protocol's 4096-byte limit, a header cut
 //! short, or more descriptors than the protocol allows.
 //!
-//! It also watches two messages on their way through: the protocol features the
+//! It also watches messages on their way through: the protocol features the
 //! frontend acknowledged and the backend-request channel it hands over, which the
-//! [`BackendChannel`] uses to send configuration-change notifications.
+//! [`BackendChannel`] uses to send configuration-change notifications; and for
+//! live migration (see [`dirty`](crate::dirty)) `SET_LOG_BASE`, whose log it
+//! maps for the device (a log it cannot map ends the connection, so that the
+//! frontend's migration fails rather than copying stale memory), and
+//! `SET_VRING_ADDR`, whose `VHOST_VRING_F_LOG` and `log_guest_addr` say where a
+//! ring's used-ring writes are logged. `SEND_RARP`, which the `vhost` crate's
+//! handler does not know (it would end the connection), the relay answers
+//! itself: the device sends the RARP announcement on its backend.
 //!
 //! Every request is logged at debug level (`RUST_LOG=vhost_user_net::relay=debug`),
 //! decoded: the way to see a frontend's message sequence.
@@ -45,8 +52,8 @@
 //! | # | QEMU sends | when | the daemon |
 //! |---|---|---|---|
 //! | 1 | `GET_FEATURES` | connection (`vhost_user_backend_init`) | the device's virtio features and bit 30 |
-//! | 2 | `GET_PROTOCOL_FEATURES` | | `CONFIG`, `MQ`, `REPLY_ACK`, `BACKEND_REQ`, `RESET_DEVICE` |
-//! | 3 | `SET_PROTOCOL_FEATURES 0x2029` | | recorded; QEMU masked `CONFIG` out (and warns that it did) |
+//! | 2 | `GET_PROTOCOL_FEATURES` | | `CONFIG`, `MQ`, `REPLY_ACK`, `BACKEND_REQ`, `RESET_DEVICE`, `LOG_SHMFD`, `RARP` |
+//! | 3 | `SET_PROTOCOL_FEATURES 0x202f` | | recorded; QEMU masked `CONFIG` out (and warns that it did) |
 //! | 4 | `GET_QUEUE_NUM` | `MQ` | the device's queue count |
 //! | 5 | `SET_BACKEND_REQ_FD`, reply wanted | `BACKEND_REQ` | kept; no configuration change is sent on it, since `CONFIG` is not acknowledged |
 //! | 6 | `SET_OWNER` | `vhost_dev_init` | accepted |
@@ -58,6 +65,20 @@
 //! | 12 | `SET_VRING_NUM`, `SET_VRING_BASE`, `SET_VRING_ADDR`, `SET_VRING_KICK`, `SET_VRING_CALL`, ring 0 then ring 1 | | rings started; the device activates on the first kick |
 //! | 13 | `GET_VRING_BASE` rings 0 and 1 | the driver's reset or power-off, QEMU's link down | the device stops and returns each ring's position |
 //! | 14 | `SET_VRING_ENABLE` rings 0 and 1 → 1 | the reset that follows | passed on (features are acknowledged by then) |
+//!
+//! A migration, as the source's daemon saw it (`migrate` of a running guest):
+//!
+//! | # | QEMU sends | when | the daemon |
+//! |---|---|---|---|
+//! | M1 | `SET_LOG_BASE` with the log's memory file | the migration's setup (dirty logging starts) | the relay maps the log; the handler answers |
+//! | M2 | `SET_FEATURES` with `VHOST_F_LOG_ALL`, reply wanted | | logging on; the device keeps running (only the log switch changed) |
+//! | M3 | `SET_VRING_ADDR` rings 0 and 1 with `VHOST_VRING_F_LOG`, reply wanted | | each ring's `log_guest_addr` noted (QEMU's is the used ring's own address) |
+//! | M4 | `GET_VRING_BASE` rings 0 and 1 | the source stops | the device stops; its last writes are in the log before the reply |
+//!
+//! The destination's QEMU starts the rings as at 10 to 12, with `SET_VRING_BASE`
+//! at the positions the source reported. After the migration QEMU sends
+//! `SEND_RARP` only if the guest did not negotiate `GUEST_ANNOUNCE` (a Linux
+//! guest does, and announces itself).
 //!
 //! With `queues=N` (and `--queue-pairs N`), every further pair's `vhost_dev`
 //! repeats 1 to 3 and 7 to 13 for its own rings (`SET_FEATURES` once per pair,
