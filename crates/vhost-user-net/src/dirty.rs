@@ -57,6 +57,19 @@ pub enum Error {
         /// Offset in the file.
         offset: u64,
     },
+    /// The log's file is shorter than the range `SET_LOG_BASE` names: setting
+    /// a bit beyond the file's end would kill the daemon (`SIGBUS`).
+    #[error(
+        "the frontend's dirty log (SET_LOG_BASE) names {size} bytes at offset {offset} of a file of {file} bytes"
+    )]
+    BeyondFile {
+        /// Size in bytes.
+        size: u64,
+        /// Offset in the file.
+        offset: u64,
+        /// The file's size.
+        file: u64,
+    },
     /// `mmap` refused the log's descriptor.
     #[error(
         "cannot map the frontend's dirty log (SET_LOG_BASE, {size} bytes at offset {offset}): {source}"
@@ -97,6 +110,18 @@ impl LogArea {
         let too_large = Error::TooLarge { size, offset };
         let len = usize::try_from(size).map_err(|_| Error::TooLarge { size, offset })?;
         let off = libc::off_t::try_from(offset).map_err(|_| too_large)?;
+        // A regular file (a memfd, as QEMU's log is) must hold the whole range.
+        // SAFETY: fstat fills the zeroed stat buffer for a descriptor we borrow.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+        {
+            let file = u64::try_from(st.st_size).unwrap_or(0);
+            if offset.checked_add(size).is_none_or(|end| end > file) {
+                return Err(Error::BeyondFile { size, offset, file });
+            }
+        }
         // SAFETY: a fresh shared mapping of a descriptor we borrow for the
         // call; no fixed address, so no existing mapping is touched. The
         // result is checked below.
@@ -591,8 +616,17 @@ pub(crate) mod tests {
         ));
         // Not page-aligned offset: mmap refuses.
         assert!(matches!(
-            LogArea::map(fd.as_fd(), 1, 64),
+            LogArea::map(fd.as_fd(), 1, 32),
             Err(Error::Map { .. })
+        ));
+        // More than the file holds: refused before anything is mapped.
+        assert!(matches!(
+            LogArea::map(fd.as_fd(), 0, 8192),
+            Err(Error::BeyondFile { file: 64, .. })
+        ));
+        assert!(matches!(
+            LogArea::map(fd.as_fd(), 4096, 64),
+            Err(Error::BeyondFile { .. })
         ));
     }
 }
