@@ -17,9 +17,9 @@ use virtio_net_standby::{Discard, Generator, NetBackend, StandbyNetBuilder, Tap}
 ///
 /// Example, with QEMU's failover as the frontend (the standby on this socket,
 /// a passthrough primary with the same MAC whose failover_pair_id names
-/// QEMU's -device id of the standby):
+/// QEMU's -device id= of the standby):
 ///
-///   vhost-user-net --socket /run/vu-net0.sock --tap vu-tap0 --mac 52:54:00:12:34:56 \
+///   vhost-user-net --socket-path /run/vu-net0.sock --tap vu-tap0 --mac 52:54:00:12:34:56 \
 ///     --id net1 --control /run/vu-net0.ctl
 ///
 ///   qemu-system-x86_64 ... -m 4G \
@@ -29,11 +29,21 @@ use virtio_net_standby::{Discard, Generator, NetBackend, StandbyNetBuilder, Tap}
 ///     -device virtio-net-pci,netdev=n0,id=net1,mac=52:54:00:12:34:56,failover=on \
 ///     -device vfio-pci,host=0000:3b:02.0,id=hostdev0,failover_pair_id=net1
 ///
-/// QEMU refuses vhost-user without guest memory it can share (share=on). It
-/// keeps the MAC, MTU and link status the guest reads itself, so "link down"
-/// on --control disconnects it (its guest sees the link down) and closes the
-/// socket until "link up"; reconnect=1 brings QEMU back, after a link change
-/// or a daemon restart.
+/// QEMU refuses vhost-user without guest memory it can share
+/// (memory-backend-memfd or -file with share=on). It keeps the MAC, MTU and
+/// link status the guest reads itself, so "link down" on --control
+/// disconnects it (its guest sees the link down) and closes the socket until
+/// "link up"; reconnect=1 brings QEMU back, after a link change or a daemon
+/// restart. The guest live-migrates: the daemon logs its writes to guest
+/// memory in QEMU's dirty log while QEMU migrates (start a daemon for the
+/// destination QEMU too).
+///
+/// With --client the daemon connects to a socket QEMU listens on
+/// (-chardev socket,id=c0,path=/run/vu-net0.sock,server=on; libvirt's
+/// <source mode='server'>) and connects again whenever QEMU goes away.
+///
+/// The sockets are created mode 0600 (--socket-mode to change it): run QEMU
+/// as the same user, or give its group access with --socket-mode 660.
 ///
 /// Logging goes to stderr; set RUST_LOG=debug for more (every vhost-user
 /// request the frontend sends is logged, decoded).
@@ -41,9 +51,26 @@ use virtio_net_standby::{Discard, Generator, NetBackend, StandbyNetBuilder, Tap}
 #[command(version, verbatim_doc_comment)]
 #[command(group(ArgGroup::new("backend").required(true).args(["tap", "discard", "generate"])))]
 struct Args {
-    /// Path of the vhost-user socket to listen on (replaced if it exists).
-    #[arg(long, value_name = "PATH")]
+    /// Path of the vhost-user socket to listen on (replaced if it exists), or
+    /// with --client the socket the frontend listens on.
+    #[arg(
+        short = 's',
+        long = "socket-path",
+        visible_alias = "socket",
+        value_name = "PATH"
+    )]
     socket: PathBuf,
+
+    /// Connect to the frontend's socket instead of listening (QEMU with
+    /// server=on, libvirt's mode='server'); connect again, every 500 ms,
+    /// whenever it is not there.
+    #[arg(long)]
+    client: bool,
+
+    /// Permission bits (octal) of the sockets the daemon creates: the
+    /// vhost-user socket and --control.
+    #[arg(long, default_value = "600", value_name = "OCTAL", value_parser = parse_mode)]
+    socket_mode: u32,
 
     /// Connect the device to this tap interface, created if missing (needs
     /// CAP_NET_ADMIN) and brought up. Give it an address yourself.
@@ -122,6 +149,15 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode like 600"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: a socket's mode is at most 777"));
+    }
+    Ok(m)
+}
+
 fn backends(args: &Args) -> Result<Vec<Box<dyn NetBackend>>, String> {
     let n = usize::from(args.queue_pairs);
     if let Some(name) = &args.tap {
@@ -169,13 +205,23 @@ fn run(args: Args) -> Result<(), String> {
     let net = VhostUserNet::new(args.id.clone(), device).map_err(|e| e.to_string())?;
     net.set_poll(std::time::Duration::from_micros(args.poll_us));
     if let Some(path) = &args.control {
-        control::spawn(path, net.clone())
+        control::spawn_with_mode(path, net.clone(), args.socket_mode)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     }
-    let server = Server::bind(&args.socket, net.clone()).map_err(|e| error_chain(&e))?;
+    let server = if args.client {
+        Server::connect(&args.socket, net.clone())
+    } else {
+        Server::bind_with_mode(&args.socket, net.clone(), args.socket_mode)
+    }
+    .map_err(|e| error_chain(&e))?;
     log::info!(
-        "{}: listening on {} (standby {}, {} queue pair(s) of {})",
+        "{}: {} {} (standby {}, {} queue pair(s) of {})",
         args.id,
+        if args.client {
+            "connecting to"
+        } else {
+            "listening on"
+        },
         args.socket.display(),
         if args.standby == OnOff::On {
             "on"
@@ -238,5 +284,21 @@ mod tests {
         assert_eq!(backends(&a).unwrap().len(), 1);
         let a = Args::try_parse_from(["x", "--socket", "s", "--generate", "10"]).unwrap();
         assert!(backends(&a).err().unwrap().contains("60 to"));
+        // -s and --socket-path as rust-vmm's vhost-device daemons; --socket kept.
+        for flag in ["-s", "--socket-path", "--socket"] {
+            let a = Args::try_parse_from(["x", flag, "/run/s", "--discard"]).unwrap();
+            assert_eq!(a.socket, PathBuf::from("/run/s"));
+            assert!(!a.client);
+            assert_eq!(a.socket_mode, 0o600);
+        }
+        let a = Args::try_parse_from(["x", "-s", "s", "--discard", "--client"]).unwrap();
+        assert!(a.client);
+        let a =
+            Args::try_parse_from(["x", "-s", "s", "--discard", "--socket-mode", "660"]).unwrap();
+        assert_eq!(a.socket_mode, 0o660);
+        assert!(Args::try_parse_from(["x", "-s", "s", "--discard", "--socket-mode", "8"]).is_err());
+        assert!(
+            Args::try_parse_from(["x", "-s", "s", "--discard", "--socket-mode", "1777"]).is_err()
+        );
     }
 }

@@ -297,6 +297,12 @@ echo "CARRIER_DOWN $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carr
 i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 1 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
 echo "CARRIER_UP $(cat /sys/class/net/$S/carrier) $(cat /sys/class/net/$M/carrier)"
 ping -c 2 -W 3 {HOST_IP} > /dev/null 2>&1 && echo PING_AFTER_LINK_OK
+echo RESTART_WAIT
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 0 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESTART_DOWN $(cat /sys/class/net/$S/carrier)"
+i=0; while [ "$(cat /sys/class/net/$S/carrier)" != 1 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESTART_UP $(cat /sys/class/net/$S/carrier)"
+ping -c 2 -W 3 {HOST_IP} > /dev/null 2>&1 && echo PING_AFTER_RESTART_OK
 echo '== END'
 poweroff -f
 "#
@@ -304,7 +310,13 @@ poweroff -f
 }
 
 /// Builds the initramfs (newc cpio, uncompressed) under `dir`.
-fn initramfs(env: &Env, dir: &Path, tx: &[u8], rx: &[u8]) -> PathBuf {
+fn initramfs(
+    env: &Env,
+    dir: &Path,
+    tx: &[u8],
+    rx: &[u8],
+    script: fn(&[PathBuf]) -> String,
+) -> PathBuf {
     let root = dir.join("root");
     let _ = std::fs::remove_dir_all(&root);
     for d in ["bin", "proc", "sys", "dev", "tmp", "mod", "data"] {
@@ -318,7 +330,7 @@ fn initramfs(env: &Env, dir: &Path, tx: &[u8], rx: &[u8]) -> PathBuf {
     std::fs::write(root.join("data/tx.bin"), tx).unwrap();
     std::fs::write(root.join("data/rx.bin"), rx).unwrap();
     let init = root.join("init");
-    std::fs::write(&init, init_script(&modules)).unwrap();
+    std::fs::write(&init, script(&modules)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut names = Vec::new();
@@ -454,12 +466,30 @@ struct Qemu {
     stderr: PathBuf,
 }
 
+/// One QEMU's place: its name (for its files), the daemon's socket, its QMP
+/// socket, the primary's tap (`None`: user networking, a dead end) and the
+/// migration stream it waits for (`-incoming`).
+struct Machine<'a> {
+    name: &'a str,
+    socket: &'a Path,
+    qmp: &'a Path,
+    primary_tap: Option<&'a str>,
+    incoming: Option<&'a Path>,
+    /// QEMU listens on the socket (`server=on`) and the daemon connects
+    /// (`--client`), as libvirt's `mode='server'`.
+    listen: bool,
+}
+
 impl Qemu {
-    fn start(env: &Env, dir: &Path, initrd: &Path, socket: &Path, qmp: &Path) -> Qemu {
-        let stderr = dir.join("qemu.stderr");
+    fn start(env: &Env, dir: &Path, initrd: &Path, m: &Machine<'_>) -> Qemu {
+        let stderr = dir.join(format!("{}.stderr", m.name));
         let mem = "256M";
-        let mut child = Command::new(&env.qemu)
-            .args(["-machine", "q35", "-accel", "tcg", "-smp", "1", "-m", mem])
+        let primary_netdev = match m.primary_tap {
+            Some(tap) => format!("tap,id=hostnet0,ifname={tap},script=no,downscript=no,vhost=off"),
+            None => "user,id=hostnet0,restrict=on".to_string(),
+        };
+        let mut cmd = Command::new(&env.qemu);
+        cmd.args(["-machine", "q35", "-accel", "tcg", "-smp", "1", "-m", mem])
             .args(["-nodefaults", "-no-reboot", "-display", "none"])
             .args(["-monitor", "none", "-serial", "stdio"])
             // vhost-user needs guest memory the daemon can map: shared.
@@ -472,24 +502,30 @@ impl Qemu {
             .arg(initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg(format!("unix:{},server=on,wait=off", m.qmp.display()))
             .args(["-device", "pcie-root-port,id=root1,chassis=1,slot=1"])
             .args(["-device", "pcie-root-port,id=root2,chassis=2,slot=2"])
             .arg("-chardev")
-            .arg(format!(
-                "socket,id=c0,path={},reconnect=1",
-                socket.display()
-            ))
+            .arg(if m.listen {
+                format!("socket,id=c0,path={},server=on,wait=off", m.socket.display())
+            } else {
+                format!("socket,id=c0,path={},reconnect=1", m.socket.display())
+            })
             .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
             .arg("-device")
             .arg(format!(
                 "virtio-net-pci,netdev=n0,id=net1,mac={MAC},bus=root2,failover=on,vectors=0,romfile="
             ))
-            .args(["-netdev", "user,id=hostnet0,restrict=on"])
+            .args(["-netdev", &primary_netdev])
             .arg("-device")
             .arg(format!(
                 "e1000e,netdev=hostnet0,id=hostdev0,mac={MAC},failover_pair_id=net1,bus=root1,romfile="
-            ))
+            ));
+        if let Some(incoming) = m.incoming {
+            cmd.arg("-incoming")
+                .arg(format!("unix:{}", incoming.display()));
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -594,17 +630,18 @@ fn run(env: Env) {
     std::fs::create_dir_all(&dir).unwrap();
     let tx_data = payload(BULK, 11);
     let rx_data = payload(BULK, 12);
-    let initrd = initramfs(&env, &dir, &tx_data, &rx_data);
+    let initrd = initramfs(&env, &dir, &tx_data, &rx_data, init_script);
 
     // The test's own tap, in its own namespace; the daemon attaches to it.
     ip(&["link", "set", "lo", "up"]);
     ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
     ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-    let be = Backend::start_binary(
+    let daemon_args = ["--tap", TAP, "--mac", MAC, "--id", "net1"];
+    let mut be = Backend::start_binary(
         Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
         &dir,
         "vu",
-        &["--tap", TAP, "--mac", MAC, "--id", "net1"],
+        &daemon_args,
     );
     let listener = TcpListener::bind((HOST_IP, 5001)).unwrap();
     let receiver = std::thread::spawn(move || {
@@ -622,7 +659,19 @@ fn run(env: Env) {
     });
 
     let qmp_path = dir.join("qmp.sock");
-    let mut qemu = Qemu::start(&env, &dir, &initrd, &be.socket, &qmp_path);
+    let mut qemu = Qemu::start(
+        &env,
+        &dir,
+        &initrd,
+        &Machine {
+            name: "qemu",
+            socket: &be.socket,
+            qmp: &qmp_path,
+            primary_tap: None,
+            incoming: None,
+            listen: false,
+        },
+    );
     let mut qmp = Qmp::connect(&qmp_path);
     let fail = |what: &str, qemu: &Qemu, be: &Backend| -> ! {
         panic!(
@@ -703,9 +752,35 @@ fn run(env: Env) {
     qemu.expect("PING_AFTER_LINK_OK", Duration::from_secs(15));
     let link_secs = t_link.elapsed().as_secs_f64();
 
+    // The daemon dies and a new one starts on the same socket while QEMU
+    // runs: QEMU's reconnect=1 brings the guest's traffic back.
+    qemu.expect("RESTART_WAIT", Duration::from_secs(10));
+    let t_restart = Instant::now();
+    let first_log = be.log_text();
+    be.kill();
+    assert_eq!(
+        qemu.expect("RESTART_DOWN ", Duration::from_secs(20)),
+        "0",
+        "the guest saw the daemon go"
+    );
+    let be = Backend::start_binary(
+        Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir,
+        "vu",
+        &daemon_args,
+    );
+    assert_eq!(qemu.expect("RESTART_UP ", Duration::from_secs(20)), "1");
+    qemu.expect("PING_AFTER_RESTART_OK", Duration::from_secs(15));
+    let restart_secs = t_restart.elapsed().as_secs_f64();
+
     qemu.expect("== END", Duration::from_secs(10));
     qemu.wait(Duration::from_secs(20));
-    let log = be.log_text();
+    let log = first_log;
+    let second_log = be.log_text();
+    assert!(
+        second_log.contains("device active on 2 queue(s)"),
+        "the restarted daemon serves QEMU again:\n{second_log}"
+    );
     assert!(!log.contains("connection failed"), "{log}");
     assert!(
         log.matches("device active on 2 queue(s)").count() >= 2,
@@ -716,12 +791,397 @@ fn run(env: Env) {
         "QEMU was disconnected for the link:\n{log}"
     );
     eprintln!(
-        "QEMU test: {:.1} s in all; ping+bulk from {:.1} s, guest TX {:.1} s, guest RX {:.1} s ({} MiB each), link down/up {:.1} s",
+        "QEMU test: {:.1} s in all; ping+bulk from {:.1} s, guest TX {:.1} s, guest RX {:.1} s ({} MiB each), link down/up {:.1} s, daemon restart {restart_secs:.1} s",
         started.elapsed().as_secs_f64(),
         t_ping.duration_since(started).as_secs_f64(),
         tx_secs,
         rx_secs,
         BULK >> 20,
         link_secs,
+    );
+}
+
+/// The migration guest's `/init`: up through its primary, a TCP stream from
+/// the host compared byte for byte as it arrives, then it waits for its
+/// primary to leave (the source unplugs it) and for a new one (the
+/// destination plugs its own), and reports.
+fn migration_init_script(modules: &[PathBuf]) -> String {
+    let insmod: String = modules
+        .iter()
+        .map(|p| {
+            let f = p.file_name().unwrap().to_str().unwrap();
+            format!("insmod /mod/{f} || echo \"INSMOD_FAILED {f}\"\n")
+        })
+        .collect();
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+{insmod}
+names() {{ dmesg | sed -n "s/.*failover $1:\([a-z0-9]*\) registered.*/\1/p" | tail -n 1; }}
+i=0; while [ -z "$(names 'primary slave')" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+M=$(names master); S=$(names 'standby slave'); P=$(names 'primary slave')
+ip link set lo up
+ip link set $M up
+ip addr add {GUEST_IP}/24 dev $M
+i=0; while ! ping -c 1 -W 1 {HOST_IP} > /dev/null 2>&1 && [ $i -lt 30 ]; do i=$((i+1)); done
+echo "NET_UP $M $S $P"
+(nc -l -p 5002 | cmp - /data/rx.bin > /tmp/cmp.txt 2>&1; echo "CMP_RC $?") &
+sleep 0.3
+echo RX_LISTENING
+i=0; while [ -e /sys/class/net/$P ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+echo "PRIMARY_GONE $(ls /sys/class/net | tr '\n' ' ')"
+i=0; while [ "$(dmesg | grep -c 'failover primary slave:[a-z0-9]* registered')" -lt 2 ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done
+echo "PRIMARY_BACK $(names 'primary slave')"
+wait
+cat /tmp/cmp.txt
+dmesg | grep -E 'failover|e1000e|virtio_net|pciehp' | sed 's/^/DMESG /'
+echo '== END'
+poweroff -f
+"#
+    )
+}
+
+/// The host's `busybox ping -i 0.05` of the guest, each reply's sequence
+/// number stamped as it arrives.
+struct Pinger {
+    child: Child,
+    replies: Arc<Mutex<Vec<(u64, Instant)>>>,
+}
+
+const PING_INTERVAL: f64 = 0.05;
+
+impl Pinger {
+    fn start(busybox: &Path, target: &str) -> Pinger {
+        let mut child = Command::new(busybox)
+            .args(["ping", "-i", &PING_INTERVAL.to_string(), target])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run busybox ping");
+        let out = child.stdout.take().unwrap();
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let r = Arc::clone(&replies);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let seq = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("seq="))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if let Some(seq) = seq {
+                    r.lock().unwrap().push((seq, Instant::now()));
+                }
+            }
+        });
+        Pinger { child, replies }
+    }
+
+    fn stop(&mut self) -> Vec<(u64, Instant)> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        self.replies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which bridge port the guest's MAC is learnt on, polled every 20 ms; each
+/// change stamped.
+struct FdbWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, String)>>,
+}
+
+impl FdbWatch {
+    fn start() -> FdbWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut seen: Vec<(Instant, String)> = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new("bridge")
+                    .args(["fdb", "show", "br", "br0"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default();
+                let dev = out
+                    .lines()
+                    .find(|l| l.starts_with(MAC) && !l.contains("permanent"))
+                    .and_then(|l| {
+                        let mut w = l.split_whitespace();
+                        w.find(|&x| x == "dev").and_then(|_| w.next())
+                    })
+                    .unwrap_or("(none)")
+                    .to_string();
+                if seen.last().is_none_or(|l| l.1 != dev) {
+                    seen.push((Instant::now(), dev));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        });
+        FdbWatch { stop, thread }
+    }
+
+    fn stop(self) -> Vec<(Instant, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// A QMP event's time, in seconds since `since` (wall clock).
+fn event_time(e: &serde_json::Value, since: std::time::SystemTime) -> f64 {
+    let t = e["timestamp"]["seconds"].as_f64().unwrap_or(0.0)
+        + e["timestamp"]["microseconds"].as_f64().unwrap_or(0.0) / 1e6;
+    let base = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    t - base
+}
+
+#[test]
+fn qemu_live_migration_with_the_daemon_as_standby() {
+    let Some(env) = env() else { return };
+    let _g = serial();
+    in_new_netns(move || run_migration(env));
+}
+
+/// Two QEMUs on this machine, each with its own daemon; their taps and the
+/// primaries' taps on one bridge with the host's address. The guest's
+/// traffic runs through its e1000e primary; `migrate` unplugs it, our
+/// standby carries the traffic through wait-unplug and the copy, the
+/// destination resumes and plugs its own primary. A ping every 50 ms and a
+/// TCP stream into the guest (compared byte for byte as it arrives) run
+/// throughout.
+fn run_migration(env: Env) {
+    const MIG_BULK: usize = 8 << 20;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-migration");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rx_data = payload(MIG_BULK, 21);
+    let initrd = initramfs(&env, &dir, &[], &rx_data, migration_init_script);
+
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "br0", "type", "bridge"]);
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
+    ip(&["link", "set", "br0", "up"]);
+    for tap in ["vuqtap0", "vuqtap1", "vuptap0", "vuptap1"] {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ip(&["link", "set", tap, "master", "br0"]);
+        ip(&["link", "set", tap, "up"]);
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_vhost-user-net"));
+    let be_src = Backend::start_binary(
+        bin,
+        &dir,
+        "vu-src",
+        &["--tap", "vuqtap0", "--mac", MAC, "--id", "net1"],
+    );
+    // The destination's daemon connects to the socket its QEMU listens on
+    // (libvirt's mode='server').
+    let dst_socket = dir.join("dst-qemu-vu.sock");
+    let be_dst = Backend::start_client(
+        bin,
+        &dir,
+        "vu-dst",
+        &dst_socket,
+        &["--tap", "vuqtap1", "--mac", MAC, "--id", "net1"],
+    );
+    let (src_qmp, dst_qmp) = (dir.join("src-qmp.sock"), dir.join("dst-qmp.sock"));
+    let mig = dir.join("migration.sock");
+    let src = Qemu::start(
+        &env,
+        &dir,
+        &initrd,
+        &Machine {
+            name: "src",
+            socket: &be_src.socket,
+            qmp: &src_qmp,
+            primary_tap: Some("vuptap0"),
+            incoming: None,
+            listen: false,
+        },
+    );
+    let mut qs = Qmp::connect(&src_qmp);
+    let fail = |what: &str, src: &Qemu, dst: Option<&Qemu>| -> ! {
+        panic!(
+            "{what}\nsource {}\ndestination {}\nsource daemon:\n{}\ndestination daemon:\n{}",
+            src.diagnostics(),
+            dst.map(Qemu::diagnostics).unwrap_or_default(),
+            be_src.log_text(),
+            be_dst.log_text()
+        )
+    };
+    let up = src.expect("NET_UP ", Duration::from_secs(60));
+    src.expect("RX_LISTENING", Duration::from_secs(10));
+    let dst = Qemu::start(
+        &env,
+        &dir,
+        &initrd,
+        &Machine {
+            name: "dst",
+            socket: &dst_socket,
+            qmp: &dst_qmp,
+            primary_tap: Some("vuptap1"),
+            incoming: Some(&mig),
+            listen: true,
+        },
+    );
+    let mut qd = Qmp::connect(&dst_qmp);
+    let caps = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}"#;
+    qs.execute(caps);
+    qd.execute(caps);
+
+    // The flows: a ping every 50 ms, and the stream, slow until the
+    // destination has its primary, then as fast as it goes.
+    let mut pinger = Pinger::start(&env.busybox, GUEST_IP);
+    let fdb = FdbWatch::start();
+    let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let m = Arc::clone(&migrated);
+    let data = rx_data.clone();
+    let sender = std::thread::spawn(move || {
+        let mut s = TcpStream::connect((GUEST_IP, 5002)).expect("connect to the guest");
+        for chunk in data.chunks(4096) {
+            s.write_all(chunk).expect("stream to the guest");
+            if !m.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    let t0 = Instant::now();
+    let wall0 = std::time::SystemTime::now();
+    qs.execute(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+        mig.display()
+    ));
+    let completed = |d: &serde_json::Value| d["status"] == "completed" || d["status"] == "failed";
+    let end = qs.event("MIGRATION", Duration::from_secs(180), completed);
+    if end["data"]["status"] != "completed" {
+        fail(&format!("the migration failed: {end}"), &src, Some(&dst));
+    }
+    let info = qs.execute(r#"{"execute":"query-migrate"}"#);
+    qd.event("RESUME", Duration::from_secs(30), |_| true);
+    let back = dst.expect("PRIMARY_BACK ", Duration::from_secs(90));
+    let t_back = t0.elapsed().as_secs_f64();
+    migrated.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rc = dst.expect("CMP_RC ", Duration::from_secs(120));
+    if rc != "0" {
+        fail(
+            &format!("the stream arrived corrupted or cut (cmp exit {rc})"),
+            &src,
+            Some(&dst),
+        );
+    }
+    sender.join().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let replies = pinger.stop();
+    let fdb = fdb.stop();
+    dst.expect("== END", Duration::from_secs(20));
+
+    // The timeline: QMP events of both sides, the guest's lines.
+    let mut timeline: Vec<(f64, String)> = Vec::new();
+    for (side, q) in [("source", &qs), ("destination", &qd)] {
+        for e in q.events.lock().unwrap().iter() {
+            timeline.push((
+                event_time(e, wall0),
+                format!("{side} {} {}", e["event"], e["data"]),
+            ));
+        }
+    }
+    for (t, dev) in fdb {
+        let t = t
+            .checked_duration_since(t0)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_else(|| -t0.duration_since(t).as_secs_f64());
+        timeline.push((t, format!("bridge: the guest's MAC is learnt on {dev}")));
+    }
+    timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Pings: the replies' sequence numbers; the holes are frames lost.
+    let first = replies.first().map(|r| r.0).unwrap_or(0);
+    let last = replies.last().map(|r| r.0).unwrap_or(0);
+    let got: BTreeSet<u64> = replies.iter().map(|r| r.0).collect();
+    let lost: Vec<u64> = (first..=last).filter(|s| !got.contains(s)).collect();
+    // Reply times relative to `migrate`: send times, by sequence number.
+    let at = |seq: u64| -> f64 {
+        replies
+            .iter()
+            .min_by_key(|r| r.0.abs_diff(seq))
+            .map(|r| {
+                r.1.checked_duration_since(t0)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_else(|| -t0.duration_since(r.1).as_secs_f64())
+                    + (seq as f64 - r.0 as f64) * PING_INTERVAL
+            })
+            .unwrap_or(0.0)
+    };
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    for &s in &lost {
+        match gaps.last_mut() {
+            Some(g) if g.1 + 1 == s => g.1 = s,
+            _ => gaps.push((s, s)),
+        }
+    }
+    let resume = timeline
+        .iter()
+        .find(|(_, l)| l.starts_with("destination \"RESUME\""))
+        .map(|t| t.0)
+        .unwrap_or(f64::NAN);
+    let after_resume = replies
+        .iter()
+        .filter(|r| {
+            r.1.checked_duration_since(t0)
+                .is_some_and(|d| d.as_secs_f64() > resume)
+        })
+        .count();
+    let mut report = format!(
+        "QEMU migration: {}\nguest before: {up}; destination primary: {back} at {t_back:.2} s\n\
+         downtime (QEMU): {} ms, total {} ms\nping every {PING_INTERVAL} s: {} replies, {} lost, {after_resume} after RESUME\n",
+        info["return"]["status"],
+        info["return"]["downtime"],
+        info["return"]["total-time"],
+        replies.len(),
+        lost.len()
+    );
+    for (a, b) in &gaps {
+        report.push_str(&format!(
+            "  lost seq {a}..={b} ({} frames) from {:.2} s\n",
+            b - a + 1,
+            at(*a)
+        ));
+    }
+    for (t, l) in &timeline {
+        report.push_str(&format!("  {t:8.3} s  {l}\n"));
+    }
+    for l in dst.console().lines().filter(|l| l.starts_with("DMESG ")) {
+        report.push_str(&format!("  guest {l}\n"));
+    }
+    eprintln!("{report}");
+    std::fs::write(dir.join("report.txt"), &report).unwrap();
+
+    let src_log = be_src.log_text();
+    let dst_log = be_dst.log_text();
+    assert!(src_log.contains("dirty logging on"), "{src_log}");
+    assert!(src_log.contains("dirty log shared"), "{src_log}");
+    assert!(!src_log.contains("is not logged"), "{src_log}");
+    assert!(
+        dst_log.contains("device active on 2 queue(s)"),
+        "the destination's daemon runs the standby:\n{dst_log}"
+    );
+    assert!(
+        after_resume > 20,
+        "ping goes on after the destination resumed: {after_resume} replies\n{report}"
     );
 }

@@ -34,7 +34,9 @@ use virtio_net_standby::{
     StandbyNet, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -42,6 +44,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::channel::BackendChannel;
+use crate::dirty::{LogBitmap, MigrationLog};
 
 /// Errors creating a [`VhostUserNet`].
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +66,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The guest memory type of a device served over vhost-user: the regions the
-/// frontend shares with `SET_MEM_TABLE`, as the handler maps them (no dirty
-/// bitmap). Build the [`StandbyNet`] handed to [`VhostUserNet::new`] over it.
-pub type VhostUserMemory = GuestMemoryMmap<()>;
+/// frontend shares with `SET_MEM_TABLE`, as the handler maps them, each with
+/// a [`LogBitmap`] that reports the device's writes to the frontend's dirty
+/// log while it migrates (see [`dirty`](crate::dirty)). Build the
+/// [`StandbyNet`] handed to [`VhostUserNet::new`] over it.
+pub type VhostUserMemory = GuestMemoryMmap<LogBitmap>;
 
 /// The vring type the handler gives the backend.
 pub type Vring = VringRwLock<GuestMemoryAtomic<VhostUserMemory>>;
@@ -75,6 +80,11 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<VhostUserMemory>>;
 /// backend-request channel (`BACKEND_REQ`), may ask for acknowledgements
 /// (`REPLY_ACK`), may use several queue pairs (`MQ`) and may reset the device
 /// without reconnecting (`RESET_DEVICE`).
+///
+/// For live migration it offers `LOG_SHMFD` (the frontend shares its dirty
+/// log, see [`dirty`](crate::dirty); with `VHOST_F_LOG_ALL` among the virtio
+/// features) and `RARP` (after a migration, a frontend whose guest cannot
+/// announce itself asks the backend to send a RARP for the guest's MAC).
 ///
 /// `CONFIG` is offered to every frontend: User-Mode Linux's `virtio_uml` reads
 /// MAC, MTU and link status only through it, and nothing tells one frontend
@@ -90,6 +100,30 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
+}
+
+/// The RARP announcement `SEND_RARP` asks for, as the backend sends it: a
+/// zeroed 12-byte virtio-net header (every [`NetBackend`] frame carries one),
+/// then an Ethernet broadcast of type 0x8035 whose reverse-ARP request names
+/// `mac` as sender and target, padded to the 60-byte minimum frame.
+pub fn rarp_frame(mac: [u8; 6]) -> [u8; 12 + 60] {
+    let mut f = [0u8; 12 + 60];
+    let e = &mut f[12..];
+    e[0..6].fill(0xff);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    e[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    e[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    e[18] = 6;
+    e[19] = 4;
+    e[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    e[22..28].copy_from_slice(&mac); // sender hardware address
+    // sender protocol address 0.0.0.0
+    e[32..38].copy_from_slice(&mac); // target hardware address
+    // target protocol address 0.0.0.0
+    f
 }
 
 /// Epoll tokens for backend readiness start after the queues and the handler's
@@ -143,6 +177,7 @@ pub struct VhostUserNet<B: NetBackend + 'static> {
     num_queues: usize,
     offered: Features,
     channel: Arc<BackendChannel>,
+    migration: Arc<MigrationLog>,
     conn: Mutex<Conn>,
     /// How long the worker keeps polling the rings after they run dry.
     poll_ns: AtomicU64,
@@ -224,6 +259,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             num_queues,
             offered,
             channel,
+            migration: MigrationLog::new(),
             conn: Mutex::new(Conn::default()),
             poll_ns: AtomicU64::new(0),
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?,
@@ -291,6 +327,32 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
     /// The device's counters.
     pub fn counters(&self) -> NetCounters {
         lock(&self.device).counters()
+    }
+
+    /// The dirty log of the current connection (live migration).
+    pub fn migration_log(&self) -> &Arc<MigrationLog> {
+        &self.migration
+    }
+
+    /// Sends a RARP announcement for `mac` on the first queue pair's backend,
+    /// as a frontend's `SEND_RARP` asks after a migration (the switches learn
+    /// where the guest's MAC address now is).
+    pub fn send_rarp(&self, mac: [u8; 6]) -> io::Result<()> {
+        let frame = rarp_frame(mac);
+        let iov = [libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        }];
+        // SAFETY: the iovec describes `frame`, readable and alive for the
+        // call, and its length is the frame's.
+        let tx = unsafe { virtio_net_standby::TxFrame::new(&iov, frame.len()) };
+        let pair = self
+            .pairs
+            .first()
+            .ok_or_else(|| io::Error::other("the device has no queue pair"))?;
+        let mut p = pair.lock();
+        p.backend_mut().send(&tx)?;
+        p.backend_mut().flush()
     }
 
     /// The backend-request channel of the current connection.
@@ -362,6 +424,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         conn.mem = None;
         conn.activation_failed = false;
         self.channel.detach();
+        self.migration.reset();
     }
 
     /// Stops the device and writes its queues' positions into the vrings.
@@ -428,11 +491,18 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         for &i in &indices {
             let state = vrings[i].get_ref().get_queue().state();
             match Queue::try_from(state) {
-                Ok(queue) => queues.push(virtio_net_standby::ActivateQueue {
-                    index: i as u16,
-                    queue,
-                    kick: None,
-                }),
+                Ok(queue) => {
+                    self.migration.set_used_ring(
+                        i as u16,
+                        queue.used_ring(),
+                        6 + 8 * u64::from(queue.size()),
+                    );
+                    queues.push(virtio_net_standby::ActivateQueue {
+                        index: i as u16,
+                        queue,
+                        kick: None,
+                    })
+                }
                 Err(e) => {
                     log::debug!("{}: vring {i} cannot be used: {e:?}", self.name);
                     return false;
@@ -593,7 +663,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
 }
 
 impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
-    type Bitmap = ();
+    type Bitmap = LogBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -605,11 +675,19 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
     }
 
     fn features(&self) -> u64 {
-        self.offered.bits() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.offered.bits()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
-        let virtio = features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // VHOST_F_LOG_ALL is the frontend migrating, not a device feature:
+        // switching it changes nothing else.
+        self.migration
+            .set_logging(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
+        let virtio = features
+            & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                | VhostUserVirtioFeatures::LOG_ALL.bits());
         let mut dev = lock(&self.device);
         if dev.acked_features().map(Features::bits) == Some(virtio) {
             return;
@@ -672,7 +750,11 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<VhostUserMemory>) -> io::Result<()> {
         // The handler swaps the map inside the same atomic; an active device
-        // follows through its memory watch.
+        // follows through its memory watch. Each region's bitmap reports to
+        // the dirty log at the region's guest physical address.
+        for region in mem.memory().iter() {
+            region.bitmap().bind(region.start_addr().0, &self.migration);
+        }
         lock(&self.conn).mem = Some(mem);
         Ok(())
     }

@@ -107,6 +107,11 @@ impl BackendChannel {
         self.bump();
     }
 
+    /// The protocol features the frontend acknowledged on this connection.
+    pub fn protocol_features(&self) -> Option<u64> {
+        self.lock().protocol_features
+    }
+
     /// Whether the frontend takes configuration-change notifications: it
     /// acknowledged `CONFIG` and `BACKEND_REQ`. `None` until it acknowledged
     /// protocol features on this connection. QEMU's virtio-net says no: it

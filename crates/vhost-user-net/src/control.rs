@@ -16,7 +16,7 @@
 //! ```
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,14 +25,23 @@ use virtio_net_standby::NetBackend;
 
 use crate::backend::VhostUserNet;
 
-/// Listens on `path` (replacing a stale socket) and serves commands for `net`
-/// on a background thread, one client at a time.
+/// Listens on `path` (replacing a stale socket; only its owner may connect,
+/// see [`spawn_with_mode`]) and serves commands for `net` on a background
+/// thread, one client at a time.
 pub fn spawn<B: NetBackend + 'static>(
     path: &Path,
     net: Arc<VhostUserNet<B>>,
 ) -> io::Result<JoinHandle<()>> {
-    crate::server::remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path)?;
+    spawn_with_mode(path, net, crate::server::DEFAULT_SOCKET_MODE)
+}
+
+/// [`spawn`] with the socket file's permission bits.
+pub fn spawn_with_mode<B: NetBackend + 'static>(
+    path: &Path,
+    net: Arc<VhostUserNet<B>>,
+    mode: u32,
+) -> io::Result<JoinHandle<()>> {
+    let listener = crate::server::bind_socket(path, mode)?;
     std::thread::Builder::new()
         .name(format!("{}-control", net.name()))
         .spawn(move || {

@@ -32,9 +32,11 @@
 pub mod backend;
 pub mod channel;
 pub mod control;
+pub mod dirty;
 pub mod relay;
 pub mod server;
 
-pub use backend::{VhostUserMemory, VhostUserNet, protocol_features};
+pub use backend::{VhostUserMemory, VhostUserNet, protocol_features, rarp_frame};
 pub use channel::BackendChannel;
+pub use dirty::{LogBitmap, MigrationLog};
 pub use server::{Server, ServerStats, ShutdownHandle};

@@ -26,9 +26,16 @@
 //! may send: a message longer than the protocol's 4096-byte limit, a header cut
 //! short, or more descriptors than the protocol allows.
 //!
-//! It also watches two messages on their way through: the protocol features the
+//! It also watches messages on their way through: the protocol features the
 //! frontend acknowledged and the backend-request channel it hands over, which the
-//! [`BackendChannel`] uses to send configuration-change notifications.
+//! [`BackendChannel`] uses to send configuration-change notifications; and for
+//! live migration (see [`dirty`](crate::dirty)) `SET_LOG_BASE`, whose log it
+//! maps for the device (a log it cannot map ends the connection, so that the
+//! frontend's migration fails rather than copying stale memory), and
+//! `SET_VRING_ADDR`, whose `VHOST_VRING_F_LOG` and `log_guest_addr` say where a
+//! ring's used-ring writes are logged. `SEND_RARP`, which the `vhost` crate's
+//! handler does not know (it would end the connection), the relay answers
+//! itself: the device sends the RARP announcement on its backend.
 //!
 //! Every request is logged at debug level (`RUST_LOG=vhost_user_net::relay=debug`),
 //! decoded: the way to see a frontend's message sequence.
@@ -45,8 +52,8 @@
 //! | # | QEMU sends | when | the daemon |
 //! |---|---|---|---|
 //! | 1 | `GET_FEATURES` | connection (`vhost_user_backend_init`) | the device's virtio features and bit 30 |
-//! | 2 | `GET_PROTOCOL_FEATURES` | | `CONFIG`, `MQ`, `REPLY_ACK`, `BACKEND_REQ`, `RESET_DEVICE` |
-//! | 3 | `SET_PROTOCOL_FEATURES 0x2029` | | recorded; QEMU masked `CONFIG` out (and warns that it did) |
+//! | 2 | `GET_PROTOCOL_FEATURES` | | `CONFIG`, `MQ`, `REPLY_ACK`, `BACKEND_REQ`, `RESET_DEVICE`, `LOG_SHMFD`, `RARP` |
+//! | 3 | `SET_PROTOCOL_FEATURES 0x202f` | | recorded; QEMU masked `CONFIG` out (and warns that it did) |
 //! | 4 | `GET_QUEUE_NUM` | `MQ` | the device's queue count |
 //! | 5 | `SET_BACKEND_REQ_FD`, reply wanted | `BACKEND_REQ` | kept; no configuration change is sent on it, since `CONFIG` is not acknowledged |
 //! | 6 | `SET_OWNER` | `vhost_dev_init` | accepted |
@@ -58,6 +65,20 @@
 //! | 12 | `SET_VRING_NUM`, `SET_VRING_BASE`, `SET_VRING_ADDR`, `SET_VRING_KICK`, `SET_VRING_CALL`, ring 0 then ring 1 | | rings started; the device activates on the first kick |
 //! | 13 | `GET_VRING_BASE` rings 0 and 1 | the driver's reset or power-off, QEMU's link down | the device stops and returns each ring's position |
 //! | 14 | `SET_VRING_ENABLE` rings 0 and 1 → 1 | the reset that follows | passed on (features are acknowledged by then) |
+//!
+//! A migration, as the source's daemon saw it (`migrate` of a running guest):
+//!
+//! | # | QEMU sends | when | the daemon |
+//! |---|---|---|---|
+//! | M1 | `SET_LOG_BASE` with the log's memory file | the migration's setup (dirty logging starts) | the relay maps the log; the handler answers |
+//! | M2 | `SET_FEATURES` with `VHOST_F_LOG_ALL`, reply wanted | | logging on; the device keeps running (only the log switch changed) |
+//! | M3 | `SET_VRING_ADDR` rings 0 and 1 with `VHOST_VRING_F_LOG`, reply wanted | | each ring's `log_guest_addr` noted (QEMU's is the used ring's own address) |
+//! | M4 | `GET_VRING_BASE` rings 0 and 1 | the source stops | the device stops; its last writes are in the log before the reply |
+//!
+//! The destination's QEMU starts the rings as at 10 to 12, with `SET_VRING_BASE`
+//! at the positions the source reported. After the migration QEMU sends
+//! `SEND_RARP` only if the guest did not negotiate `GUEST_ANNOUNCE` (a Linux
+//! guest does, and announces itself).
 //!
 //! With `queues=N` (and `--queue-pairs N`), every further pair's `vhost_dev`
 //! repeats 1 to 3 and 7 to 13 for its own rings (`SET_FEATURES` once per pair,
@@ -88,6 +109,7 @@ use vhost::vhost_user::message::{
 };
 
 use crate::channel::BackendChannel;
+use crate::dirty::{self, LogArea, MigrationLog};
 
 /// Length of a vhost-user message header.
 pub const HEADER_LEN: usize = 12;
@@ -125,6 +147,45 @@ pub enum Error {
     /// short by the kernel).
     #[error("the frontend attached more file descriptors than a message may carry")]
     TooManyFds,
+    /// `SET_LOG_BASE` came without its descriptor or with a malformed payload.
+    #[error(
+        "the frontend sent SET_LOG_BASE with {fds} descriptor(s) and a {size}-byte payload; it needs one memory file and 16 bytes"
+    )]
+    LogBaseMalformed {
+        /// Descriptors attached.
+        fds: usize,
+        /// Payload size.
+        size: usize,
+    },
+    /// The frontend's dirty log cannot be mapped: a migration would copy
+    /// stale memory, so the connection ends (and the frontend's migration
+    /// fails) instead.
+    #[error(transparent)]
+    LogBase(dirty::Error),
+}
+
+/// What the relay hands to the device on the way: the backend-request
+/// channel, the dirty log and the announcement `SEND_RARP` asks for.
+#[derive(Clone)]
+pub(crate) struct Hooks {
+    /// The backend-request channel.
+    pub channel: Arc<BackendChannel>,
+    /// The device's dirty log.
+    pub log: Arc<MigrationLog>,
+    /// Sends a RARP announcement for the MAC address.
+    pub rarp: Arc<dyn Fn([u8; 6]) -> io::Result<()> + Send + Sync>,
+}
+
+impl Hooks {
+    /// Hooks around `channel` with a fresh log and no RARP.
+    #[cfg(test)]
+    pub(crate) fn with_channel(channel: Arc<BackendChannel>) -> Self {
+        Hooks {
+            channel,
+            log: MigrationLog::new(),
+            rarp: Arc::new(|_| Ok(())),
+        }
+    }
 }
 
 /// Result of relay operations.
@@ -152,7 +213,7 @@ impl Relay {
         name: &str,
         frontend: UnixStream,
         handler: UnixStream,
-        channel: Arc<BackendChannel>,
+        hooks: Hooks,
     ) -> io::Result<Relay> {
         let (f_in, h_out) = (frontend.try_clone()?, handler.try_clone()?);
         let h_in = handler.try_clone()?;
@@ -165,7 +226,7 @@ impl Relay {
         let down = thread::Builder::new()
             .name(format!("{name}-relay-in"))
             .spawn(move || {
-                let r = forward_requests(&tag, &f_in, &f_ack, &h_out, &channel);
+                let r = forward_requests(&tag, &f_in, &f_ack, &h_out, &hooks);
                 match &r {
                     Ok(()) => log::info!("{tag}: the connection closed"),
                     Err(e) => log::error!("{tag}: dropping the frontend's connection: {e}"),
@@ -249,7 +310,7 @@ fn forward_requests(
     frontend: &UnixStream,
     frontend_out: &Mutex<UnixStream>,
     handler: &UnixStream,
-    channel: &BackendChannel,
+    hooks: &Hooks,
 ) -> Result<()> {
     let mut payload = Vec::with_capacity(MAX_MSG_SIZE);
     let mut negotiation = Negotiation::default();
@@ -263,7 +324,14 @@ fn forward_requests(
             log::debug!("{name}: relay: {q:?}");
             hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         }
-        observe(request, &payload, &fds, channel);
+        observe(request, &payload, &fds, &hooks.channel);
+        if let Some(reply) = migration(name, &hdr, &payload, &fds, hooks)? {
+            // Answered here: the handler does not know the request.
+            if let Some(reply) = reply {
+                send_with_fds(&lock(frontend_out), &[&reply], &[])?;
+            }
+            continue;
+        }
         match negotiation.before(&hdr, &payload) {
             Action::Forward => {
                 let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -513,6 +581,93 @@ pub(crate) fn mend(request: u32, payload: &mut Vec<u8>) -> Option<Quirk> {
         }
     }
     None
+}
+
+/// An acknowledgement of `request`: the header and a `u64` status (0: done).
+fn ack(request: u32, status: u64) -> [u8; HEADER_LEN + 8] {
+    let mut m = [0u8; HEADER_LEN + 8];
+    m[0..4].copy_from_slice(&request.to_le_bytes());
+    m[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+    m[8..12].copy_from_slice(&8u32.to_le_bytes());
+    m[12..].copy_from_slice(&status.to_le_bytes());
+    m
+}
+
+/// The migration requests. `SET_LOG_BASE`: the log is mapped for the device
+/// (and the request goes on to the handler, which answers it);
+/// `SET_VRING_ADDR`: the ring's used-ring logging is noted (and the request
+/// goes on); `SEND_RARP`, which the handler does not know: the announcement
+/// is sent and the request answered here. Returns `Some(reply)` for a request
+/// the relay consumed.
+#[allow(clippy::type_complexity)]
+fn migration(
+    name: &str,
+    hdr: &[u8; HEADER_LEN],
+    payload: &[u8],
+    fds: &[OwnedFd],
+    hooks: &Hooks,
+) -> Result<Option<Option<[u8; HEADER_LEN + 8]>>> {
+    let (request, flags) = (field(hdr, 0), field(hdr, 4));
+    if request == FrontendReq::SET_LOG_BASE as u32 {
+        if fds.len() != 1 || payload.len() != 16 {
+            return Err(Error::LogBaseMalformed {
+                fds: fds.len(),
+                size: payload.len(),
+            });
+        }
+        let size = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+        let offset = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+        use std::os::fd::AsFd;
+        let area = LogArea::map(fds[0].as_fd(), offset, size).map_err(Error::LogBase)?;
+        log::debug!("{name}: relay: dirty log of {size} bytes at offset {offset}");
+        hooks.log.set_area(area);
+    } else if request == FrontendReq::SET_VRING_ADDR as u32 && payload.len() == 40 {
+        let (index, addr_flags) = (field(payload, 0), field(payload, 4));
+        let log_addr = u64::from_le_bytes(payload[32..40].try_into().expect("8 bytes"));
+        hooks
+            .log
+            .set_ring_log(index, addr_flags & VRING_F_LOG != 0, log_addr);
+    } else if request == FrontendReq::SEND_RARP as u32 {
+        let status = match payload.get(..6) {
+            Some(m) => {
+                let mac: [u8; 6] = m.try_into().expect("6 bytes");
+                match (hooks.rarp)(mac) {
+                    Ok(()) => {
+                        log::info!("{name}: RARP announcement sent for {}", fmt_mac(mac));
+                        0
+                    }
+                    Err(e) => {
+                        log::warn!("{name}: cannot send the RARP announcement: {e}");
+                        1
+                    }
+                }
+            }
+            None => {
+                log::warn!(
+                    "{name}: SEND_RARP with a {}-byte payload carries no MAC address",
+                    payload.len()
+                );
+                1
+            }
+        };
+        let wants = flags & FLAG_NEED_REPLY != 0
+            && hooks
+                .channel
+                .protocol_features()
+                .is_some_and(|p| p & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0);
+        return Ok(Some(wants.then(|| ack(request, status))));
+    }
+    Ok(None)
+}
+
+/// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`'s flags.
+const VRING_F_LOG: u32 = 0x1;
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// Notes what the backend-request channel needs to know.
@@ -787,7 +942,13 @@ mod tests {
         let (front, front_peer) = UnixStream::pair().unwrap();
         let (hand, hand_peer) = UnixStream::pair().unwrap();
         let ch = BackendChannel::new("t").unwrap();
-        let relay = Relay::start("t", front_peer, hand_peer, Arc::clone(&ch)).unwrap();
+        let relay = Relay::start(
+            "t",
+            front_peer,
+            hand_peer,
+            Hooks::with_channel(Arc::clone(&ch)),
+        )
+        .unwrap();
         // SET_MEM_TABLE with one region in a two-region payload and an fd.
         let (a, _b) = UnixStream::pair().unwrap();
         let body = mem_table(1, 2);

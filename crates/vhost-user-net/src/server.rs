@@ -98,12 +98,25 @@ pub struct ServerStats {
     pub failed: AtomicU64,
 }
 
+/// Mode of a socket the daemon creates when nothing else is said: only its
+/// owner may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// How long a [`Server::connect`] waits between attempts to reach a frontend
+/// that is not listening (yet, or again).
+pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A vhost-user server for one [`VhostUserNet`] device.
 pub struct Server<B: NetBackend + 'static> {
     path: PathBuf,
     /// `None` while the link is down after a frontend that cannot be told was
-    /// disconnected (see the module documentation).
+    /// disconnected (see the module documentation), and always in client
+    /// mode.
     listener: Mutex<Option<UnixListener>>,
+    /// Client mode: connect to the frontend's socket instead of listening.
+    client: bool,
+    /// Mode of the socket file created when listening.
+    mode: u32,
     net: Arc<VhostUserNet<B>>,
     stop: Arc<EventFd>,
     current: Arc<Mutex<Option<UnixStream>>>,
@@ -119,18 +132,49 @@ impl<B: NetBackend + 'static> std::fmt::Debug for Server<B> {
 static PRIVATE_ID: AtomicU64 = AtomicU64::new(0);
 
 impl<B: NetBackend + 'static> Server<B> {
-    /// Listens on `path` (an existing socket file there is replaced).
+    /// Listens on `path` (an existing socket file there is replaced), a
+    /// socket only its owner may connect to ([`DEFAULT_SOCKET_MODE`]).
     pub fn bind(path: impl AsRef<Path>, net: Arc<VhostUserNet<B>>) -> Result<Self> {
+        Self::bind_with_mode(path, net, DEFAULT_SOCKET_MODE)
+    }
+
+    /// [`bind`](Self::bind) with the socket file's permission bits: `0o660`
+    /// lets the group connect (a QEMU run as another user of the group).
+    /// The socket appears at `path` with its mode already set.
+    pub fn bind_with_mode(
+        path: impl AsRef<Path>,
+        net: Arc<VhostUserNet<B>>,
+        mode: u32,
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let listen_err = |source| Error::Listen {
+        let listener = bind_socket(&path, mode).map_err(|source| Error::Listen {
             path: path.clone(),
             source,
-        };
-        remove_stale_socket(&path).map_err(listen_err)?;
-        let listener = UnixListener::bind(&path).map_err(listen_err)?;
+        })?;
+        Self::new(path, Some(listener), net, mode)
+    }
+
+    /// Client mode: connects to the socket a frontend listens on at `path`
+    /// (QEMU's `-chardev socket,server=on`, libvirt's `mode='server'`, Open
+    /// vSwitch's `dpdkvhostuserclient` style), serves it, and when it goes
+    /// away connects again, every [`RECONNECT_INTERVAL`] until it listens.
+    pub fn connect(path: impl AsRef<Path>, net: Arc<VhostUserNet<B>>) -> Result<Self> {
+        let mut s = Self::new(path.as_ref().to_path_buf(), None, net, DEFAULT_SOCKET_MODE)?;
+        s.client = true;
+        Ok(s)
+    }
+
+    fn new(
+        path: PathBuf,
+        listener: Option<UnixListener>,
+        net: Arc<VhostUserNet<B>>,
+        mode: u32,
+    ) -> Result<Self> {
         Ok(Server {
             path,
-            listener: Mutex::new(Some(listener)),
+            listener: Mutex::new(listener),
+            client: false,
+            mode,
             net,
             stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Connection)?),
             current: Arc::default(),
@@ -156,15 +200,33 @@ impl<B: NetBackend + 'static> Server<B> {
         Arc::clone(&self.stats)
     }
 
+    /// Whether the server connects to its frontend rather than listening.
+    pub fn is_client(&self) -> bool {
+        self.client
+    }
+
     /// Serves frontends one after the other until shut down.
     pub fn run(&self) -> Result<()> {
+        let mut link_wait = false;
         loop {
-            if !self.is_listening() && !self.wait_for_link()? {
-                return Ok(());
-            }
-            let Some(stream) = self.accept()? else {
-                return Ok(());
+            let stream = if self.client {
+                if link_wait && !self.wait_for_link()? {
+                    return Ok(());
+                }
+                match self.connect_frontend()? {
+                    Some(s) => s,
+                    None => return Ok(()),
+                }
+            } else {
+                if !self.is_listening() && !self.wait_for_link()? {
+                    return Ok(());
+                }
+                match self.accept()? {
+                    Some(s) => s,
+                    None => return Ok(()),
+                }
             };
+            link_wait = false;
             self.stats.connections.fetch_add(1, Ordering::Relaxed);
             log::info!(
                 "{}: frontend connected on {}",
@@ -184,7 +246,16 @@ impl<B: NetBackend + 'static> Server<B> {
                 return Ok(());
             }
             if dropped_for_link && !self.net.link_up() {
-                self.stop_listening();
+                if self.client {
+                    log::info!(
+                        "{}: link down: not connecting to {} until the link is up",
+                        self.net.name(),
+                        self.path.display()
+                    );
+                    link_wait = true;
+                } else {
+                    self.stop_listening();
+                }
                 continue;
             }
             log::info!(
@@ -193,6 +264,52 @@ impl<B: NetBackend + 'static> Server<B> {
                 self.path.display()
             );
         }
+    }
+
+    /// Client mode: connects to the frontend's socket, retrying every
+    /// [`RECONNECT_INTERVAL`]. `None`: shut down meanwhile.
+    fn connect_frontend(&self) -> Result<Option<UnixStream>> {
+        let mut told = false;
+        loop {
+            match UnixStream::connect(&self.path) {
+                Ok(s) => return Ok(Some(s)),
+                Err(e) => {
+                    if !told {
+                        log::info!(
+                            "{}: cannot connect to the frontend at {} ({e}); retrying every {} ms",
+                            self.net.name(),
+                            self.path.display(),
+                            RECONNECT_INTERVAL.as_millis()
+                        );
+                        told = true;
+                    }
+                }
+            }
+            if self.wait_stop(RECONNECT_INTERVAL)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the stop event; true if it came (it is left
+    /// set for `run`'s later checks).
+    fn wait_stop(&self, timeout: Duration) -> Result<bool> {
+        let mut fd = libc::pollfd {
+            fd: self.stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one live pollfd.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(Error::Connection(e));
+        }
+        Ok(n > 0)
     }
 
     fn listener(&self) -> std::sync::MutexGuard<'_, Option<UnixListener>> {
@@ -231,12 +348,13 @@ impl<B: NetBackend + 'static> Server<B> {
                 return Ok(false);
             }
             if self.net.link_up() {
-                let listen_err = |source| Error::Listen {
+                if self.client {
+                    return Ok(true);
+                }
+                let l = bind_socket(&self.path, self.mode).map_err(|source| Error::Listen {
                     path: self.path.clone(),
                     source,
-                };
-                remove_stale_socket(&self.path).map_err(listen_err)?;
-                let l = UnixListener::bind(&self.path).map_err(listen_err)?;
+                })?;
                 *self.listener() = Some(l);
                 log::info!(
                     "{}: link up: waiting for the next frontend on {}",
@@ -319,6 +437,15 @@ impl<B: NetBackend + 'static> Server<B> {
         }
     }
 
+    fn hooks(&self) -> relay::Hooks {
+        let net = Arc::clone(&self.net);
+        relay::Hooks {
+            channel: Arc::clone(self.net.channel()),
+            log: Arc::clone(self.net.migration_log()),
+            rarp: Arc::new(move |mac| net.send_rarp(mac)),
+        }
+    }
+
     /// Serves one frontend; returns whether it was disconnected because the
     /// link went down.
     fn serve_one(&self, frontend: UnixStream) -> Result<bool> {
@@ -352,13 +479,8 @@ impl<B: NetBackend + 'static> Server<B> {
         daemon
             .start(&mut Listener::from(listener))
             .map_err(|e| Error::Daemon(e.to_string()))?;
-        let relay = Relay::start(
-            self.net.name(),
-            frontend,
-            inner,
-            Arc::clone(self.net.channel()),
-        )
-        .map_err(Error::Connection)?;
+        let relay = Relay::start(self.net.name(), frontend, inner, self.hooks())
+            .map_err(Error::Connection)?;
         let (done, dropped) = (AtomicBool::new(false), AtomicBool::new(false));
         let result = std::thread::scope(|scope| {
             let watcher = std::thread::Builder::new()
@@ -473,6 +595,39 @@ impl Drop for PrivateSocket {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// Listens on `path` (replacing a stale socket there) with the socket file's
+/// permission bits set to `mode` before it appears: it is bound in a fresh
+/// mode-0700 directory beside `path`, given its mode, then renamed into place,
+/// so that nobody can connect while it has the default mode.
+pub(crate) fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    remove_stale_socket(path)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "the socket path names no file")
+    })?;
+    let dir = parent.join(format!(
+        ".{}.{}.{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        PRIVATE_ID.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o777))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    result
 }
 
 /// Removes what is at `path` if it is a socket (a previous run's); refuses

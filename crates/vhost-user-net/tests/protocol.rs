@@ -241,3 +241,79 @@ fn qemu_order_and_the_link_of_a_frontend_without_config() {
     r.net.set_link_up(true);
     assert_eq!(r.stats.failed.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn sockets_are_created_for_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = start("mode");
+    let mode = std::fs::metadata(&r.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    good_session(&r);
+    // Told otherwise.
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proto-mode660.sock");
+    let dev = StandbyNetBuilder::new()
+        .build(vec![Discard::new()])
+        .unwrap();
+    let net = VhostUserNet::new("mode660", dev).unwrap();
+    let _server = Server::bind_with_mode(&path, net.clone(), 0o660).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // The control socket too.
+    let ctl = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proto-mode.ctl");
+    vhost_user_net::control::spawn(&ctl, net).unwrap();
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // No leftovers beside the sockets.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let stray: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".proto-mode"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn client_mode_connects_and_reconnects_to_a_listening_frontend() {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proto-client.sock");
+    let _ = std::fs::remove_file(&path);
+    let dev = StandbyNetBuilder::new()
+        .mac([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        .build(vec![Discard::new()])
+        .unwrap();
+    let net = VhostUserNet::new("client", dev).unwrap();
+    let server = Server::connect(&path, net.clone()).unwrap();
+    assert!(server.is_client());
+    let stop = server.shutdown_handle();
+    let stats = server.stats();
+    let thread = std::thread::spawn(move || server.run().unwrap());
+    // The frontend is not listening yet: the daemon keeps trying.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(stats.connections.load(Ordering::Relaxed), 0);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    for round in 0..3 {
+        let (stream, _) = listener.accept().unwrap();
+        let f = Frontend::from_stream(stream, 3);
+        f.set_owner().unwrap();
+        let features = f.get_features().unwrap();
+        assert_ne!(features & (1 << F_STANDBY), 0, "round {round}");
+        f.set_features(features).unwrap();
+        assert_eq!(f.get_features().unwrap(), features, "a round trip");
+        assert!(net.with_device(|d| d.standby_negotiated()));
+        // The frontend goes away (QEMU restarted): the daemon comes back.
+        drop(f);
+    }
+    // The frontend's socket disappears for a while, then listens again.
+    drop(listener);
+    std::fs::remove_file(&path).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    let f = Frontend::from_stream(stream, 3);
+    assert_ne!(f.get_features().unwrap() & (1 << F_STANDBY), 0);
+    assert!(stats.connections.load(Ordering::Relaxed) >= 4);
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    drop(f);
+    stop.shutdown();
+    thread.join().unwrap();
+}

@@ -182,6 +182,40 @@ impl Backend {
         b
     }
 
+    /// Starts the binary in client mode (`--client`): it connects to
+    /// `socket`, where the frontend listens. Waits for its control socket only.
+    pub fn start_client(
+        binary: &Path,
+        dir: &Path,
+        tag: &str,
+        socket: &Path,
+        args: &[&str],
+    ) -> Backend {
+        let control = dir.join(format!("{tag}.ctl"));
+        let log = dir.join(format!("{tag}.log"));
+        let child = Command::new(binary)
+            .arg("--client")
+            .arg("-s")
+            .arg(socket)
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .env("RUST_LOG", "debug,vhost::vhost_user::connection=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start vhost-user-net");
+        let b = Backend {
+            child,
+            socket: socket.to_path_buf(),
+            control,
+            log,
+        };
+        wait_for(Duration::from_secs(10), || b.control.exists())
+            .unwrap_or_else(|| panic!("the backend never started:\n{}", b.log_text()));
+        b
+    }
+
     /// Sends a control command; returns the reply line.
     pub fn control(&self, cmd: &str) -> String {
         let mut s = UnixStream::connect(&self.control).unwrap();

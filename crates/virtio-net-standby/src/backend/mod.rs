@@ -39,10 +39,15 @@ pub struct TxFrame<'a> {
 }
 
 impl<'a> TxFrame<'a> {
+    /// A frame over the caller's iovecs (the device builds its own from the
+    /// guest's buffers; a VMM or vhost-user backend that originates a frame,
+    /// such as a RARP announcement, builds one here). The frame starts with
+    /// the 12-byte `virtio_net_hdr_v1` every backend frame carries.
+    ///
     /// # Safety
     /// Every iovec must be valid for reads of its length for `'a`, and `len` must
     /// be their total length.
-    pub(crate) unsafe fn new(iov: &'a [libc::iovec], len: usize) -> Self {
+    pub unsafe fn new(iov: &'a [libc::iovec], len: usize) -> Self {
         TxFrame { iov, len }
     }
 

@@ -1,0 +1,393 @@
+//! Dirty logging through the protocol, as a migrating frontend drives it: the
+//! `vhost` crate's frontend shares guest memory (a memory file at a guest
+//! physical address other than 0) and a log (a second memory file), sets up
+//! the RX and TX rings, and turns logging on the way QEMU does
+//! (`SET_LOG_BASE`, `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`, `SET_FEATURES`
+//! with `VHOST_F_LOG_ALL`). Frames then arrive from the device's backend. The
+//! log must mark every page the device wrote (each RX buffer's bytes, header
+//! included, and the used ring at its `log_guest_addr`) and nothing else;
+//! with logging off again it must stay clear. `SEND_RARP` sends the
+//! announcement on the backend.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_net::{Server, ShutdownHandle, VhostUserNet, rarp_frame};
+use virtio_net_standby::{NetBackend, PairBackend, PairConfig, StandbyNetBuilder, TxFrame, pair};
+use vmm_sys_util::eventfd::EventFd;
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+/// Guest physical address and size of the one memory region.
+const GPA: u64 = 0x10_0000;
+const SIZE: u64 = 4 << 20;
+/// The address the frontend says it mapped the region at (the backend only
+/// translates ring addresses with it).
+const USER: u64 = 0x7f00_0000_0000;
+const QSIZE: u16 = 64;
+/// Ring areas, as guest physical addresses.
+const RX_DESC: u64 = GPA;
+const RX_AVAIL: u64 = GPA + 0x1000;
+const RX_USED: u64 = GPA + 0x2000;
+const TX_DESC: u64 = GPA + 0x4000;
+const TX_AVAIL: u64 = GPA + 0x5000;
+const TX_USED: u64 = GPA + 0x6000;
+/// Where the frontend asks the RX used ring to be logged: elsewhere than the
+/// ring, so that the test tells the two apart (QEMU gives the ring's own
+/// address; the TX ring here does the same).
+const RX_USED_LOG: u64 = GPA + 0x30_0000;
+/// RX buffers: 16 KiB apart, so that no two share or neighbour a page.
+const BUF0: u64 = GPA + 0x10_0000;
+const BUF_STRIDE: u64 = 0x4000;
+const BUF_LEN: u32 = 2048;
+const BUFFERS: u16 = 32;
+const PAGE: u64 = 4096;
+/// The log covers guest memory up to 64 MiB.
+const LOG_LEN: u64 = 4096;
+
+fn memfd(name: &std::ffi::CStr, len: u64) -> OwnedFd {
+    // SAFETY: a fresh descriptor from a C string; checked below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is new and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a descriptor we own.
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
+    assert_eq!(r, 0);
+    fd
+}
+
+/// A shared mapping of a memory file, accessed by offset.
+struct Map {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Map {
+    fn new(fd: &OwnedFd, len: u64) -> Map {
+        // SAFETY: a fresh shared mapping of a file we own; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Map {
+            ptr: ptr.cast(),
+            len: len as usize,
+        }
+    }
+
+    fn at(&self, off: u64, n: usize) -> *mut u8 {
+        assert!(off as usize + n <= self.len);
+        // SAFETY: within the mapping, checked above.
+        unsafe { self.ptr.add(off as usize) }
+    }
+
+    fn write(&self, off: u64, b: &[u8]) {
+        // SAFETY: `at` checked the range; the device only writes other bytes
+        // meanwhile (or the same bytes, as a guest racing its own device).
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.at(off, b.len()), b.len()) };
+    }
+
+    fn read(&self, off: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.at(off, n), v.as_mut_ptr(), n) };
+        v
+    }
+
+    fn zero(&self) {
+        // SAFETY: the whole mapping.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) };
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Guest memory by guest physical address.
+struct Guest(Map);
+
+impl Guest {
+    fn w16(&self, gpa: u64, v: u16) {
+        self.0.write(gpa - GPA, &v.to_le_bytes());
+    }
+    fn w32(&self, gpa: u64, v: u32) {
+        self.0.write(gpa - GPA, &v.to_le_bytes());
+    }
+    fn w64(&self, gpa: u64, v: u64) {
+        self.0.write(gpa - GPA, &v.to_le_bytes());
+    }
+    fn r16(&self, gpa: u64) -> u16 {
+        // SAFETY: an aligned u16 inside the mapping, read atomically as the
+        // device writes it.
+        let a = unsafe { &*(self.0.at(gpa - GPA, 2) as *const std::sync::atomic::AtomicU16) };
+        u16::from_le(a.load(std::sync::atomic::Ordering::Acquire))
+    }
+    fn r32(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.0.read(gpa - GPA, 4).try_into().unwrap())
+    }
+    fn read(&self, gpa: u64, n: usize) -> Vec<u8> {
+        self.0.read(gpa - GPA, n)
+    }
+}
+
+fn buf(i: u16) -> u64 {
+    BUF0 + u64::from(i) * BUF_STRIDE
+}
+
+fn marked(log: &Map) -> Vec<u64> {
+    let bytes = log.read(0, LOG_LEN as usize);
+    (0..LOG_LEN * 8)
+        .filter(|&p| bytes[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+fn pages(gpa: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    gpa / PAGE..=(gpa + len - 1) / PAGE
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A frame of `len` bytes (header included) with a pattern from `seed`.
+fn send(peer: &mut PairBackend, len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[12..18].copy_from_slice(&MAC);
+    f[18..24].copy_from_slice(&[2, 0, 0, 0, 0, seed]);
+    f[24..26].copy_from_slice(&0x0800u16.to_be_bytes());
+    for (i, b) in f[26..].iter_mut().enumerate() {
+        *b = seed.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    let iov = [libc::iovec {
+        iov_base: f.as_ptr() as *mut libc::c_void,
+        iov_len: f.len(),
+    }];
+    // SAFETY: the iovec describes `f`, alive for the call.
+    let tx = unsafe { TxFrame::new(&iov, f.len()) };
+    peer.send(&tx).unwrap();
+    peer.flush().unwrap();
+    f
+}
+
+struct Running {
+    stop: ShutdownHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.shutdown();
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_page_the_device_writes_is_logged_and_nothing_else() {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dirty-log.sock");
+    let (ours, mut peer) = pair(PairConfig::default()).unwrap();
+    let dev = StandbyNetBuilder::new()
+        .mac(MAC)
+        .queue_size(QSIZE)
+        .build(vec![ours])
+        .unwrap();
+    let net: Arc<VhostUserNet<PairBackend>> = VhostUserNet::new("dirty", dev).unwrap();
+    let server = Server::bind(&path, net.clone()).unwrap();
+    let _running = Running {
+        stop: server.shutdown_handle(),
+        thread: Some(std::thread::spawn(move || server.run().unwrap())),
+    };
+
+    let mem_fd = memfd(c"guest", SIZE);
+    let guest = Guest(Map::new(&mem_fd, SIZE));
+    let log_fd = memfd(c"log", LOG_LEN);
+    let log = Map::new(&log_fd, LOG_LEN);
+
+    let stream = UnixStream::connect(&path).unwrap();
+    let mut f = Frontend::from_stream(stream.try_clone().unwrap(), 2);
+    f.set_owner().unwrap();
+    let offered = f.get_features().unwrap();
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    assert_ne!(offered & log_all, 0, "VHOST_F_LOG_ALL offered");
+    let features = (1u64 << 32) // VERSION_1
+        | (1 << 29) // EVENT_IDX
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    f.set_features(features).unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    for needed in [
+        VhostUserProtocolFeatures::LOG_SHMFD,
+        VhostUserProtocolFeatures::RARP,
+    ] {
+        assert!(pf.contains(needed), "{needed:?} offered");
+    }
+    f.set_protocol_features(
+        VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP
+            | VhostUserProtocolFeatures::REPLY_ACK,
+    )
+    .unwrap();
+    f.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: GPA,
+        memory_size: SIZE,
+        userspace_addr: USER,
+        mmap_offset: 0,
+        mmap_handle: mem_fd.as_raw_fd(),
+    }])
+    .unwrap();
+    let user = |gpa: u64| USER + (gpa - GPA);
+    let ring = |desc: u64, avail: u64, used: u64, log: Option<u64>| VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: if log.is_some() {
+            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+        } else {
+            0
+        },
+        desc_table_addr: user(desc),
+        used_ring_addr: user(used),
+        avail_ring_addr: user(avail),
+        log_addr: log,
+    };
+    let rings = [(RX_DESC, RX_AVAIL, RX_USED), (TX_DESC, TX_AVAIL, TX_USED)];
+    let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+    let calls: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
+    // RX buffers, all posted before the rings start.
+    for i in 0..BUFFERS {
+        let d = RX_DESC + 16 * u64::from(i);
+        guest.w64(d, buf(i));
+        guest.w32(d + 8, BUF_LEN);
+        guest.w16(d + 12, 2); // VRING_DESC_F_WRITE
+        guest.w16(RX_AVAIL + 4 + 2 * u64::from(i), i);
+    }
+    guest.w16(RX_AVAIL + 2, BUFFERS);
+    for (q, &(d, a, u)) in rings.iter().enumerate() {
+        f.set_vring_num(q, QSIZE).unwrap();
+        f.set_vring_addr(q, &ring(d, a, u, None)).unwrap();
+        f.set_vring_base(q, 0).unwrap();
+        f.set_vring_call(q, &calls[q]).unwrap();
+        f.set_vring_kick(q, &kicks[q]).unwrap();
+        f.set_vring_enable(q, true).unwrap();
+    }
+    kicks[0].write(1).unwrap();
+    wait_until("the device to start", || net.is_active());
+
+    // Logging on, in QEMU's order.
+    f.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: LOG_LEN,
+            mmap_offset: 0,
+            mmap_handle: log_fd.as_raw_fd(),
+        }),
+    )
+    .unwrap();
+    f.set_vring_addr(0, &ring(RX_DESC, RX_AVAIL, RX_USED, Some(RX_USED_LOG)))
+        .unwrap();
+    f.set_vring_addr(1, &ring(TX_DESC, TX_AVAIL, TX_USED, Some(TX_USED)))
+        .unwrap();
+    f.set_features(features | log_all).unwrap();
+    assert_eq!(f.get_features().unwrap() & log_all, log_all, "a round trip");
+    assert!(net.migration_log().logging());
+    assert!(net.is_active(), "LOG_ALL does not restart the device");
+    log.zero();
+
+    // Frames of assorted lengths, each in its own buffer.
+    let lens = [60usize, 1514, 300, 2048, 1000, 64, 1500, 777];
+    let sent: Vec<Vec<u8>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| send(&mut peer, l, i as u8 + 1))
+        .collect();
+    let n = lens.len() as u16;
+    wait_until("the frames in the used ring", || {
+        guest.r16(RX_USED + 2) == n
+    });
+    let mut expected = std::collections::BTreeSet::new();
+    for k in 0..n {
+        let e = RX_USED + 4 + 8 * u64::from(k);
+        let (id, len) = (guest.r32(e) as u16, guest.r32(e + 4));
+        assert!(id < BUFFERS);
+        // The header's num_buffers is 1; the frame follows as sent.
+        assert_eq!(len as usize, sent[usize::from(k)].len());
+        let got = guest.read(buf(id), len as usize);
+        assert_eq!(&got[12..], &sent[usize::from(k)][12..], "frame {k}");
+        expected.extend(pages(buf(id), u64::from(len)));
+    }
+    // The used ring (entries, index, avail event) at its log_guest_addr.
+    expected.extend(pages(RX_USED_LOG, 6 + 8 * u64::from(QSIZE)));
+    let got: std::collections::BTreeSet<u64> = marked(&log).into_iter().collect();
+    let missing: Vec<_> = expected.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "pages written but not logged: {missing:x?}"
+    );
+    // The TX ring's avail event may have been written (its own address);
+    // nothing else may be marked, not the RX used ring's own page either.
+    let extra: Vec<_> = got
+        .difference(&expected)
+        .filter(|&&p| !pages(TX_USED, 6 + 8 * u64::from(QSIZE)).contains(&p))
+        .collect();
+    assert!(extra.is_empty(), "pages logged but not written: {extra:x?}");
+    assert!(!got.contains(&(RX_USED / PAGE)));
+    assert_eq!(net.migration_log().stats().missed, 0);
+
+    // Logging off: further writes leave the log alone.
+    f.set_features(features).unwrap();
+    // SET_FEATURES wants no reply: a round trip makes sure it was handled.
+    f.get_features().unwrap();
+    assert!(!net.migration_log().logging());
+    log.zero();
+    send(&mut peer, 200, 99);
+    wait_until("one more frame", || guest.r16(RX_USED + 2) == n + 1);
+    assert!(marked(&log).is_empty(), "{:x?}", marked(&log));
+
+    // SEND_RARP (19), reply wanted: the announcement goes out on the backend.
+    peer.discard_incoming();
+    let mut m = Vec::new();
+    m.extend_from_slice(&19u32.to_le_bytes());
+    m.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes());
+    m.extend_from_slice(&8u32.to_le_bytes());
+    m.extend_from_slice(&MAC);
+    m.extend_from_slice(&[0, 0]);
+    let mut s = &stream;
+    s.write_all(&m).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[0], 19);
+    assert_eq!(reply[4], 0x5, "a reply");
+    assert_eq!(&reply[12..], &[0u8; 8], "success");
+    // One record: the frame and 8 to 15 bytes of the pair's framing.
+    let got = peer.discard_incoming();
+    let frame = rarp_frame(MAC).len();
+    assert!(
+        (frame + 8..frame + 16).contains(&got),
+        "one RARP frame on the backend, {got} bytes"
+    );
+    // Still served.
+    assert_eq!(f.get_features().unwrap(), offered);
+}
