@@ -763,9 +763,11 @@ criterion_group! {
     targets = bench_pair, bench_tap
 }
 /// Runs `batches` timed-region batches of one row outside criterion, for
-/// instruction-level profiles: `PACKET_PATH_PROFILE=<rx|tx|memcpy>:<size>:<batches>`.
+/// instruction-level profiles:
+/// `PACKET_PATH_PROFILE=<rx|tx|memcpy|taprx|tapreadv>:<size>:<batches>` (the tap
+/// rows need root; run them in a network namespace, `unshare -n`).
 /// Every batch goes through one `#[inline(never)]` function (`profiled_rx`,
-/// `profiled_tx`, `profiled_memcpy`) so that a profiler can count exactly the
+/// `profiled_tx`, `profiled_memcpy`, `profiled_rx_tap`, `profiled_readv`) so that a profiler can count exactly the
 /// timed region, e.g.
 /// `valgrind --tool=callgrind --toggle-collect='packet_path::profiled_*' <bench> `.
 fn profile(spec: &str) {
@@ -812,7 +814,30 @@ fn profile(spec: &str) {
                 assert_eq!(profiled_rx(&mut q), BATCH);
             }
         }
-        _ => panic!("PACKET_PATH_PROFILE row is rx, tx or memcpy, not {dir:?}"),
+        "taprx" | "tapreadv" => {
+            let tap = open_tap().expect("a tap (root, in a network namespace)");
+            let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
+            let mut rig = Rig::new(tap, &frame, 1536);
+            let qp = rig.dev.queue_pair(0).unwrap().clone();
+            let fd = qp.lock().backend().as_raw_fd();
+            let mut buf = vec![0u8; 65_562];
+            for _ in 0..batches {
+                for _ in 0..BATCH {
+                    injector.send(&frame[12..]).unwrap();
+                }
+                if dir == "taprx" {
+                    rig.refill_rx();
+                    let mut q = qp.lock();
+                    let mut done = 0;
+                    while done < BATCH {
+                        done += profiled_rx_tap(&mut q);
+                    }
+                } else {
+                    profiled_readv(fd, &mut buf);
+                }
+            }
+        }
+        _ => panic!("PACKET_PATH_PROFILE row is rx, tx, memcpy, taprx or tapreadv, not {dir:?}"),
     }
 }
 
@@ -821,6 +846,24 @@ type PairQueue = virtio_net_standby::QueuePair<GuestMem, virtio_net_standby::Pai
 #[inline(never)]
 fn profiled_rx(q: &mut PairQueue) -> usize {
     q.process_rx().chains
+}
+
+#[inline(never)]
+fn profiled_rx_tap(q: &mut virtio_net_standby::QueuePair<GuestMem, Tap>) -> usize {
+    q.process_rx().chains
+}
+
+#[inline(never)]
+fn profiled_readv(fd: i32, buf: &mut [u8]) {
+    for _ in 0..BATCH {
+        let v = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: reading into a live buffer of its stated size.
+        let n = unsafe { libc::readv(fd, &v, 1) };
+        assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
+    }
 }
 
 #[inline(never)]

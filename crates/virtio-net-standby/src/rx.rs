@@ -119,6 +119,32 @@ enum Stop {
     WindowFull,
 }
 
+/// How far ahead of the chain being filled the direct path prefetches a
+/// buffer: far enough that the line arrives before the store (a transfer from
+/// another core costs on the order of 100 ns, a frame here 20 to 80 ns), near
+/// enough that the driver has usually posted it already.
+const PREFETCH_AHEAD: u16 = 4;
+
+/// A hint to bring the cache line at `p` in, ready to be written. Never faults,
+/// whatever the address.
+#[inline(always)]
+fn prefetch_for_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetchw` only hints the cache hierarchy; it reads and writes no
+    // memory architecturally and never faults, whatever the address (CPUs
+    // without it treat it as a no-op).
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` only hints the cache hierarchy and never faults.
+    unsafe {
+        std::arch::asm!("prfm pstl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
 /// A backend failing this many times in a row ends the batch (a broken or
 /// detached tap fails every read; retrying would only spin).
 const MAX_BACKEND_ERRORS: u32 = 8;
@@ -213,6 +239,7 @@ impl RxQueue {
 
     /// Stages chains until there is room for `need` bytes (without MRG: until one
     /// chain is staged), the ring is empty, or the iovec window is full.
+    #[inline]
     fn stage<M: GuestMemoryBackend>(
         &mut self,
         ram: &GuestRam<M>,
@@ -527,8 +554,15 @@ impl RxQueue {
         need: usize,
         c: &mut NetCounters,
     ) -> ring::Result<Option<Step>> {
-        if !self.staged.is_empty() || !self.restage.is_empty() || self.ring.available()? == 0 {
+        if !self.staged.is_empty() || !self.restage.is_empty() {
             return Ok(None);
+        }
+        let avail = self.ring.available()?;
+        if avail == 0 {
+            return Ok(None);
+        }
+        if avail > PREFETCH_AHEAD {
+            self.prefetch_buffer(ram, PREFETCH_AHEAD);
         }
         let head = self.ring.pop_head()?;
         let d = self.ring.descriptor(head);
@@ -589,6 +623,25 @@ impl RxQueue {
         c.rx_frames += 1;
         c.rx_bytes += (n - HDR_LEN) as u64;
         Ok(Some(Step::Frame))
+    }
+
+    /// Asks the CPU to fetch, for writing, the first bytes of the buffer `ahead`
+    /// places after the next available one: when the driver runs on another
+    /// core, its buffers' cache lines are there, and the first store into each
+    /// stalls until the line has moved (in a profile of the vhost-user daemon
+    /// generating 64-byte frames, most of its time went to that store).
+    #[inline]
+    fn prefetch_buffer<M: GuestMemoryBackend>(&self, ram: &GuestRam<M>, ahead: u16) {
+        let head = self.ring.peek_head(ahead);
+        if head >= self.ring.size() {
+            return;
+        }
+        let d = self.ring.descriptor(head);
+        if let Some(span) = ram.translate(d.addr, 1) {
+            prefetch_for_write(span.ptr);
+            // The header and a small frame may cross into the next line.
+            prefetch_for_write(span.ptr.wrapping_add(64));
+        }
     }
 
     /// Reads a frame of unknown size into `segs` staged iovecs with at most
@@ -669,6 +722,36 @@ impl RxQueue {
             let k = copy_from_iovecs(self.window(), HDR_LEN, &mut eth[..(n - HDR_LEN).min(16)]);
             if !f.accepts(&eth[..k]) {
                 c.rx_dropped_filtered += 1;
+                return Step::Frame;
+            }
+        }
+        // Most frames fill part of the oldest staged chain, one descriptor long:
+        // return it without the general loop.
+        if let Some(&st) = self.staged.front() {
+            if st.segs == 1 && n <= st.capacity {
+                let v = self.buf.iovecs()[self.start];
+                self.dirty
+                    .add(self.buf.regions()[self.start], v.iov_base as *const u8, n);
+                self.ring.push_used(st.head, n as u32);
+                // SAFETY: the iovec is writable guest memory of `st.capacity >= n >=
+                // HDR_LEN` bytes, so the field lies inside it.
+                unsafe {
+                    ptr::write_unaligned(
+                        (v.iov_base as *mut u8)
+                            .add(NUM_BUFFERS_OFFSET)
+                            .cast::<u16>(),
+                        1u16.to_le(),
+                    )
+                };
+                self.staged.pop_front();
+                self.staged_capacity -= st.capacity;
+                self.start += 1;
+                if self.staged.is_empty() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                c.rx_frames += 1;
+                c.rx_bytes += (n - HDR_LEN) as u64;
                 return Step::Frame;
             }
         }
