@@ -30,7 +30,8 @@ POLL_US=${1:-100}
 IN_ORDER=${IN_ORDER:-1}
 ROUNDS=${ROUNDS:-5}
 OURS=${OURS:-${CARGO_TARGET_DIR:-target}/release/vhost-user-net}
-# ONLY=rx or ONLY=tx measures the rows of one direction only.
+# ONLY=rx or ONLY=tx measures the rows of one direction only; OURS_ARGS adds
+# arguments to every run of ours (e.g. "--poll-settle-pauses 0").
 ONLY=${ONLY:-}
 DIR=$(mktemp -d /tmp/vu-bench.XXXXXX)
 trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -54,6 +55,8 @@ ours() { # DIRECTION LEN [EXTRA ARGS]
     local sock="$DIR/ours.sock" args
     [ "$1" = tx ] && args=(--discard) || args=(--generate "$2")
     args+=("${@:3}")
+    # shellcheck disable=SC2206 # OURS_ARGS is split into words on purpose
+    args+=(${OURS_ARGS:-})
     rm -f "$sock"
     taskset -c 1 "$OURS" --socket "$sock" --poll-us "$POLL_US" "${args[@]}" \
         > "$DIR/ours.log" 2>&1 &

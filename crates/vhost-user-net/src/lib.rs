@@ -35,6 +35,8 @@ pub mod control;
 pub mod relay;
 pub mod server;
 
-pub use backend::{VhostUserMemory, VhostUserNet, protocol_features};
+pub use backend::{
+    DEFAULT_SETTLE_CHAINS, DEFAULT_SETTLE_PAUSES, VhostUserMemory, VhostUserNet, protocol_features,
+};
 pub use channel::BackendChannel;
 pub use server::{Server, ServerStats, ShutdownHandle};
