@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use virtio_net_standby::features::{DEFAULT_OFFER, F_RING_EVENT_IDX};
 use virtio_net_standby::header::{MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
 use virtio_net_standby::ring::VRING_DESC_F_WRITE;
@@ -762,4 +762,130 @@ criterion_group! {
     config = Criterion::default().sample_size(50).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     targets = bench_pair, bench_tap
 }
-criterion_main!(benches);
+/// Runs `batches` timed-region batches of one row outside criterion, for
+/// instruction-level profiles:
+/// `PACKET_PATH_PROFILE=<rx|tx|memcpy|taprx|tapreadv>:<size>:<batches>` (the tap
+/// rows need root; run them in a network namespace, `unshare -n`).
+/// Every batch goes through one `#[inline(never)]` function (`profiled_rx`,
+/// `profiled_tx`, `profiled_memcpy`, `profiled_rx_tap`, `profiled_readv`) so that a profiler can count exactly the
+/// timed region, e.g.
+/// `valgrind --tool=callgrind --toggle-collect='packet_path::profiled_*' <bench> `.
+fn profile(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [dir, size, batches] = parts[..] else {
+        panic!("PACKET_PATH_PROFILE is <rx|tx|memcpy>:<size>:<batches>, not {spec:?}");
+    };
+    let size: usize = size.parse().expect("frame size");
+    let batches: usize = batches.parse().expect("batches");
+    let frame = make_frame(size);
+    let ring = PairConfig {
+        capacity: (frame.len() + 16) * BATCH,
+    };
+    match dir {
+        "memcpy" => {
+            let src = vec![0x5au8; frame.len() * BATCH];
+            let mut dst = vec![0u8; frame.len() * BATCH + 8 * BATCH];
+            for _ in 0..batches {
+                profiled_memcpy(&src, &mut dst, frame.len());
+            }
+        }
+        "tx" => {
+            let (end, mut peer) = pair(ring).unwrap();
+            let mut rig = Rig::new(end, &frame, 1536);
+            let qp = rig.dev.queue_pair(0).unwrap().clone();
+            for _ in 0..batches {
+                rig.refill_tx();
+                peer.discard_incoming();
+                let mut q = qp.lock();
+                assert_eq!(profiled_tx(&mut q), BATCH);
+            }
+        }
+        "rx" => {
+            let (end, mut peer) = pair(ring).unwrap();
+            let rx_len = if size > 1514 { 65_562 } else { 1536 };
+            let mut rig = Rig::new(end, &frame, rx_len);
+            let qp = rig.dev.queue_pair(0).unwrap().clone();
+            for _ in 0..batches {
+                rig.refill_rx();
+                for _ in 0..BATCH {
+                    pair_send(&mut peer, &frame).unwrap();
+                }
+                let mut q = qp.lock();
+                assert_eq!(profiled_rx(&mut q), BATCH);
+            }
+        }
+        "taprx" | "tapreadv" => {
+            let tap = open_tap().expect("a tap (root, in a network namespace)");
+            let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
+            let mut rig = Rig::new(tap, &frame, 1536);
+            let qp = rig.dev.queue_pair(0).unwrap().clone();
+            let fd = qp.lock().backend().as_raw_fd();
+            let mut buf = vec![0u8; 65_562];
+            for _ in 0..batches {
+                for _ in 0..BATCH {
+                    injector.send(&frame[12..]).unwrap();
+                }
+                if dir == "taprx" {
+                    rig.refill_rx();
+                    let mut q = qp.lock();
+                    let mut done = 0;
+                    while done < BATCH {
+                        done += profiled_rx_tap(&mut q);
+                    }
+                } else {
+                    profiled_readv(fd, &mut buf);
+                }
+            }
+        }
+        _ => panic!("PACKET_PATH_PROFILE row is rx, tx, memcpy, taprx or tapreadv, not {dir:?}"),
+    }
+}
+
+type PairQueue = virtio_net_standby::QueuePair<GuestMem, virtio_net_standby::PairBackend>;
+
+#[inline(never)]
+fn profiled_rx(q: &mut PairQueue) -> usize {
+    q.process_rx().chains
+}
+
+#[inline(never)]
+fn profiled_rx_tap(q: &mut virtio_net_standby::QueuePair<GuestMem, Tap>) -> usize {
+    q.process_rx().chains
+}
+
+#[inline(never)]
+fn profiled_readv(fd: i32, buf: &mut [u8]) {
+    for _ in 0..BATCH {
+        let v = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: reading into a live buffer of its stated size.
+        let n = unsafe { libc::readv(fd, &v, 1) };
+        assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[inline(never)]
+fn profiled_tx(q: &mut PairQueue) -> usize {
+    q.process_tx().chains
+}
+
+#[inline(never)]
+fn profiled_memcpy(src: &[u8], dst: &mut [u8], len: usize) {
+    let mut off = 0;
+    for f in src.chunks_exact(len) {
+        dst[off..off + f.len()].copy_from_slice(black_box(f));
+        off += f.len() + 8;
+    }
+    black_box(&dst);
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("PACKET_PATH_PROFILE") {
+        profile(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

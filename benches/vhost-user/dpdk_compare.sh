@@ -22,13 +22,17 @@
 #
 # Needs: Debian's dpdk (dpdk-testpmd), root, python3 and the release binary
 # (cargo build --release -p vhost-user-net-daemon). About 3 minutes a round. Usage:
-#   [IN_ORDER=0] [ROUNDS=5] bash benches/vhost-user/dpdk_compare.sh [POLL_US]   (default 100)
+#   [IN_ORDER=0] [ROUNDS=5] [ONLY=rx|tx] [OURS=path/to/vhost-user-net] \
+#       bash benches/vhost-user/dpdk_compare.sh [POLL_US]   (default 100)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 POLL_US=${1:-100}
 IN_ORDER=${IN_ORDER:-1}
 ROUNDS=${ROUNDS:-5}
-OURS=target/release/vhost-user-net
+OURS=${OURS:-${CARGO_TARGET_DIR:-target}/release/vhost-user-net}
+# ONLY=rx or ONLY=tx measures the rows of one direction only; OURS_ARGS adds
+# arguments to every run of ours (e.g. "--poll-settle-pauses 0").
+ONLY=${ONLY:-}
 DIR=$(mktemp -d /tmp/vu-bench.XXXXXX)
 trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -51,6 +55,8 @@ ours() { # DIRECTION LEN [EXTRA ARGS]
     local sock="$DIR/ours.sock" args
     [ "$1" = tx ] && args=(--discard) || args=(--generate "$2")
     args+=("${@:3}")
+    # shellcheck disable=SC2206 # OURS_ARGS is split into words on purpose
+    args+=(${OURS_ARGS:-})
     rm -f "$sock"
     taskset -c 1 "$OURS" --socket "$sock" --poll-us "$POLL_US" "${args[@]}" \
         > "$DIR/ours.log" 2>&1 &
@@ -83,6 +89,7 @@ ROWS=("guest TX|tx|64|" "guest TX, our sink copying each frame|tx|64|--copy-fram
 for round in $(seq "$ROUNDS"); do
     for row in "${ROWS[@]}"; do
         IFS='|' read -r label dir len extra <<< "$row"
+        [ -n "$ONLY" ] && [ "$ONLY" != "$dir" ] && continue
         # shellcheck disable=SC2086 # extra is zero or one word
         if [ $((round % 2)) -eq 1 ]; then
             d=$(dpdk "$dir" "$len"); o=$(ours "$dir" "$len" $extra)

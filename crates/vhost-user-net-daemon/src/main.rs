@@ -125,6 +125,17 @@ struct Args {
     #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
     poll_us: u64,
 
+    /// While polling, a pass that moved fewer chains than this is followed by
+    /// --poll-settle-pauses pause instructions, so that the guest's buffers
+    /// gather and move in bursts (0: no settle pause).
+    #[arg(long, default_value_t = vhost_user_net::DEFAULT_SETTLE_CHAINS, value_name = "CHAINS")]
+    poll_settle_chains: u32,
+
+    /// Pause instructions in one settle pause (about 30 ns each on current x86
+    /// cores; 0: no settle pause).
+    #[arg(long, default_value_t = vhost_user_net::DEFAULT_SETTLE_PAUSES, value_name = "PAUSES")]
+    poll_settle_pauses: u32,
+
     /// Also listen on this socket for control commands: "link up",
     /// "link down", "announce", "status" (one per line).
     #[arg(long, value_name = "PATH")]
@@ -204,6 +215,7 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("invalid device configuration: {e}"))?;
     let net = VhostUserNet::new(args.id.clone(), device).map_err(|e| e.to_string())?;
     net.set_poll(std::time::Duration::from_micros(args.poll_us));
+    net.set_poll_settle(args.poll_settle_chains, args.poll_settle_pauses);
     if let Some(path) = &args.control {
         control::spawn_with_mode(path, net.clone(), args.socket_mode)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;

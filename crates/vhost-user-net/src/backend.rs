@@ -20,7 +20,7 @@
 //! (a tap's fd) are registered with it edge-triggered.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -143,15 +143,18 @@ const MAX_PASSES: usize = 64;
 /// per this many passes.
 const POLL_CLOCK_PASSES: u32 = 16;
 
-/// A polling pass that moved fewer chains than this, and left none behind, is
-/// followed by [`POLL_SETTLE_PAUSES`] pause instructions before the next one:
-/// a device that takes every buffer the moment the driver posts it makes both
-/// sides trade the ring's cache lines frame by frame; letting a few buffers
-/// gather moves them in bursts.
-const POLL_BATCH: usize = 8;
+/// Default of [`VhostUserNet::set_poll_settle`]'s `chains`: a polling pass that
+/// moved fewer chains than this, and left none behind, is followed by a settle
+/// pause before the next one: a device that takes every buffer the moment the
+/// driver posts it makes both sides trade the ring's cache lines frame by
+/// frame; letting a few buffers gather moves them in bursts. Chosen on machine
+/// B of docs/PERFORMANCE.md; settable because the best value depends on the
+/// machine and the driver.
+pub const DEFAULT_SETTLE_CHAINS: u32 = 8;
 
-/// See [`POLL_BATCH`]; about a microsecond on current x86 cores.
-const POLL_SETTLE_PAUSES: u32 = 32;
+/// Default of [`VhostUserNet::set_poll_settle`]'s `pauses`: `pause` instructions
+/// in one settle pause, about a microsecond on current x86 cores.
+pub const DEFAULT_SETTLE_PAUSES: u32 = 32;
 
 /// State of the current connection.
 #[derive(Default)]
@@ -181,6 +184,9 @@ pub struct VhostUserNet<B: NetBackend + 'static> {
     conn: Mutex<Conn>,
     /// How long the worker keeps polling the rings after they run dry.
     poll_ns: AtomicU64,
+    /// See [`set_poll_settle`](Self::set_poll_settle).
+    settle_chains: AtomicU32,
+    settle_pauses: AtomicU32,
     /// Written when the worker returns to its event loop with work left, so
     /// that it comes straight back.
     wake: EventFd,
@@ -262,6 +268,8 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             migration: MigrationLog::new(),
             conn: Mutex::new(Conn::default()),
             poll_ns: AtomicU64::new(0),
+            settle_chains: AtomicU32::new(DEFAULT_SETTLE_CHAINS),
+            settle_pauses: AtomicU32::new(DEFAULT_SETTLE_PAUSES),
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?,
         }))
     }
@@ -275,6 +283,16 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// While polling, a pass that moved fewer than `chains` chains (and left
+    /// none behind) is followed by `pauses` `pause` instructions before the
+    /// next pass, so that the driver's buffers gather and move in bursts
+    /// rather than one by one. Defaults: [`DEFAULT_SETTLE_CHAINS`] and
+    /// [`DEFAULT_SETTLE_PAUSES`]; `pauses` 0 (or `chains` 0) turns the pause off.
+    pub fn set_poll_settle(&self, chains: u32, pauses: u32) {
+        self.settle_chains.store(chains, Ordering::Relaxed);
+        self.settle_pauses.store(pauses, Ordering::Relaxed);
     }
 
     /// The name given at creation.
@@ -597,6 +615,8 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             ctrl: false,
         };
         let mut busy_passes = 0u32;
+        let settle_chains = self.settle_chains.load(Ordering::Relaxed) as usize;
+        let settle_pauses = self.settle_pauses.load(Ordering::Relaxed);
         loop {
             all.rx.fill(true);
             all.tx.fill(true);
@@ -604,8 +624,8 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             let now = if more || chains > 0 {
                 idle_since = None;
                 busy_passes += 1;
-                if !more && chains < POLL_BATCH {
-                    for _ in 0..POLL_SETTLE_PAUSES {
+                if !more && chains < settle_chains {
+                    for _ in 0..settle_pauses {
                         std::hint::spin_loop();
                     }
                 }

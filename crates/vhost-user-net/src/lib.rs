@@ -36,7 +36,10 @@ pub mod dirty;
 pub mod relay;
 pub mod server;
 
-pub use backend::{VhostUserMemory, VhostUserNet, protocol_features, rarp_frame};
+pub use backend::{
+    DEFAULT_SETTLE_CHAINS, DEFAULT_SETTLE_PAUSES, VhostUserMemory, VhostUserNet, protocol_features,
+    rarp_frame,
+};
 pub use channel::BackendChannel;
 pub use dirty::{LogBitmap, MigrationLog};
 pub use server::{Server, ServerStats, ShutdownHandle};

@@ -377,6 +377,17 @@ impl SplitRing {
         Ok(head)
     }
 
+    /// The head `ahead` places after the next available one, without taking it,
+    /// for prefetching. The caller has checked with [`available`](Self::available)
+    /// that more than `ahead` are there. The value is only a hint: the caller
+    /// must not rely on it being in range.
+    #[inline]
+    pub fn peek_head(&self, ahead: u16) -> u16 {
+        let slot = usize::from(self.next_avail().wrapping_add(ahead) & (self.size - 1));
+        // SAFETY: slot < size, as in `pop_head`.
+        u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) })
+    }
+
     /// Gives back the last `n` heads taken and not used (a backend could not
     /// take the frame after all).
     #[inline]
