@@ -504,13 +504,15 @@ impl RxQueue {
                     return Ok(step);
                 }
             }
-            RxPeek::Unknown if self.mrg && self.fit_streak >= DIRECT_AFTER => {
-                if self.staged.is_empty() || self.unstage() {
-                    if let Some(step) =
-                        self.receive_direct(ram, backend, filter, HDR_LEN, Some(pending), c)?
-                    {
-                        return Ok(step);
-                    }
+            RxPeek::Unknown
+                if self.mrg
+                    && self.fit_streak >= DIRECT_AFTER
+                    && (self.staged.is_empty() || self.unstage()) =>
+            {
+                if let Some(step) =
+                    self.receive_direct(ram, backend, filter, HDR_LEN, Some(pending), c)?
+                {
+                    return Ok(step);
                 }
             }
             _ => {}
