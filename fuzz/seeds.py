@@ -211,3 +211,20 @@ for k, name in enumerate(["net", "transport", "config", "msix", "msi", "root-por
 # vhost_user_messages: Vec<Msg> of Msg::Step(i): the protocol test's session.
 write("vhost_user_messages", "session", rest([variant(1, 3) + u8(i) for i in range(12)]))
 write("vhost_user_messages", "session-4-rings", rest([variant(1, 3) + u8(i) for i in list(range(12)) + list(range(18, 24)) + list(range(30, 36)) + list(range(42, 48))]))
+
+# hostile_guest: its input is raw entropy (8 bytes a draw); the hostile-guest test
+# draws from xorshift64* seeded 1, 2, 3: the same streams, 4 KiB each.
+
+
+def xorshift(seed, n):
+    x, out = seed, bytearray()
+    while len(out) < n:
+        x ^= x >> 12
+        x ^= (x << 25) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 27
+        out += u64(x * 0x2545F4914F6CDD1D)
+    return bytes(out[:n])
+
+
+for s in (1, 2, 3):
+    write("hostile_guest", "rng-%d" % s, xorshift(s, 4096))

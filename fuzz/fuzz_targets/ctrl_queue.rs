@@ -258,7 +258,12 @@ fuzz_target!(|input: Input| {
                 pieces.push((ack_len, true));
             }
         }
-        let limit = if indirect { 32 } else { usize::from(size) };
+        // A chain, indirect or not, may not be longer than the queue.
+        let limit = if indirect {
+            32.min(usize::from(size))
+        } else {
+            usize::from(size)
+        };
         let well_formed = ack_len > 0
             && !ack_first
             && bytes.len() < 4096

@@ -203,6 +203,10 @@ pub struct Rig {
     /// the device may legitimately have rewritten its own descriptors, so the
     /// memory checks stop.
     unclean: bool,
+    /// Per head, the largest writable length its chain had when the device
+    /// could take it: a receive chain the device staged keeps the buffers it
+    /// read, even if the guest rewrites its descriptors afterwards.
+    room_seen: Vec<u64>,
     /// Where the next well-formed buffer goes in the data area.
     cursor: u64,
     /// Frames handed to the backend.
@@ -265,6 +269,7 @@ impl Rig {
             writable: Vec::new(),
             tables: Vec::new(),
             unclean: false,
+            room_seen: vec![0; usize::from(size)],
             cursor: 0,
             fed: 0,
             passes: 0,
@@ -559,6 +564,33 @@ impl Rig {
         }) {
             self.unclean = true;
         }
+        // The chains the device may take in this pass, as they are now.
+        if self.which != Which::Ctrl {
+            let states = self
+                .dev
+                .queue_pair(0)
+                .expect("pair 0")
+                .lock()
+                .queue_states();
+            if let Some((rx, tx)) = states {
+                let next = if self.which == Which::Rx {
+                    rx.next_avail
+                } else {
+                    tx.next_avail
+                };
+                let idx = u16_at(&before, r.avail + 2);
+                let n = idx.wrapping_sub(next).min(r.size);
+                for k in 0..n {
+                    let slot = r.avail + 4 + 2 * u64::from(next.wrapping_add(k) % r.size);
+                    let head = u16_at(&before, slot);
+                    if head < r.size {
+                        let room = self.chain_writable(&before, head);
+                        let seen = &mut self.room_seen[usize::from(head)];
+                        *seen = (*seen).max(room);
+                    }
+                }
+            }
+        }
         let c0 = self.counters();
         let sent0 = self.be.log.lock().expect("lock").sent.len();
         let out = match self.which {
@@ -620,7 +652,9 @@ impl Rig {
                     );
                     continue;
                 }
-                let room = self.chain_writable(&before, id as u16);
+                let room = self
+                    .chain_writable(&before, id as u16)
+                    .max(self.room_seen[id as usize]);
                 assert!(
                     u64::from(len) <= room,
                     "{:?}: used length {len} of chain {id} exceeds its writable length {room}",
