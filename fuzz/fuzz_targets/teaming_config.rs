@@ -39,10 +39,14 @@ fn check(parsed: Result<TeamingConfig, failover::config::ConfigErrors>) {
         let _ = (p.primary_id(), p.primary_mac(), p.slot(), p.sysfs_path());
     }
     let n = pairs.len();
-    let toml = config.to_toml_string().expect("a valid configuration writes as TOML");
+    let toml = config
+        .to_toml_string()
+        .expect("a valid configuration writes as TOML");
     let back = TeamingConfig::from_toml_str(&toml).expect("what we write we read");
     assert_eq!(back, config, "TOML round trip:\n{toml}");
-    let json = config.to_json_string().expect("a valid configuration writes as JSON");
+    let json = config
+        .to_json_string()
+        .expect("a valid configuration writes as JSON");
     let back = TeamingConfig::from_json_str(&json).expect("what we write we read");
     assert_eq!(back, config, "JSON round trip:\n{json}");
     assert_eq!(back.validate().map(|p| p.len()).ok(), Some(n));
