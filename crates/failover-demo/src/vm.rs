@@ -17,8 +17,9 @@ use device_state::{Persist, from_bytes, to_bytes};
 use failover::{Coordinator, EventLog, Primary, PrimaryLink, Slot, Standby};
 use pcie_hotplug::{HotplugSlot, RootPort, RootPortBuilder, RootPortState};
 use test_guest::{Guest, GuestRam, IrqQueue, NetFailover, Pciehp, Slave, Timings, VirtualClock};
+use virtio_net_standby::features::DEFAULT_OFFER;
 use virtio_net_standby::testing::{GuestMem, TestMemory};
-use virtio_net_standby::{NetBackend, NetState, StandbyNet, StandbyNetBuilder, Tap};
+use virtio_net_standby::{Features, NetBackend, NetState, StandbyNet, StandbyNetBuilder, Tap};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice, VirtioPciState};
 use vmm_pci::{PciHandle, PciRoot};
 
@@ -150,35 +151,23 @@ pub struct Vm {
     nf_printed: usize,
 }
 
-/// A backend that never carries anything (stands in for a tap that failed to
-/// open, until the error is reported).
-fn wire_less() -> crate::wire::WireBackend {
-    Wire::new([0; 6]).backend(Slave::Standby)
-}
-
-#[allow(clippy::too_many_arguments)]
 fn net_fn(
     id: &str,
     mac: [u8; 6],
     standby: bool,
     withhold: u64,
-    backend: &dyn Fn() -> Box<dyn NetBackend>,
+    backend: Box<dyn NetBackend>,
     mem: &TestMemory,
     irqs: &Arc<IrqQueue>,
 ) -> Arc<Mutex<NetFn>> {
-    let mut b = StandbyNetBuilder::new().id(id).mac(mac).standby(standby);
-    if withhold != 0 {
-        let offer: Net = StandbyNetBuilder::new()
-            .id(id)
-            .mac(mac)
-            .standby(standby)
-            .build(vec![backend()])
-            .expect("the demo's device configuration is valid");
-        let bits = offer.offered_features().bits() & !withhold;
-        b = b.features(virtio_net_standby::Features::from_bits(bits));
-    }
-    let net: Net = b
-        .build(vec![backend()])
+    // The builder still drops what the backend cannot carry.
+    let offer = Features::from_bits(DEFAULT_OFFER.bits() & !withhold);
+    let net: Net = StandbyNetBuilder::new()
+        .id(id)
+        .mac(mac)
+        .standby(standby)
+        .features(offer)
+        .build(vec![backend])
         .expect("the demo's device configuration is valid");
     let f = VirtioPciBuilder::new()
         .id(id)
@@ -205,32 +194,23 @@ impl Vm {
             .waker(move || w.store(true, Ordering::SeqCst))
             .build();
         let withhold = spec.withhold_features.unwrap_or(0);
-        let tap_error = Arc::new(Mutex::new(None::<String>));
-        let backend = |port: Slave| -> Box<dyn Fn() -> Box<dyn NetBackend>> {
-            if spec.tap {
-                let name = match port {
-                    Slave::Standby => crate::host::STANDBY_TAP,
-                    Slave::Primary => crate::host::PRIMARY_TAP,
-                };
-                let err = tap_error.clone();
-                Box::new(move || match Tap::open(name) {
-                    Ok(t) => Box::new(t) as Box<dyn NetBackend>,
-                    Err(e) => {
-                        *err.lock().unwrap() = Some(format!("cannot open tap {name}: {e}"));
-                        Box::new(wire_less()) as Box<dyn NetBackend>
-                    }
-                })
-            } else {
-                let w = wire.clone();
-                Box::new(move || Box::new(w.backend(port)) as Box<dyn NetBackend>)
+        let backend = |port: Slave| -> Result<Box<dyn NetBackend>, String> {
+            if !spec.tap {
+                return Ok(Box::new(wire.backend(port)));
             }
+            let name = match port {
+                Slave::Standby => crate::host::STANDBY_TAP,
+                Slave::Primary => crate::host::PRIMARY_TAP,
+            };
+            let tap = Tap::open(name).map_err(|e| format!("cannot open tap {name}: {e}"))?;
+            Ok(Box::new(tap))
         };
         let standby = net_fn(
             &topo.standby_id,
             topo.standby_mac,
             true,
             withhold,
-            &*backend(Slave::Standby),
+            backend(Slave::Standby)?,
             &mem,
             &irqs,
         );
@@ -239,13 +219,10 @@ impl Vm {
             topo.primary_mac,
             false,
             0,
-            &*backend(Slave::Primary),
+            backend(Slave::Primary)?,
             &mem,
             &irqs,
         );
-        if let Some(e) = tap_error.lock().unwrap().take() {
-            return Err(e);
-        }
         let responder = if spec.tap {
             for name in [crate::host::STANDBY_TAP, crate::host::PRIMARY_TAP] {
                 crate::host::attach(name).map_err(|e| format!("tap {name}: {e}"))?;
