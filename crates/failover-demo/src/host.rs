@@ -8,8 +8,10 @@
 //! the bridge's entries for that port: replies then go to the standby's tap.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
+use std::time::Duration;
+
+use virtio_net_standby::testing::PacketSocket;
 
 use crate::wire::{HOST_MAC, frame, parse};
 
@@ -19,8 +21,6 @@ pub const BRIDGE: &str = "fdbr0";
 pub const STANDBY_TAP: &str = "fdts0";
 /// The primary's tap.
 pub const PRIMARY_TAP: &str = "fdtp0";
-
-const ETH_P_ALL: u16 = 0x0003;
 
 fn ip(args: &[&str]) -> io::Result<()> {
     let st = Command::new("ip")
@@ -75,8 +75,7 @@ pub fn set_port(name: &str, up: bool) -> io::Result<()> {
 /// request from `guest`.
 #[derive(Debug)]
 pub struct Responder {
-    fd: OwnedFd,
-    ifindex: i32,
+    socket: PacketSocket,
     guest: [u8; 6],
     /// Requests answered.
     pub answered: u64,
@@ -84,123 +83,41 @@ pub struct Responder {
     pub bad: u64,
 }
 
-fn sockaddr(ifindex: i32, protocol: u16) -> libc::sockaddr_ll {
-    // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = protocol;
-    sll.sll_ifindex = ifindex;
-    sll.sll_halen = 6;
-    sll
-}
-
 impl Responder {
     /// Opens the socket on the bridge.
     pub fn open(guest: [u8; 6]) -> io::Result<Responder> {
-        let name = std::ffi::CString::new(BRIDGE).map_err(io::Error::other)?;
-        // SAFETY: a NUL-terminated name; the result is checked.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if ifindex == 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let proto = i32::from(ETH_P_ALL.to_be());
-        // SAFETY: plain socket(2); the result is checked.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                proto,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sll = sockaddr(ifindex, ETH_P_ALL.to_be());
-        // SAFETY: binding with a correctly sized sockaddr_ll.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Responder {
-            fd,
-            ifindex,
+            socket: PacketSocket::open_interface(BRIDGE, false)?,
             guest,
             answered: 0,
             bad: 0,
         })
     }
 
-    fn send(&self, f: &[u8]) -> io::Result<()> {
-        let sll = sockaddr(self.ifindex, 0);
-        // SAFETY: sending from a live buffer with a correctly sized address.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n == f.len() as isize {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// Answers what has arrived, waiting up to `wait_ms` for the first frame
-    /// when `expect` requests are on their way. Returns how many it answered.
-    pub fn respond(&mut self, expect: usize, wait_ms: i32) -> usize {
+    /// Answers what has arrived, waiting up to `wait_ms` for each frame while
+    /// fewer than `expect` requests have been answered. Returns how many it
+    /// answered.
+    pub fn respond(&mut self, expect: usize, wait_ms: u64) -> usize {
         let mut n = 0;
         let mut buf = [0u8; 2048];
         loop {
-            if n < expect {
-                let mut pfd = libc::pollfd {
-                    fd: self.fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                if unsafe { libc::poll(&mut pfd, 1, wait_ms) } <= 0 {
-                    return n;
-                }
-            }
-            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: receiving into a live buffer of its stated size.
-            let r = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
+            let wait = if n < expect {
+                Duration::from_millis(wait_ms)
+            } else {
+                Duration::ZERO
             };
-            if r <= 0 {
-                return n;
-            }
-            if from.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            let f = &buf[..r as usize];
+            let len = match self.socket.recv(&mut buf, wait) {
+                Ok(Some(len)) => len,
+                _ => return n,
+            };
+            let f = &buf[..len];
             if f.len() < 14 || f[0..6] != HOST_MAC {
                 continue;
             }
-            match parse(f, HOST_MAC, self.guest, false) {
-                Some(seq) if self.send(&frame(self.guest, HOST_MAC, seq, true)).is_ok() => {
+            let reply = parse(f, HOST_MAC, self.guest, false)
+                .map(|seq| frame(self.guest, HOST_MAC, seq, true));
+            match reply {
+                Some(r) if self.socket.send(&r).is_ok() => {
                     self.answered += 1;
                     n += 1;
                 }
