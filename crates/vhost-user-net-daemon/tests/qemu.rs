@@ -19,6 +19,11 @@
 //! - `link down` and `link up` on the daemon's control socket, seen by the
 //!   guest as the standby's and the master's carrier, and traffic after.
 //!
+//! Two more tests migrate a failover guest between two QEMUs on this machine,
+//! each QEMU with its own daemon: one measures what the guest's traffic
+//! loses, the other (a standby without `GUEST_ANNOUNCE`) checks the RARP the
+//! destination's daemon sends when QEMU asks for it (`SEND_RARP`).
+//!
 //! QEMU's virtio-net keeps its own configuration space, so the daemon shows it
 //! a link change by disconnecting (QEMU's `reconnect=1` brings it back when
 //! the link is up); see `vhost_user_net::server`.
@@ -50,6 +55,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::{Backend, feature_bit, serial, wait_for};
+use virtio_net_standby::testing::PacketSocket;
 
 const MAC: &str = "52:54:00:6f:55:cc";
 const TAP: &str = "vuqtap0";
@@ -478,6 +484,9 @@ struct Machine<'a> {
     /// QEMU listens on the socket (`server=on`) and the daemon connects
     /// (`--client`), as libvirt's `mode='server'`.
     listen: bool,
+    /// The standby offers `GUEST_ANNOUNCE` (QEMU's default). Without it, QEMU
+    /// asks the daemon to announce the guest after a migration (`SEND_RARP`).
+    announce: bool,
 }
 
 impl Qemu {
@@ -514,7 +523,8 @@ impl Qemu {
             .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
             .arg("-device")
             .arg(format!(
-                "virtio-net-pci,netdev=n0,id=net1,mac={MAC},bus=root2,failover=on,vectors=0,romfile="
+                "virtio-net-pci,netdev=n0,id=net1,mac={MAC},bus=root2,failover=on,vectors=0,romfile=,guest_announce={}",
+                if m.announce { "on" } else { "off" }
             ))
             .args(["-netdev", &primary_netdev])
             .arg("-device")
@@ -670,6 +680,7 @@ fn run(env: Env) {
             primary_tap: None,
             incoming: None,
             listen: false,
+            announce: true,
         },
     );
     let mut qmp = Qmp::connect(&qmp_path);
@@ -949,6 +960,39 @@ fn event_time(e: &serde_json::Value, since: std::time::SystemTime) -> f64 {
     t - base
 }
 
+/// The two hosts of a migration test on one bridge with the host's address:
+/// the standbys' taps (`vuqtap0` source, `vuqtap1` destination) and the
+/// primaries' (`vuptap0`, `vuptap1`). Starts the source's daemon on its own
+/// socket and the destination's as a client of the socket its QEMU will
+/// listen on (libvirt's `mode='server'`), whose path it returns.
+fn two_hosts_on_a_bridge(dir: &Path) -> (Backend, Backend, PathBuf) {
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "br0", "type", "bridge"]);
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
+    ip(&["link", "set", "br0", "up"]);
+    for tap in ["vuqtap0", "vuqtap1", "vuptap0", "vuptap1"] {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ip(&["link", "set", tap, "master", "br0"]);
+        ip(&["link", "set", tap, "up"]);
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_vhost-user-net"));
+    let be_src = Backend::start_binary(
+        bin,
+        dir,
+        "vu-src",
+        &["--tap", "vuqtap0", "--mac", MAC, "--id", "net1"],
+    );
+    let dst_socket = dir.join("dst-qemu-vu.sock");
+    let be_dst = Backend::start_client(
+        bin,
+        dir,
+        "vu-dst",
+        &dst_socket,
+        &["--tap", "vuqtap1", "--mac", MAC, "--id", "net1"],
+    );
+    (be_src, be_dst, dst_socket)
+}
+
 #[test]
 fn qemu_live_migration_with_the_daemon_as_standby() {
     let Some(env) = env() else { return };
@@ -971,32 +1015,7 @@ fn run_migration(env: Env) {
     let rx_data = payload(MIG_BULK, 21);
     let initrd = initramfs(&env, &dir, &[], &rx_data, migration_init_script);
 
-    ip(&["link", "set", "lo", "up"]);
-    ip(&["link", "add", "br0", "type", "bridge"]);
-    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
-    ip(&["link", "set", "br0", "up"]);
-    for tap in ["vuqtap0", "vuqtap1", "vuptap0", "vuptap1"] {
-        ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
-        ip(&["link", "set", tap, "master", "br0"]);
-        ip(&["link", "set", tap, "up"]);
-    }
-    let bin = Path::new(env!("CARGO_BIN_EXE_vhost-user-net"));
-    let be_src = Backend::start_binary(
-        bin,
-        &dir,
-        "vu-src",
-        &["--tap", "vuqtap0", "--mac", MAC, "--id", "net1"],
-    );
-    // The destination's daemon connects to the socket its QEMU listens on
-    // (libvirt's mode='server').
-    let dst_socket = dir.join("dst-qemu-vu.sock");
-    let be_dst = Backend::start_client(
-        bin,
-        &dir,
-        "vu-dst",
-        &dst_socket,
-        &["--tap", "vuqtap1", "--mac", MAC, "--id", "net1"],
-    );
+    let (be_src, be_dst, dst_socket) = two_hosts_on_a_bridge(&dir);
     let (src_qmp, dst_qmp) = (dir.join("src-qmp.sock"), dir.join("dst-qmp.sock"));
     let mig = dir.join("migration.sock");
     let src = Qemu::start(
@@ -1010,6 +1029,7 @@ fn run_migration(env: Env) {
             primary_tap: Some("vuptap0"),
             incoming: None,
             listen: false,
+            announce: true,
         },
     );
     let mut qs = Qmp::connect(&src_qmp);
@@ -1035,6 +1055,7 @@ fn run_migration(env: Env) {
             primary_tap: Some("vuptap1"),
             incoming: Some(&mig),
             listen: true,
+            announce: true,
         },
     );
     let mut qd = Qmp::connect(&dst_qmp);
@@ -1184,4 +1205,95 @@ fn run_migration(env: Env) {
         after_resume > 20,
         "ping goes on after the destination resumed: {after_resume} replies\n{report}"
     );
+}
+
+#[test]
+fn qemu_migration_of_a_guest_that_cannot_announce_itself_gets_a_rarp_from_the_daemon() {
+    let Some(env) = env() else { return };
+    let _g = serial();
+    in_new_netns(move || run_rarp(env));
+}
+
+/// A migration whose standby does not offer `GUEST_ANNOUNCE`: the destination
+/// QEMU then asks its backend to announce the guest's MAC (`SEND_RARP`), and
+/// the destination's daemon must put a RARP for that MAC on its tap, so the
+/// switches learn where the guest went before it sends anything itself.
+fn run_rarp(env: Env) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-rarp");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = initramfs(&env, &dir, &[], &payload(4096, 31), migration_init_script);
+    let (be_src, be_dst, dst_socket) = two_hosts_on_a_bridge(&dir);
+    let (src_qmp, dst_qmp) = (dir.join("src-qmp.sock"), dir.join("dst-qmp.sock"));
+    let mig = dir.join("migration.sock");
+    let machine = |name, socket, qmp, primary_tap, incoming, listen| Machine {
+        name,
+        socket,
+        qmp,
+        primary_tap: Some(primary_tap),
+        incoming,
+        listen,
+        announce: false,
+    };
+    let src = Qemu::start(
+        &env,
+        &dir,
+        &initrd,
+        &machine("src", &be_src.socket, &src_qmp, "vuptap0", None, false),
+    );
+    let mut qs = Qmp::connect(&src_qmp);
+    let fail = |what: &str, src: &Qemu, dst: &Qemu| -> ! {
+        panic!(
+            "{what}\nsource {}\ndestination {}\nsource daemon:\n{}\ndestination daemon:\n{}",
+            src.diagnostics(),
+            dst.diagnostics(),
+            be_src.log_text(),
+            be_dst.log_text()
+        )
+    };
+    src.expect("NET_UP ", Duration::from_secs(60));
+    let dst = Qemu::start(
+        &env,
+        &dir,
+        &initrd,
+        &machine("dst", &dst_socket, &dst_qmp, "vuptap1", Some(&mig), true),
+    );
+    let mut qd = Qmp::connect(&dst_qmp);
+    let caps = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}"#;
+    qs.execute(caps);
+    qd.execute(caps);
+    // What arrives from the destination's standby tap: the daemon's frames.
+    let wire = PacketSocket::open_interface("vuqtap1", false).expect("packet socket on vuqtap1");
+    qs.execute(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+        mig.display()
+    ));
+    let completed = |d: &serde_json::Value| d["status"] == "completed" || d["status"] == "failed";
+    let end = qs.event("MIGRATION", Duration::from_secs(180), completed);
+    if end["data"]["status"] != "completed" {
+        fail(&format!("the migration failed: {end}"), &src, &dst);
+    }
+    qd.event("RESUME", Duration::from_secs(30), |_| true);
+    let mac: Vec<u8> = MAC
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    // A RARP request (ethertype 0x8035) from the guest's MAC to everyone,
+    // whose sender and target hardware addresses are the guest's.
+    let rarp = wire.recv_matching(Duration::from_secs(10), |f| {
+        f.len() >= 42
+            && f[0..6] == [0xff; 6]
+            && f[6..12] == mac[..]
+            && f[12..14] == [0x80, 0x35]
+            && f[20..22] == [0, 3]
+            && f[22..28] == mac[..]
+            && f[32..38] == mac[..]
+    });
+    if rarp.is_none() {
+        fail(
+            "no RARP for the guest's MAC came out of the destination's tap after RESUME",
+            &src,
+            &dst,
+        );
+    }
 }
