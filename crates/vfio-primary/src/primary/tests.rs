@@ -6,7 +6,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY};
 use vmm_pci::msix::{MSIX_CTRL_ENABLE, MSIX_CTRL_FUNCTION_MASK};
 use vmm_pci::testing::{RecordingIntx, RecordingMsi};
-use vmm_pci::{MsiMessage, PciFunction};
+use vmm_pci::{BarKind, MsiMessage, PciFunction};
 
 use super::*;
 use crate::PrimaryError;
@@ -908,4 +908,29 @@ fn bad_roms_are_refused_with_reasons() {
     );
     let e = rom_error(vf(), RomPolicy::Device, true);
     assert!(matches!(e, rom::Error::Read { size: 0x10000, .. }), "{e}");
+}
+
+/// Boards differ in the VF BARs' prefetchable bit (the PF's EEPROM decides):
+/// the primary shows what the device reports, and handles both alike.
+#[test]
+fn prefetchable_vf_bars_as_some_boards_report_them() {
+    let spec = ModelSpec::intel_82599_vf().with_prefetchable(true);
+    assert_eq!(spec.config[0x10] & 0xf, 0xc, "64-bit prefetchable");
+    let Rig { mut p, .. } = rig_with(spec, true);
+    let p = &mut p;
+    assert_eq!((r32(p, 0x10), r32(p, 0x1c)), (0xc, 0xc));
+    w32(p, 0x10, u32::MAX);
+    assert_eq!(r32(p, 0x10), 0xffff_c00c);
+    assign(p);
+    let r = p.bar_regions();
+    let kinds = (r[0].unwrap().kind, r[3].unwrap().kind);
+    assert_eq!(
+        kinds,
+        (
+            BarKind::Memory64 { prefetchable: true },
+            BarKind::Memory64 { prefetchable: true }
+        )
+    );
+    let mapped: Vec<_> = p.mmap_ranges().iter().map(|m| m.guest_address).collect();
+    assert_eq!(mapped, [BAR0_AT, BAR3_AT + 0x1000, BAR3_AT + 0x3000]);
 }
