@@ -20,6 +20,15 @@
 //! The ROM is never mmapped for the guest: the VMM traps its window and routes
 //! accesses to [`PciFunction::read_bar`](vmm_pci::PciFunction::read_bar) with
 //! BAR index [`ROM_BAR`] (VFIO's ROM region index, Linux's `PCI_ROM_RESOURCE`).
+//!
+//! How the VMM learns where the window is: as for the mmappable parts of the
+//! BARs, by polling a generation counter after config writes
+//! ([`VfioPrimary::rom_window`](crate::VfioPrimary::rom_window) and
+//! `rom_generation`, like `mmap_ranges` and `mmap_generation`). A ROM move is
+//! not returned as a [`vmm_pci::BarMove`] from `write_config`: `BarMove` and
+//! [`vmm_pci::BarRegions`] number BAR registers 0 to 5, so a `BarListener`
+//! that indexes the function's regions by the move's index would go out of
+//! range, and `vmm_pci::PciRoot` dispatches MMIO to BARs 0 to 5 only.
 
 use std::io;
 use std::sync::Arc;
