@@ -19,7 +19,8 @@
 //! | what | how | why |
 //! |---|---|---|
 //! | BARs 0-5 | emulated, sizing included, host addresses never shown | the guest assigns its own addresses; the VMM maps or traps them there |
-//! | expansion ROM (0x30) | reads 0, writes dropped | hidden by default: QEMU's failover migration fails with `Unknown ramblock ... rom` when the hidden primary has a ROM on one side only, and a NIC VF needs no option ROM |
+//! | expansion ROM (0x30), [`RomPolicy::Hidden`] (the default) | reads 0, writes dropped | QEMU's failover migration fails with `Unknown ramblock ... rom` when the primary has a ROM on one side only (QEMU migrates an option ROM as a RAM block named after its device, and the destination refuses a block it does not have): with no ROM on either side nothing can mismatch; an SR-IOV VF has no ROM, and a NIC needs none once the guest runs |
+//! | expansion ROM (0x30), [`RomPolicy::Device`] or [`RomPolicy::Image`] | emulated ROM BAR over a copy of the image (see the [`rom`](crate::rom) module): sizing, address, enable; the window decodes with Memory Space on, never mmapped | the VMM chose to show a ROM (QEMU's `rombar=1`, `romfile=`), e.g. for network boot. On a failover primary the source and the destination must then expose the same ROM (same policy, same image), or QEMU-compatible migration fails as above |
 //! | header type bit 7 | reads 0 | a failover primary must be single-function |
 //! | interrupt line | emulated | the guest's scratch register, meaningless to the device |
 //! | capabilities pointer, every next pointer, Status.Capabilities List | emulated | so capabilities can be dropped from the list |
@@ -43,6 +44,8 @@ use vmm_pci::{ClassCode, ConfigSpace, HeaderType, PciIds};
 
 use crate::bars::BarLayout;
 use crate::ops::{VfioDeviceOps, region};
+#[cfg(doc)]
+use crate::rom::RomPolicy;
 
 /// Offset of the expansion ROM register.
 pub const ROM_ADDRESS: u16 = 0x30;
@@ -183,6 +186,8 @@ pub(crate) enum Owner {
     Msi = 2,
     /// The MSI-X emulation.
     Msix = 3,
+    /// The emulated ROM BAR (an exposed ROM).
+    Rom = 4,
 }
 
 /// The fixed part of the virtualization: who owns each byte, and the emulated
@@ -213,8 +218,15 @@ pub(crate) const MSI_CAP_LEN: u16 = 0x18;
 impl Layout {
     /// Lays out the virtualization of `host`. `msi` is the MSI capability the
     /// interrupt emulation serves (an MSI capability of another layout is
-    /// hidden); `msix` likewise.
-    pub fn new(host: &[u8], caps: &HostCaps, msi: Option<u16>, msix: Option<u16>) -> Layout {
+    /// hidden); `msix` likewise. `rom`: the ROM register is the emulated ROM
+    /// BAR's (an exposed ROM); otherwise it reads 0.
+    pub fn new(
+        host: &[u8],
+        caps: &HostCaps,
+        msi: Option<u16>,
+        msix: Option<u16>,
+        rom: bool,
+    ) -> Layout {
         let express = caps.find(CAP_ID_PCIE).is_some() && host.len() >= PCIE_CONFIG_SIZE as usize;
         let mut l = Layout {
             owner: Box::new([Owner::Device; PCIE_CONFIG_SIZE as usize]),
@@ -235,7 +247,11 @@ impl Layout {
         l.owner[INTERRUPT_LINE as usize] = Owner::Shadow;
         l.emulate(HEADER_TYPE, 0x80, 0);
         for o in ROM_ADDRESS..ROM_ADDRESS + 4 {
-            l.emulate(o, 0xff, 0);
+            if rom {
+                l.owner[o as usize] = Owner::Rom;
+            } else {
+                l.emulate(o, 0xff, 0);
+            }
         }
         l.std_caps(host, caps);
         if express {

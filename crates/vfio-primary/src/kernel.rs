@@ -25,6 +25,41 @@
 //! `region_read`, `region_write` and `reset` return nothing); [`VfioDeviceOps`]
 //! reports them: region accesses use a duplicate of the device fd, and reset
 //! issues the ioctl itself.
+//!
+//! # iommufd (not implemented here)
+//!
+//! This module uses only the legacy container/group interface. `vfio-ioctls`
+//! 0.10 also supports iommufd with VFIO device cdevs, behind its optional
+//! `vfio_cdev` feature (off in this workspace; it pulls in `iommufd-bindings`
+//! 0.2 and `iommufd-ioctls` 0.4, and the `kvm` feature):
+//!
+//! - `vfio_ioctls::VfioIommufd::new(iommufd, ioas, device_fd)` takes an open
+//!   `/dev/iommu` (`iommufd_ioctls::IommuFd`), an optional IOAS (one is
+//!   allocated otherwise) and the optional hypervisor VFIO device; it
+//!   implements `VfioOps`, and its `vfio_dma_map`/`vfio_dma_unmap` are
+//!   `IOMMU_IOAS_MAP` (readable, writeable, fixed IOVA) and `IOMMU_IOAS_UNMAP`
+//!   on that IOAS;
+//! - `VfioDevice::new(sysfs_path, ops, attach_ioas)` with a `VfioIommufd` as
+//!   `ops` opens the device cdev named under `<sysfs_path>/vfio-dev/`
+//!   (`/dev/vfio/devices/vfioN`), adds it to the hypervisor VFIO device, binds
+//!   it to the iommufd (`VFIO_DEVICE_BIND_IOMMUFD`) and, with `attach_ioas`,
+//!   attaches it to the IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`). No group file
+//!   and no `/dev/vfio/vfio` are opened.
+//!
+//! What a VMM needs for it: a kernel with `CONFIG_IOMMUFD` and
+//! `CONFIG_VFIO_DEVICE_CDEV` (device cdevs appeared in Linux 6.6), access to
+//! `/dev/iommu` and `/dev/vfio/devices/vfioN`, the function bound to vfio-pci
+//! (the kernel still claims DMA ownership of the whole IOMMU group, so the
+//! group must be viable as [`crate::sysfs`] checks), and the `vfio_cdev`
+//! feature enabled in the workspace's `vfio-ioctls` dependency.
+//!
+//! Whether this module could use it: yes, without changing the traits above
+//! it. [`KernelVfioDevice`] wraps a `vfio_ioctls::VfioDevice` whatever its
+//! `VfioOps`, and reads regions, routes interrupts and resets through the
+//! device fd alone, which a cdev is too. What it would take is a second
+//! [`DmaMapper`] over `VfioIommufd` (next to [`KernelContainer`]) and an
+//! opening path that finds the cdev instead of `/dev/vfio/<group>`. Neither is
+//! written: nothing here can be tested without iommufd hardware.
 
 use std::collections::HashMap;
 use std::fmt;

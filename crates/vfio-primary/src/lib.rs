@@ -3,10 +3,10 @@
 //!
 //! - [`VfioPrimary`] ([`VfioPrimaryBuilder`]): the function the guest sees. Its
 //!   config space is the host's, virtualized where the VMM must own it
-//!   ([`config`]: BARs, MSI and MSI-X, the ROM hidden, capabilities QEMU's
-//!   vfio-pci hides); its BARs are mmapped where they can be and trapped where
-//!   they must be ([`bars`]: the MSI-X table and PBA always); its interrupts go
-//!   to eventfds ([`interrupts`]); `attach`/`detach` map and unmap guest memory
+//!   ([`config`]: BARs, MSI and MSI-X, the ROM hidden unless the VMM exposes
+//!   it ([`rom`]), capabilities QEMU's vfio-pci hides); its BARs are mmapped
+//!   where they can be and trapped where they must be ([`bars`]: the MSI-X
+//!   table and PBA always); its interrupts go to eventfds ([`interrupts`]); `attach`/`detach` map and unmap guest memory
 //!   ([`dma`]) and reset the device.
 //! - [`pairing`]: QEMU's checks on a primary that carries `failover_pair_id`,
 //!   for any PCI function, every violation at once.
@@ -33,6 +33,7 @@ pub mod kernel;
 mod ops;
 pub mod pairing;
 mod primary;
+pub mod rom;
 pub mod sysfs;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -45,3 +46,4 @@ pub use kernel::{KernelContainer, KernelVfioDevice};
 pub use ops::{DmaMapper, IrqInfo, RegionInfo, VfioDeviceOps, irq, region};
 pub use pairing::{BusKind, FailoverPair, FunctionHeader, Placement, Violation, Violations};
 pub use primary::{Error as PrimaryError, PrimaryCounters, VfioPrimary, VfioPrimaryBuilder};
+pub use rom::{ROM_BAR, RomPolicy, RomWindow};

@@ -40,6 +40,7 @@ use crate::config::{self, HiddenCapability, HostCaps, Layout, Owner, pieces};
 use crate::dma::DmaMappings;
 use crate::interrupts::{self, Interrupts, IrqCounters, msi_vectors, msix_placement};
 use crate::ops::{DmaMapper, VfioDeviceOps, region};
+use crate::rom::{self, ROM_BAR, RomBar, RomPolicy, RomWindow};
 
 /// Errors building, attaching and detaching a primary.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,16 @@ pub enum Error {
         /// What went wrong.
         #[source]
         source: bars::Error,
+    },
+    /// The expansion ROM chosen with [`VfioPrimaryBuilder::rom`] could not be
+    /// prepared.
+    #[error("vfio-primary '{id}': expansion ROM")]
+    Rom {
+        /// The primary's id.
+        id: String,
+        /// What went wrong.
+        #[source]
+        source: rom::Error,
     },
     /// The interrupt emulation could not be set up.
     #[error("vfio-primary '{id}': interrupts")]
@@ -134,8 +145,13 @@ pub struct PrimaryCounters {
     pub ignored_config: u64,
     /// Malformed BAR accesses (no such BAR, a size other than 1, 2, 4 or 8,
     /// past the end, straddling the MSI-X table or PBA, or malformed table and
-    /// PBA accesses): read as all ones, writes dropped.
+    /// PBA accesses), and ROM window reads while it does not decode: read as
+    /// all ones, writes dropped.
     pub ignored_bar: u64,
+    /// Reads of the ROM window served from the ROM image.
+    pub rom_reads: u64,
+    /// Writes to the ROM window (dropped: a ROM is read-only).
+    pub rom_writes: u64,
     /// Config or BAR accesses the device refused (VFIO returned an error):
     /// reads return all ones.
     pub device_errors: u64,
@@ -179,6 +195,7 @@ pub struct VfioPrimaryBuilder {
     intx: Option<Arc<dyn IntxSink>>,
     failover_pair_id: Option<String>,
     page_size: Option<u64>,
+    rom: RomPolicy,
 }
 
 impl std::fmt::Debug for VfioPrimaryBuilder {
@@ -232,6 +249,7 @@ impl VfioPrimaryBuilder {
             intx: None,
             failover_pair_id: None,
             page_size: None,
+            rom: RomPolicy::Hidden,
         }
     }
 
@@ -257,6 +275,18 @@ impl VfioPrimaryBuilder {
         self
     }
 
+    /// What the guest sees of the expansion ROM (QEMU's `rombar=` and
+    /// `romfile=`). Default: [`RomPolicy::Hidden`], no ROM. With
+    /// [`RomPolicy::Device`] or [`RomPolicy::Image`] the ROM register is
+    /// emulated and its window served from the image: route the window
+    /// ([`VfioPrimary::rom_window`]) to `read_bar(ROM_BAR, ..)`. A failover
+    /// primary that shows a ROM must show the same one on both sides of a
+    /// migration (see the `config` module's table).
+    pub fn rom(mut self, policy: RomPolicy) -> Self {
+        self.rom = policy;
+        self
+    }
+
     /// Reads the device's config space and lays out the virtualization.
     pub fn build(self) -> Result<VfioPrimary, Error> {
         let id = self.id;
@@ -276,7 +306,11 @@ impl VfioPrimaryBuilder {
             id: id.clone(),
             source,
         })?;
-        let layout = Layout::new(&host, &caps, msi, msix);
+        let rom = rom::load(&self.rom, &*dev).map_err(|source| Error::Rom {
+            id: id.clone(),
+            source,
+        })?;
+        let layout = Layout::new(&host, &caps, msi, msix, rom.is_some());
         let shadow = config::shadow(&host, &bars).map_err(|source| Error::Config {
             id: id.clone(),
             source,
@@ -317,6 +351,9 @@ impl VfioPrimaryBuilder {
             attachment: None,
             mmap: Vec::new(),
             mmap_generation: 0,
+            rom,
+            rom_window: None,
+            rom_generation: 0,
             live_fds,
             counters: PrimaryCounters::default(),
             last_unmap_error: None,
@@ -340,6 +377,9 @@ pub struct VfioPrimary {
     attachment: Option<Attachment>,
     mmap: Vec<MmapRange>,
     mmap_generation: u64,
+    rom: Option<RomBar>,
+    rom_window: Option<RomWindow>,
+    rom_generation: u64,
     live_fds: Arc<AtomicU64>,
     counters: PrimaryCounters,
     last_unmap_error: Option<io::Error>,
@@ -551,6 +591,9 @@ impl VfioPrimary {
         if let Ok(fresh) = config::shadow(&self.host, &self.bars) {
             self.shadow = fresh;
         }
+        if let Some(r) = &mut self.rom {
+            r.reset();
+        }
         self.refresh_mmap();
         reset?;
         self.counters.detaches += 1;
@@ -575,6 +618,49 @@ impl VfioPrimary {
         if r != self.mmap {
             self.mmap = r;
             self.mmap_generation += 1;
+        }
+        let w = self
+            .rom
+            .as_ref()
+            .and_then(|r| r.window(self.shadow.command()));
+        if w != self.rom_window {
+            self.rom_window = w;
+            self.rom_generation += 1;
+        }
+    }
+
+    /// Where the expansion ROM's window decodes now, or `None` (no ROM shown,
+    /// or the guest has not enabled it with Memory Space on and an address).
+    /// The VMM traps this range (it is never mmapped) and routes each access
+    /// to [`PciFunction::read_bar`] / [`PciFunction::write_bar`] with BAR
+    /// [`ROM_BAR`] and the offset into the window; `vmm_pci::PciRoot`'s
+    /// dispatch covers BARs 0 to 5 only, so check this range before it.
+    /// Recomputed on every config write and on detach; compare
+    /// [`rom_generation`](Self::rom_generation) to know when to re-route.
+    pub fn rom_window(&self) -> Option<RomWindow> {
+        self.rom_window
+    }
+
+    /// Bumped every time [`rom_window`](Self::rom_window) changes.
+    pub fn rom_generation(&self) -> u64 {
+        self.rom_generation
+    }
+
+    /// The size of the ROM the guest sees, or `None` when it is hidden.
+    pub fn rom_size(&self) -> Option<u64> {
+        self.rom.as_ref().map(RomBar::size)
+    }
+
+    fn read_rom(&mut self, offset: u64, data: &mut [u8]) {
+        let served = match (&self.rom, self.rom_window) {
+            (Some(r), Some(_)) => r.read(offset, data),
+            _ => false,
+        };
+        if served {
+            self.counters.rom_reads += 1;
+        } else {
+            data.fill(0xff);
+            self.counters.ignored_bar += 1;
         }
     }
 
@@ -687,6 +773,12 @@ impl PciFunction for VfioPrimary {
             }
             match owner {
                 Owner::Device => self.read_device(o + i, &mut data[i..j]),
+                Owner::Rom => {
+                    let at = o + i - config::ROM_ADDRESS as usize;
+                    for (k, b) in data[i..j].iter_mut().enumerate() {
+                        *b = self.rom.as_ref().map_or(0, |r| r.register_byte(at + k));
+                    }
+                }
                 Owner::Shadow => {
                     for (k, b) in data[i..j].iter_mut().enumerate() {
                         *b = self.shadow.get_u8((o + i + k) as u16);
@@ -745,6 +837,12 @@ impl PciFunction for VfioPrimary {
                         }
                     }
                 }
+                Owner::Rom => {
+                    let at = o + i - config::ROM_ADDRESS as usize;
+                    if let Some(r) = &mut self.rom {
+                        r.write_register(at, run);
+                    }
+                }
                 Owner::Shadow => {
                     for (p, n) in pieces(o + i, j - i) {
                         if let Some(m) = self.shadow.write(p as u16, &data[p - o..p - o + n]) {
@@ -784,6 +882,9 @@ impl PciFunction for VfioPrimary {
     }
 
     fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if bar == ROM_BAR && self.rom.is_some() {
+            return self.read_rom(offset, data);
+        }
         match self.bars.target(bar, offset, data.len()) {
             None => {
                 data.fill(0xff);
@@ -809,6 +910,10 @@ impl PciFunction for VfioPrimary {
     }
 
     fn write_bar(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar == ROM_BAR && self.rom.is_some() {
+            self.counters.rom_writes += 1;
+            return;
+        }
         match self.bars.target(bar, offset, data.len()) {
             None => self.counters.ignored_bar += 1,
             Some(Target::Table(rel)) => self.irqs.write_table(rel, data),

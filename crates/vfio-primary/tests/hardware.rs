@@ -5,8 +5,9 @@
 //! otherwise it prints why it skipped and passes.
 //!
 //! It opens the device, reads vendor/device/class from its config space (and
-//! compares them with sysfs), lists its regions and interrupts, DMA-maps a small
-//! guest memory, changes the memory map, resets the device and unmaps everything.
+//! compares them with sysfs), lists its regions (and the ROM's signature) and
+//! interrupts, DMA-maps a small guest memory, changes the memory map, resets
+//! the device and unmaps everything.
 
 use std::io;
 use std::path::Path;
@@ -95,6 +96,25 @@ fn open_describe_map_reset_unmap() {
     assert!(config.read && config.write && config.size >= 256);
     let past_end = dev.region_read(region::CONFIG, config.size, &mut [0u8; 4]);
     assert_eq!(past_end.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    // The expansion ROM, as `RomPolicy::Device` would read it (VFs have none).
+    match dev.region_info(region::ROM).filter(|r| r.size > 0) {
+        Some(r) => {
+            let mut sig = [0u8; 2];
+            match dev.region_read(region::ROM, 0, &mut sig) {
+                Ok(()) => println!(
+                    "ROM: {:#x} bytes, signature {sig:02x?}{}",
+                    r.size,
+                    if sig == [0x55, 0xaa] {
+                        " (55 AA)"
+                    } else {
+                        " (not 55 AA)"
+                    }
+                ),
+                Err(e) => println!("ROM: {:#x} bytes, unreadable: {e}", r.size),
+            }
+        }
+        None => println!("ROM: none (RomPolicy::Device would be refused)"),
+    }
     for (name, index) in [("INTx", irq::INTX), ("MSI", irq::MSI), ("MSI-X", irq::MSIX)] {
         println!("{name}: {:?}", dev.irq_info(index));
     }

@@ -6,11 +6,12 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY};
 use vmm_pci::msix::{MSIX_CTRL_ENABLE, MSIX_CTRL_FUNCTION_MASK};
 use vmm_pci::testing::{RecordingIntx, RecordingMsi};
-use vmm_pci::{MsiMessage, PciFunction};
+use vmm_pci::{BarKind, MsiMessage, PciFunction};
 
 use super::*;
 use crate::PrimaryError;
 use crate::ops::irq;
+use crate::rom::{self, RomPolicy, RomWindow};
 use crate::testing::{Event, ModelSpec, Op, RecordedVf, regs};
 
 const MSIX: u16 = 0x70;
@@ -346,7 +347,13 @@ fn noise(state: &mut u64) -> u64 {
 
 #[test]
 fn hostile_config_and_bar_accesses_never_panic_and_are_counted() {
-    let Rig { vf, mut p, .. } = rig();
+    hostile(RomPolicy::Hidden);
+    // BAR index 6 and register 0x30 reach the emulated ROM BAR.
+    hostile(RomPolicy::Device);
+}
+
+fn hostile(policy: RomPolicy) {
+    let Rig { vf, mut p, .. } = rom_rig(policy);
     vf.set_recording(false);
     p.attach(&memory()).unwrap();
     assign(&mut p);
@@ -693,4 +700,237 @@ fn a_memory_map_change_remaps_only_what_changed() {
     assert_eq!((c.dma_maps, c.dma_unmaps, c.live_mappings), (3, 1, 2));
     p.detach().unwrap();
     assert!(vf.mappings().is_empty());
+}
+
+fn rom_rig(policy: RomPolicy) -> Rig {
+    let vf = Arc::new(RecordedVf::new(ModelSpec::intel_82599_vf()));
+    let msi = Arc::new(RecordingMsi::new());
+    let p = VfioPrimaryBuilder::new("hostdev0", vf.clone(), vf.clone(), msi.clone())
+        .page_size(PAGE)
+        .failover_pair_id("net0")
+        .rom(policy)
+        .build()
+        .unwrap();
+    Rig { vf, msi, p }
+}
+
+fn rom_error(spec: ModelSpec, policy: RomPolicy, fail_rom_read: bool) -> rom::Error {
+    let vf = Arc::new(RecordedVf::new(spec));
+    if fail_rom_read {
+        // The config space is read first; the ROM second.
+        vf.fail_after(Op::RegionRead, 1, 1);
+    }
+    let msi = Arc::new(RecordingMsi::new());
+    let err = VfioPrimaryBuilder::new("hostdev0", vf.clone(), vf, msi)
+        .rom(policy)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("hostdev0"), "{err}");
+    match err {
+        PrimaryError::Rom { source, .. } => source,
+        other => panic!("not a ROM error: {other}"),
+    }
+}
+
+const ROM_AT: u32 = 0xfeb0_0000;
+
+#[test]
+fn the_rom_is_hidden_by_default() {
+    let Rig { vf, mut p, .. } = rig();
+    let p = &mut p;
+    assert_eq!(p.rom_size(), None);
+    assert_eq!(r32(p, 0x30), 0);
+    assert_eq!(w32(p, 0x30, ROM_AT | 1), None);
+    assert_eq!(r32(p, 0x30), 0);
+    w16(p, COMMAND, COMMAND_MEMORY);
+    assert_eq!(p.rom_window(), None);
+    assert_eq!(p.rom_generation(), 0);
+    let before = p.counters().ignored_bar;
+    assert_eq!(bar_r32(p, rom::ROM_BAR, 0), u32::MAX);
+    assert_eq!(p.counters().ignored_bar, before + 1);
+    assert!(config_writes(&vf).iter().all(|w| w.0 != 0x30));
+    assert!(
+        vf.events().iter().all(|e| !matches!(
+            e,
+            Event::RegionRead {
+                index: region::ROM,
+                ..
+            }
+        )),
+        "a hidden ROM is never read"
+    );
+}
+
+#[test]
+fn the_device_rom_exposed_sizes_moves_enables_and_decodes() {
+    let Rig { vf, mut p, .. } = rom_rig(RomPolicy::Device);
+    let p = &mut p;
+    assert_eq!(p.rom_size(), Some(0x10000));
+    // Power-on: disabled at 0, not the host's address.
+    assert_ne!(vf.config()[0x30..0x34], [0; 4]);
+    assert_eq!(r32(p, 0x30), 0);
+    // Sizing: the size mask, enable as written; no BAR move.
+    assert_eq!(w32(p, 0x30, u32::MAX), None);
+    assert_eq!(r32(p, 0x30), 0xffff_0001);
+    w32(p, 0x30, 0xffff_fffe);
+    assert_eq!(r32(p, 0x30), 0xffff_0000);
+    // Assigned, enabled, but memory decode off: no window, reads all ones.
+    w32(p, 0x30, ROM_AT | 0x7fe | 1);
+    assert_eq!(r32(p, 0x30), ROM_AT | 1, "bits 10:1 read 0");
+    assert_eq!(p.rom_window(), None);
+    assert_eq!(bar_r32(p, rom::ROM_BAR, 0), u32::MAX);
+    // Memory decode on: the window decodes, the image reads through it.
+    let g = p.rom_generation();
+    w16(p, COMMAND, COMMAND_MEMORY);
+    assert_eq!(
+        p.rom_window(),
+        Some(RomWindow {
+            guest_address: ROM_AT as u64,
+            size: 0x10000
+        })
+    );
+    assert_eq!(p.rom_generation(), g + 1);
+    let mut sig = [0u8; 2];
+    p.read_bar(rom::ROM_BAR, 0, &mut sig);
+    assert_eq!(sig, [0x55, 0xaa]);
+    assert_eq!(bar_r32(p, rom::ROM_BAR, 0xfffc), 0);
+    assert_eq!(p.counters().rom_reads, 2);
+    // Reads past the window, or of odd sizes, are all ones and counted.
+    let ignored = p.counters().ignored_bar;
+    let mut q = [0u8; 8];
+    p.read_bar(rom::ROM_BAR, 0xfffc, &mut q);
+    assert_eq!(q, [0xff; 8]);
+    p.read_bar(rom::ROM_BAR, 0, &mut [0u8; 3]);
+    assert_eq!(p.counters().ignored_bar, ignored + 2);
+    // Writes to the window are dropped and counted; the image is unchanged.
+    bar_w32(p, rom::ROM_BAR, 0, 0);
+    assert_eq!(p.counters().rom_writes, 1);
+    p.read_bar(rom::ROM_BAR, 0, &mut sig);
+    assert_eq!(sig, [0x55, 0xaa]);
+    // Relocation: the window follows the register; no BAR move reported.
+    assert_eq!(w32(p, 0x30, 0xc010_0001), None);
+    assert_eq!(p.rom_window().unwrap().guest_address, 0xc010_0000);
+    assert_eq!(p.rom_generation(), g + 2);
+    // Disable: the window is gone, reads are all ones again.
+    w32(p, 0x30, 0xc010_0000);
+    assert_eq!(p.rom_window(), None);
+    assert_eq!(bar_r32(p, rom::ROM_BAR, 0), u32::MAX);
+    w32(p, 0x30, 0xc010_0001);
+    assert!(p.rom_window().is_some());
+    // Memory decode off again closes it.
+    w16(p, COMMAND, 0);
+    assert_eq!(p.rom_window(), None);
+    // The BARs are untouched by all this, and the device never saw 0x30.
+    assert_eq!((r32(p, 0x10), r32(p, 0x1c)), (0x4, 0x4));
+    assert!(config_writes(&vf).iter().all(|w| w.0 != 0x30));
+    // The ROM was read once, at build; the window never reaches the device.
+    let rom_reads = vf
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::RegionRead {
+                    index: region::ROM,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(rom_reads, 1);
+    // Detach returns the register to power-on.
+    w16(p, COMMAND, COMMAND_MEMORY);
+    assert!(p.rom_window().is_some());
+    p.detach().unwrap();
+    assert_eq!(r32(p, 0x30), 0);
+    assert_eq!(p.rom_window(), None);
+}
+
+#[test]
+fn a_supplied_image_is_padded_and_served() {
+    let mut image = vec![0x55, 0xaa, 0x06];
+    image.extend((0..2997u32).map(|i| i as u8));
+    let Rig { vf, mut p, .. } = rom_rig(RomPolicy::Image(image.clone().into()));
+    let p = &mut p;
+    assert_eq!(p.rom_size(), Some(4096), "3000 bytes padded to 4 KiB");
+    w32(p, 0x30, u32::MAX);
+    assert_eq!(r32(p, 0x30), 0xffff_f001);
+    w32(p, 0x30, 0xfe00_0001);
+    w16(p, COMMAND, COMMAND_MEMORY);
+    assert_eq!(
+        p.rom_window(),
+        Some(RomWindow {
+            guest_address: 0xfe00_0000,
+            size: 4096
+        })
+    );
+    let mut head = [0u8; 4];
+    p.read_bar(rom::ROM_BAR, 0, &mut head);
+    assert_eq!(head, [0x55, 0xaa, 0x06, 0x00]);
+    let mut at = [0u8; 8];
+    p.read_bar(rom::ROM_BAR, 2992, &mut at);
+    assert_eq!(at[..], image[2992..3000]);
+    p.read_bar(rom::ROM_BAR, 3000, &mut at);
+    assert_eq!(at, [0xff; 8], "padding");
+    assert_eq!(bar_r32(p, rom::ROM_BAR, 4092), u32::MAX);
+    // The device's own ROM is not read for a supplied image.
+    assert!(vf.events().iter().all(|e| !matches!(
+        e,
+        Event::RegionRead {
+            index: region::ROM,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn bad_roms_are_refused_with_reasons() {
+    let vf = ModelSpec::intel_82599_vf;
+    let e = rom_error(vf(), RomPolicy::Image(Vec::new().into()), false);
+    assert!(matches!(e, rom::Error::Empty), "{e}");
+    let big = vec![0u8; rom::ROM_MAX_SIZE as usize + 1];
+    let e = rom_error(vf(), RomPolicy::Image(big.into()), false);
+    assert!(
+        matches!(e, rom::Error::TooLarge { what: "image", .. }),
+        "{e}"
+    );
+    let mut no_rom = vf();
+    no_rom.rom.clear();
+    let e = rom_error(no_rom, RomPolicy::Device, false);
+    assert!(matches!(e, rom::Error::NoDeviceRom), "{e}");
+    assert!(e.to_string().contains("RomPolicy::Hidden"), "{e}");
+    let mut huge = vf();
+    huge.rom = vec![0; rom::ROM_MAX_SIZE as usize * 2];
+    let e = rom_error(huge, RomPolicy::Device, false);
+    assert!(
+        matches!(e, rom::Error::TooLarge { what: "region", .. }),
+        "{e}"
+    );
+    let e = rom_error(vf(), RomPolicy::Device, true);
+    assert!(matches!(e, rom::Error::Read { size: 0x10000, .. }), "{e}");
+}
+
+/// Boards differ in the VF BARs' prefetchable bit (the PF's EEPROM decides):
+/// the primary shows what the device reports, and handles both alike.
+#[test]
+fn prefetchable_vf_bars_as_some_boards_report_them() {
+    let spec = ModelSpec::intel_82599_vf().with_prefetchable(true);
+    assert_eq!(spec.config[0x10] & 0xf, 0xc, "64-bit prefetchable");
+    let Rig { mut p, .. } = rig_with(spec, true);
+    let p = &mut p;
+    assert_eq!((r32(p, 0x10), r32(p, 0x1c)), (0xc, 0xc));
+    w32(p, 0x10, u32::MAX);
+    assert_eq!(r32(p, 0x10), 0xffff_c00c);
+    assign(p);
+    let r = p.bar_regions();
+    let kinds = (r[0].unwrap().kind, r[3].unwrap().kind);
+    assert_eq!(
+        kinds,
+        (
+            BarKind::Memory64 { prefetchable: true },
+            BarKind::Memory64 { prefetchable: true }
+        )
+    );
+    let mapped: Vec<_> = p.mmap_ranges().iter().map(|m| m.guest_address).collect();
+    assert_eq!(mapped, [BAR0_AT, BAR3_AT + 0x1000, BAR3_AT + 0x3000]);
 }

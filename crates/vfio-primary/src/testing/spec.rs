@@ -98,28 +98,39 @@ impl ModelSpec {
     ///
     /// | what | value | source |
     /// |---|---|---|
-    /// | IDs, class | 8086:10ed, 0x020000 | `ixgbevf` (`IXGBE_DEV_ID_82599_VF`) |
-    /// | BAR 0 | 16 KiB, 64-bit memory: the registers | `ixgbevf_main.c` maps BAR 0 as `hw_addr`; register offsets from `vf.h`/`regs.h`/`mbx.h` |
-    /// | BAR 3 | 16 KiB, 64-bit memory: MSI-X table at 0, PBA at 0x2000 | layout of the 82599 family (lspci of the 82599 PF 8086:151c: `[70] MSI-X ... BAR=4 offset=0, PBA offset=0x2000`); BAR 3 for the VF: see below |
-    /// | MSI-X | 3 vectors, capability at 0x70 | `ixgbevf.h`: `MAX_MSIX_Q_VECTORS 2` + `NON_Q_VECTORS 1` |
-    /// | PCI Express capability | at 0xa0, version 0, Device/Link Capabilities and Device Capabilities 2 read 0 | 82599 Specification Update, erratum 35 ("SR-IOV: PCIe Capability Structure in VF Area Is Incorrectly Implemented"); QEMU `hw/vfio/pci.c` fixes the version up to 1 for these VFs |
-    /// | extended capabilities | AER at 0x100, ARI at 0x150 | see below |
-    /// | INTx, MSI | none | a VF has no INTx pin (Linux `vfio_pci_get_irq_count` returns 0 for INTx when `is_virtfn`); no MSI capability |
+    /// | IDs, class, revision | 8086:10ed, 0x020000, rev 01 | `ixgbevf` (`IXGBE_DEV_ID_82599_VF`); `lspci` of 82599 VFs: `82599 Ethernet Controller Virtual Function [8086:10ed] (rev 01)` (G. Marxer's RHOSP 10 guide, source 1) |
+    /// | subsystem | 8086:000c | an 82599 VF bound to vfio-pci, `lspci -vmm` "SDevice: Device 000c" (StarlingX sysinv test data, source 2). It comes from the PF's EEPROM, so boards differ |
+    /// | BARs | BAR 0 and BAR 3, 64-bit memory, 16 KiB each; BAR 0 the registers, BAR 3 MSI-X | the PF's SR-IOV capability lists the VF BARs as "Region 0" and "Region 3", 64-bit, VF Device ID 10ed (`lspci -vv` of an 82599ES PF, source 3; the VF BAR 0 aperture at ...804000 is 16 KiB- but not 32 KiB-aligned); 16 KiB as the sibling X550 VF's sysfs `resource` shows (source 5); `ixgbevf_main.c` maps BAR 0 as `hw_addr`, register offsets from `vf.h`/`regs.h`/`mbx.h` |
+    /// | prefetchable bit | clear (non-prefetchable) here; [`with_prefetchable`](Self::with_prefetchable) gives the other real setting | both exist: "64-bit, non-prefetchable" VF BARs on an X520-2 (82599ES) PF (source 4), "64-bit, prefetchable" on another 82599ES (source 3); it is the PF's EEPROM setting |
+    /// | MSI-X | 3 vectors, capability at 0x70, table at BAR 3 offset 0, PBA at BAR 3 offset 0x2000 | 3 vectors: `ixgbevf.h` (`MAX_MSIX_Q_VECTORS 2` + `NON_Q_VECTORS 1`); `[70] MSI-X: Enable+ Count=3` on the sibling X550 VF (source 5) |
+    /// | PCI Express capability | at 0xa0, version 0, Device/Link Capabilities and Device Capabilities 2 read 0 | 0xa0: the sibling X550 VF (source 5); version 0: 82599 Specification Update, erratum 35 ("SR-IOV: PCIe Capability Structure in VF Area Is Incorrectly Implemented"); QEMU `hw/vfio/pci.c` fixes the version up to 1 for these VFs |
+    /// | extended capabilities | AER at 0x100, ARI at 0x150, the last | ARI: `Capabilities: [150] Alternative Routing-ID Interpretation (ARI)` at the bottom of every 82599 VF's `lspci -v` (source 1); AER at 0x100: the sibling X550 VF (source 5, which adds TPH at 0x1a0 and ACS at 0x1b0) |
+    /// | INTx, MSI | none | a VF has no INTx pin (Linux `vfio_pci_get_irq_count` returns 0 for INTx when `is_virtfn`); no MSI capability (none on the sibling X550 VF, source 5) |
     /// | BAR 0 after reset | VFLINKS = link up, 10 Gb/s | `IXGBE_LINKS_UP`, `IXGBE_LINKS_SPEED_10G_82599` (`defines.h`) |
     ///
-    /// Not confirmed from a public source read for this model, and so to be
-    /// checked against a real `lspci -xxxx` of an 82599 VF: the BARs' prefetchable
-    /// bit (the 82599 PF's BARs are 64-bit non-prefetchable; NetBSD's `ixv` reports
-    /// "clearing prefetchable bit" for the sibling X540 VF under QEMU), that the
-    /// VF's MSI-X table and PBA sit in BAR 3 (the figure the issue gives; the
-    /// 82599 PF puts them in BAR 4, other Intel NICs of the family in BAR 3), the
-    /// capability offsets 0x70/0xa0 (the PF's) for the VF, the AER and ARI
-    /// offsets, and the subsystem IDs (8086:000c here; they come from the PF's
-    /// EEPROM).
+    /// Sources (public `lspci` output; facts only):
+    ///
+    /// 1. <https://github.com/grmarxer/Openstack/blob/01a8a1fa3950e288911ebbb1817a007f3cdfb947/VCP_Build_Intructions/VCP%201.x%20Configuration%20and%20Deployment%20Guide%20for%20RHOSP%2010.md>
+    /// 2. <https://github.com/starlingx/config/blob/db0f52699ea20f8cb08d23e97b95c0451e2bd32f/sysinv/sysinv/sysinv/sysinv/tests/agent/test_pci.py>
+    /// 3. Yicong Yang, "\[ISSUE\] Cannot enable VF after remove/rescan", netdev, 2022-08-19:
+    ///    <https://lore.kernel.org/netdev/9f37e68c-e960-5188-f52a-4761866c37ad@huawei.com/>
+    /// 4. James Denton, "DPDK and RMRR Compatibility Issues on the HP Proliant DL360e G8", 2018-08-06
+    ///    (post `2018-08-06-proliant-intel-dpdk` of <https://www.jimmdenton.com/>)
+    /// 5. Intel X550 VF (8086:1565, same `ixgbevf` family):
+    ///    <https://github.com/jianyuewu/dpdk_playground/blob/291726eaa506db08a1689ee4c900ed37ee4ca215/network/X550_T2/README_X550.md>
+    ///
+    /// Still unconfirmed for the 82599 VF itself (no public `lspci -vvv` or
+    /// `-xxx` of one was found): that its MSI-X table and PBA sit in BAR 3 at
+    /// 0 and 0x2000 (the X550 VF's BAR 3 is the same 16 KiB and its capability
+    /// the same 0x70; the 82599 PF puts them in BAR 4 at 0 and 0x2000), the
+    /// capability offsets 0x70 and 0xa0 and AER at 0x100 (seen on the X550 VF
+    /// only), and the AER registers' reset values (the specification's
+    /// defaults here).
     ///
     /// Added for tests, not in the real VF: an expansion ROM (64 KiB, `55 aa`
-    /// signature, register at 0x30 showing a host address), so that hiding it is
-    /// tested. ARI is real and is a capability QEMU's vfio-pci hides.
+    /// signature, register at 0x30 showing a host address), so that hiding
+    /// and exposing it are tested. ARI is real and is a capability QEMU's
+    /// vfio-pci hides.
     pub fn intel_82599_vf() -> ModelSpec {
         let mut c = vec![0u8; 4096];
         put(&mut c, 0x00, &0x8086u16.to_le_bytes());
