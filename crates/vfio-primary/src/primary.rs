@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::GuestMemoryBackend;
 use vmm_pci::config::{CAP_ID_MSI, CAP_ID_MSIX, COMMAND, PCIE_CONFIG_SIZE, access_ok};
-use vmm_pci::{BarMove, BarRegions, ConfigSpace, IntxSink, MsiSink, PciFunction};
+use vmm_pci::{
+    BarKind, BarMove, BarRegion, BarRegions, ConfigSpace, IntxSink, MsiSink, PciFunction,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bars::{self, BarLayout, MmapRange, Target};
@@ -633,8 +635,8 @@ impl VfioPrimary {
     /// or the guest has not enabled it with Memory Space on and an address).
     /// The VMM traps this range (it is never mmapped) and routes each access
     /// to [`PciFunction::read_bar`] / [`PciFunction::write_bar`] with BAR
-    /// [`ROM_BAR`] and the offset into the window; `vmm_pci::PciRoot`'s
-    /// dispatch covers BARs 0 to 5 only, so check this range before it.
+    /// [`ROM_BAR`] and the offset into the window; `vmm_pci::PciRoot` does
+    /// so itself ([`PciFunction::rom_region`]).
     /// Recomputed on every config write and on detach; compare
     /// [`rom_generation`](Self::rom_generation) to know when to re-route.
     pub fn rom_window(&self) -> Option<RomWindow> {
@@ -879,6 +881,17 @@ impl PciFunction for VfioPrimary {
 
     fn bar_regions(&self) -> BarRegions {
         self.shadow.bar_regions()
+    }
+
+    fn rom_region(&self) -> Option<BarRegion> {
+        self.rom_window.map(|w| BarRegion {
+            index: ROM_BAR,
+            kind: BarKind::Memory32 {
+                prefetchable: false,
+            },
+            address: w.guest_address,
+            size: w.size,
+        })
     }
 
     fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]) {

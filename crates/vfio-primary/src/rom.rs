@@ -17,18 +17,21 @@
 //! - reads inside a decoding window return the image; reads while it does not
 //!   decode return all ones; writes are dropped and counted.
 //!
-//! The ROM is never mmapped for the guest: the VMM traps its window and routes
-//! accesses to [`PciFunction::read_bar`](vmm_pci::PciFunction::read_bar) with
-//! BAR index [`ROM_BAR`] (VFIO's ROM region index, Linux's `PCI_ROM_RESOURCE`).
+//! The ROM is never mmapped for the guest: its window is trapped, and
+//! accesses go to [`PciFunction::read_bar`](vmm_pci::PciFunction::read_bar)
+//! with BAR index [`ROM_BAR`] (VFIO's ROM region index, Linux's
+//! `PCI_ROM_RESOURCE`, `vmm_pci::ROM_INDEX`). `vmm_pci::PciRoot` routes them
+//! itself: the window is the function's
+//! [`rom_region`](vmm_pci::PciFunction::rom_region).
 //!
-//! How the VMM learns where the window is: as for the mmappable parts of the
-//! BARs, by polling a generation counter after config writes
-//! ([`VfioPrimary::rom_window`](crate::VfioPrimary::rom_window) and
+//! A VMM that traps MMIO outside the bus learns where the window is as for the
+//! mmappable parts of the BARs, by polling a generation counter after config
+//! writes ([`VfioPrimary::rom_window`](crate::VfioPrimary::rom_window) and
 //! `rom_generation`, like `mmap_ranges` and `mmap_generation`). A ROM move is
 //! not returned as a [`vmm_pci::BarMove`] from `write_config`: `BarMove` and
 //! [`vmm_pci::BarRegions`] number BAR registers 0 to 5, so a `BarListener`
 //! that indexes the function's regions by the move's index would go out of
-//! range, and `vmm_pci::PciRoot` dispatches MMIO to BARs 0 to 5 only.
+//! range.
 
 use std::io;
 use std::sync::Arc;
@@ -39,7 +42,7 @@ use crate::ops::{VfioDeviceOps, region};
 
 /// The BAR index the ROM window answers to in
 /// [`PciFunction::read_bar`](vmm_pci::PciFunction::read_bar) and `write_bar`.
-pub const ROM_BAR: u8 = 6;
+pub const ROM_BAR: u8 = vmm_pci::ROM_INDEX;
 /// The smallest ROM BAR: its address field starts at bit 11.
 pub const ROM_MIN_SIZE: u64 = 2 * 1024;
 /// The largest image accepted.

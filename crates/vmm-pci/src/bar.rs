@@ -3,6 +3,11 @@
 /// A type 0 header has six BAR registers.
 pub const MAX_BARS: usize = 6;
 
+/// The index BAR accesses use for the expansion ROM's window (register 0x30):
+/// after BARs 0 to 5, as VFIO numbers its ROM region and Linux its
+/// `PCI_ROM_RESOURCE`. See [`PciFunction::rom_region`](crate::PciFunction::rom_region).
+pub const ROM_INDEX: u8 = 6;
+
 /// What a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

@@ -285,9 +285,11 @@ impl PciRoot {
             for h in &level {
                 let mut g = lock(h);
                 let regions = g.bar_regions();
+                let rom = if memory { g.rom_region() } else { None };
                 if let Some(r) = regions
                     .iter()
                     .flatten()
+                    .chain(rom.iter())
                     .find(|r| r.kind.is_memory() == memory && r.contains(address))
                 {
                     access(&mut *g, r.index, address - r.address);
@@ -311,12 +313,14 @@ impl PciRoot {
         hit
     }
 
-    /// A guest memory read at `address`; `false` (and all ones) when no BAR claims it.
+    /// A guest memory read at `address`; `false` (and all ones) when no BAR (or
+    /// expansion ROM window, [`PciFunction::rom_region`]) claims it.
     pub fn mmio_read(&self, address: u64, data: &mut [u8]) -> bool {
         self.read(address, true, data)
     }
 
-    /// A guest memory write at `address`; `false` when no BAR claims it.
+    /// A guest memory write at `address`; `false` when no BAR (or expansion ROM
+    /// window) claims it.
     pub fn mmio_write(&self, address: u64, data: &[u8]) -> bool {
         self.dispatch(address, true, |f, bar, off| f.write_bar(bar, off, data))
     }
@@ -340,7 +344,7 @@ pub fn handle<F: PciFunction + 'static>(function: F) -> PciHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bar::{BarKind, BarRegions};
+    use crate::bar::{BarKind, BarRegion, BarRegions};
     use crate::config::{
         BAR0, COMMAND, COMMAND_MEMORY, ClassCode, ConfigSpace, HeaderType, MEMORY_BASE,
         PRIMARY_BUS, PciIds,
@@ -437,6 +441,76 @@ mod tests {
     }
     fn w32(root: &PciRoot, bdf: Bdf, off: u16, v: u32) {
         root.config_write(bdf, off, &v.to_le_bytes())
+    }
+
+    /// A function with no BARs whose expansion ROM decodes at 0xfd00_0000
+    /// (2 KiB) while `shown`; it records the (index, offset) of each access.
+    struct RomOnly {
+        cs: ConfigSpace,
+        shown: bool,
+        seen: Vec<(u8, u64)>,
+    }
+    impl PciFunction for RomOnly {
+        fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+            self.cs.read(offset, data)
+        }
+        fn write_config(&mut self, offset: u16, data: &[u8]) -> Option<BarMove> {
+            self.cs.write(offset, data)
+        }
+        fn bar_regions(&self) -> BarRegions {
+            self.cs.bar_regions()
+        }
+        fn rom_region(&self) -> Option<BarRegion> {
+            self.shown.then_some(BarRegion {
+                index: crate::ROM_INDEX,
+                kind: BarKind::Memory32 {
+                    prefetchable: false,
+                },
+                address: 0xfd00_0000,
+                size: 0x800,
+            })
+        }
+        fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+            self.seen.push((bar, offset));
+            data.fill(0x55);
+        }
+        fn write_bar(&mut self, bar: u8, offset: u64, _: &[u8]) {
+            self.seen.push((bar, offset));
+        }
+    }
+
+    #[test]
+    fn memory_cycles_reach_an_expansion_rom_window_while_it_decodes() {
+        let ids = PciIds {
+            vendor_id: 0x1234,
+            device_id: 9,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+            revision: 0,
+            class: ClassCode::ETHERNET,
+        };
+        let f = Arc::new(Mutex::new(RomOnly {
+            cs: ConfigSpace::new(HeaderType::Endpoint, &ids, true),
+            shown: true,
+            seen: Vec::new(),
+        }));
+        let mut root = PciRoot::new();
+        root.add(3, 0, f.clone()).unwrap();
+        let mut b = [0u8; 2];
+        assert!(root.mmio_read(0xfd00_0010, &mut b));
+        assert_eq!(b, [0x55; 2]);
+        assert!(root.mmio_write(0xfd00_07ff, &[1]));
+        // Past the window, and I/O cycles at the same number: not the ROM's.
+        assert!(!root.mmio_read(0xfd00_0800, &mut b));
+        assert!(!root.io_read(0xfd00_0010, &mut b));
+        assert_eq!(
+            f.lock().unwrap().seen,
+            [(crate::ROM_INDEX, 0x10), (crate::ROM_INDEX, 0x7ff)]
+        );
+        f.lock().unwrap().shown = false;
+        assert!(!root.mmio_read(0xfd00_0010, &mut b));
+        assert_eq!(b, [0xff; 2]);
+        assert_eq!(f.lock().unwrap().seen.len(), 2);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::bar::{BarMove, BarRegions};
+use crate::bar::{BarMove, BarRegion, BarRegions};
 
 /// A shared, lockable PCI function: how the bus, ports and the VMM hold devices.
 pub type PciHandle = Arc<Mutex<dyn PciFunction>>;
@@ -41,6 +41,15 @@ pub trait PciFunction: Send {
 
     /// The BARs that decode right now.
     fn bar_regions(&self) -> BarRegions;
+
+    /// The expansion ROM's window while it decodes (the ROM enabled in
+    /// register 0x30, Memory Space on, an address assigned), with index
+    /// [`ROM_INDEX`](crate::ROM_INDEX): the bus sends memory cycles in it to
+    /// [`PciFunction::read_bar`] and [`PciFunction::write_bar`] with that
+    /// index. Default: no ROM shown.
+    fn rom_region(&self) -> Option<BarRegion> {
+        None
+    }
 
     /// A guest read at `offset` into BAR `bar`.
     fn read_bar(&mut self, bar: u8, offset: u64, data: &mut [u8]);

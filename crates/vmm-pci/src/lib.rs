@@ -39,7 +39,7 @@ pub mod pcie;
 pub mod testing;
 
 pub use address::{Bdf, ecam_offset};
-pub use bar::{BarKind, BarMove, BarRegion, BarRegions, MAX_BARS};
+pub use bar::{BarKind, BarMove, BarRegion, BarRegions, MAX_BARS, ROM_INDEX};
 pub use bus::{BarListener, Error as BusError, PciRoot, handle};
 pub use config::{BarState, ClassCode, ConfigSpace, ConfigSpaceState, HeaderType, PciIds};
 pub use function::{BusRange, PciFunction, PciHandle};

@@ -884,6 +884,31 @@ fn a_supplied_image_is_padded_and_served() {
 }
 
 #[test]
+fn the_pci_bus_routes_the_rom_window_while_it_decodes() {
+    let Rig { p, .. } = rom_rig(RomPolicy::Device);
+    let mut root = vmm_pci::PciRoot::new();
+    root.add(1, 0, vmm_pci::handle(p)).unwrap();
+    let bdf = vmm_pci::Bdf::new(0, 1, 0);
+    let mut sig = [0u8; 2];
+    root.config_write(bdf, 0x30, &(ROM_AT | 1).to_le_bytes());
+    assert!(
+        !root.mmio_read(ROM_AT as u64, &mut sig),
+        "memory decode off"
+    );
+    root.config_write(bdf, COMMAND, &COMMAND_MEMORY.to_le_bytes());
+    assert!(root.mmio_read(ROM_AT as u64, &mut sig));
+    assert_eq!(sig, [0x55, 0xaa]);
+    assert!(root.mmio_write(ROM_AT as u64 + 0xfffe, &[0; 2]));
+    assert!(
+        !root.mmio_read(ROM_AT as u64 + 0x1_0000, &mut sig),
+        "past the window"
+    );
+    root.config_write(bdf, 0x30, &ROM_AT.to_le_bytes());
+    assert!(!root.mmio_read(ROM_AT as u64, &mut sig), "ROM disabled");
+    assert_eq!(sig, [0xff; 2]);
+}
+
+#[test]
 fn bad_roms_are_refused_with_reasons() {
     let vf = ModelSpec::intel_82599_vf;
     let e = rom_error(vf(), RomPolicy::Image(Vec::new().into()), false);
