@@ -835,7 +835,7 @@ criterion_group! {
 fn profile(spec: &str) {
     let parts: Vec<&str> = spec.split(':').collect();
     let [dir, size, batches] = parts[..] else {
-        panic!("PACKET_PATH_PROFILE is <rx|tx|memcpy>:<size>:<batches>, not {spec:?}");
+        panic!("PACKET_PATH_PROFILE is <row>:<size>:<batches>, not {spec:?}");
     };
     let size: usize = size.parse().expect("frame size");
     let batches: usize = batches.parse().expect("batches");
