@@ -758,7 +758,7 @@ fn bench_tap(c: &mut Criterion) {
         // the tap may deliver (the guest took TSO, so up to 64 KiB), as a device
         // must when it cannot know the next frame's length: the kernel then
         // copies through a two-segment iovec instead of a single user buffer
-        // (see docs/PERFORMANCE.md, "On a tap").
+        // (docs/PERFORMANCE.md, "On a tap: the 1514-byte gap").
         let rx_iovs: Vec<libc::iovec> = {
             let r = rig.borrow();
             r.rx_addrs
