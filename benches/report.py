@@ -26,6 +26,7 @@ PAIRS = [
     ("pair_rx", "memcpy", "pair_rx/virtio_queue", "RX, in-process pair"),
     ("tap_tx", "tap_writev", None, "TX, tap"),
     ("tap_rx", "tap_readv", None, "RX, tap"),
+    ("tap_rx", "tap_readv_room", None, "RX, tap, vs readv with room for 64 KiB"),
 ]
 SIZES = ["64", "1514", "65536"]
 

@@ -16,7 +16,9 @@
 //! - `tap_tx/<size>`: the device on a real tap; floor `tap_writev/<size>`: one raw
 //!   `writev` per frame of the same guest buffers into the same tap.
 //! - `tap_rx/<size>`: the device reading frames a packet socket injected; floor
-//!   `tap_readv/<size>`: raw `readv` of the same frames from the same tap.
+//!   `tap_readv/<size>`: one raw `readv` per frame of the same frames from the
+//!   same tap, into the same guest buffers; `tap_readv_room/<size>`: the same
+//!   with a second iovec for the rest of the largest frame the tap may deliver.
 //!
 //! `python3 benches/report.py` prints ns/packet, Mpps or GB/s, and the ratios.
 
@@ -41,6 +43,8 @@ use vm_memory::{
 const BATCH: usize = 256;
 const QSIZE: u16 = 256;
 const SIZES: [usize; 3] = [64, 1514, 65536];
+/// The length of every guest RX buffer on the tap rows.
+const RX_LEN: u32 = 1536;
 const DST: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 /// A frame of `len` bytes (without the virtio-net header), header included.
@@ -659,8 +663,33 @@ fn interleaved(
             (dev(), f)
         };
         t += if device { d } else { f };
+        PAIRED.with_borrow_mut(|r| r.push(d.as_secs_f64() / f.as_secs_f64().max(1e-12)));
     }
     t
+}
+
+thread_local! {
+    /// The device / floor ratio of every iteration [`interleaved`] ran since
+    /// [`print_paired`] last took them.
+    static PAIRED: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Prints the median, over the iterations of the benchmark just run, of the ratio
+/// of its two batches (`paired: <row> <floor> <ratio>`), and forgets them. Two
+/// criterion medians are measured seconds apart, and on a shared machine the
+/// system calls' cost drifts by more than the difference between device and
+/// floor in that time; the two batches of one iteration run back to back.
+fn print_paired(row: &str, floor: &str) {
+    let mut r = PAIRED.take();
+    if r.is_empty() {
+        return;
+    }
+    r.sort_by(f64::total_cmp);
+    println!(
+        "paired: {row} {floor} {:.4} ({} iterations)",
+        r[r.len() / 2],
+        r.len()
+    );
 }
 
 fn bench_tap(c: &mut Criterion) {
@@ -669,7 +698,7 @@ fn bench_tap(c: &mut Criterion) {
         let Some(tap) = open_tap() else { return };
         let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
         let frame = make_frame(size);
-        let rig = std::cell::RefCell::new(Rig::new(tap, &frame, 1536));
+        let rig = std::cell::RefCell::new(Rig::new(tap, &frame, RX_LEN));
         let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
         let fd = qp.lock().backend().as_raw_fd();
 
@@ -701,12 +730,14 @@ fn bench_tap(c: &mut Criterion) {
             start.elapsed()
         };
         for (group, device) in [("tap_writev", false), ("tap_tx", true)] {
+            PAIRED.take();
             let mut g = c.benchmark_group(group);
             g.throughput(Throughput::Elements(BATCH as u64));
             g.bench_function(BenchmarkId::from_parameter(size), |b| {
                 b.iter_custom(|iters| interleaved(iters, device, dev_tx, raw_tx))
             });
             g.finish();
+            print_paired(&format!("{group}/{size}"), "tap_tx/tap_writev");
         }
         assert_eq!(rig.borrow().dev.counters().tx_dropped_backend, 0);
 
@@ -719,20 +750,37 @@ fn bench_tap(c: &mut Criterion) {
                 injector.send(&frame[12..]).unwrap();
             }
         };
-        let buf = std::cell::RefCell::new(vec![0u8; 65_562]);
+        // Both floors read each frame into the guest buffer the device fills with
+        // it (the same 256 buffers, in ring order), as the TX floor writes the
+        // guest's TX buffers. `tap_readv` gives `readv` that buffer alone: the
+        // raw system call, which could not take a frame longer than the buffer.
+        // `tap_readv_room` adds a host buffer for the rest of the largest frame
+        // the tap may deliver (the guest took TSO, so up to 64 KiB), as a device
+        // must when it cannot know the next frame's length: the kernel then
+        // copies through a two-segment iovec instead of a single user buffer
+        // (docs/PERFORMANCE.md, "On a tap: the 1514-byte gap").
+        let rx_iovs: Vec<libc::iovec> = {
+            let r = rig.borrow();
+            r.rx_addrs
+                .iter()
+                .map(|a| libc::iovec {
+                    iov_base: r.host_ptr(*a).cast(),
+                    iov_len: RX_LEN as usize,
+                })
+                .collect()
+        };
         let raw_rx = || {
             inject();
-            let mut buf = buf.borrow_mut();
             let start = Instant::now();
-            for _ in 0..BATCH {
-                let v = libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
-                };
-                // SAFETY: reading into a live buffer of its stated size.
-                let n = unsafe { libc::readv(fd, &v, 1) };
-                assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
-            }
+            profiled_readv_guest(fd, &rx_iovs);
+            start.elapsed()
+        };
+        let rest = RefCell::new(vec![0u8; MAX_BUFFER_LEN - RX_LEN as usize]);
+        let raw_rx_room = || {
+            inject();
+            let mut rest = rest.borrow_mut();
+            let start = Instant::now();
+            profiled_readv_room(fd, &rx_iovs, &mut rest);
             start.elapsed()
         };
         let dev_rx = || {
@@ -747,13 +795,23 @@ fn bench_tap(c: &mut Criterion) {
             start.elapsed()
         };
         for (group, device) in [("tap_readv", false), ("tap_rx", true)] {
+            PAIRED.take();
             let mut g = c.benchmark_group(group);
             g.throughput(Throughput::Elements(BATCH as u64));
             g.bench_function(BenchmarkId::from_parameter(size), |b| {
                 b.iter_custom(|iters| interleaved(iters, device, dev_rx, raw_rx))
             });
             g.finish();
+            print_paired(&format!("{group}/{size}"), "tap_rx/tap_readv");
         }
+        PAIRED.take();
+        let mut g = c.benchmark_group("tap_readv_room");
+        g.throughput(Throughput::Elements(BATCH as u64));
+        g.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter_custom(|iters| interleaved(iters, false, dev_rx, raw_rx_room))
+        });
+        g.finish();
+        print_paired(&format!("tap_readv_room/{size}"), "tap_rx/tap_readv_room");
     }
 }
 
@@ -764,16 +822,20 @@ criterion_group! {
 }
 /// Runs `batches` timed-region batches of one row outside criterion, for
 /// instruction-level profiles:
-/// `PACKET_PATH_PROFILE=<rx|tx|memcpy|taprx|tapreadv>:<size>:<batches>` (the tap
-/// rows need root; run them in a network namespace, `unshare -n`).
+/// `PACKET_PATH_PROFILE=<row>:<size>:<batches>`, the row one of `rx`, `tx`,
+/// `memcpy`, `taprx`, `tapreadv` (into the guest's buffers), `tapreadvroom` (the
+/// same plus room for the largest frame), `tapreadvone` (into one host buffer)
+/// or `taprxpair` (a device batch and a `tapreadv` batch in turn); the tap rows
+/// need root: run them in a network namespace, `unshare -n`.
 /// Every batch goes through one `#[inline(never)]` function (`profiled_rx`,
-/// `profiled_tx`, `profiled_memcpy`, `profiled_rx_tap`, `profiled_readv`) so that a profiler can count exactly the
+/// `profiled_tx`, `profiled_memcpy`, `profiled_rx_tap`, `profiled_readv_guest`,
+/// `profiled_readv_room`, `profiled_readv`) so that a profiler can count exactly the
 /// timed region, e.g.
 /// `valgrind --tool=callgrind --toggle-collect='packet_path::profiled_*' <bench> `.
 fn profile(spec: &str) {
     let parts: Vec<&str> = spec.split(':').collect();
     let [dir, size, batches] = parts[..] else {
-        panic!("PACKET_PATH_PROFILE is <rx|tx|memcpy>:<size>:<batches>, not {spec:?}");
+        panic!("PACKET_PATH_PROFILE is <row>:<size>:<batches>, not {spec:?}");
     };
     let size: usize = size.parse().expect("frame size");
     let batches: usize = batches.parse().expect("batches");
@@ -814,13 +876,21 @@ fn profile(spec: &str) {
                 assert_eq!(profiled_rx(&mut q), BATCH);
             }
         }
-        "taprx" | "tapreadv" => {
+        "taprx" | "taprxpair" | "tapreadv" | "tapreadvroom" | "tapreadvone" => {
             let tap = open_tap().expect("a tap (root, in a network namespace)");
             let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
-            let mut rig = Rig::new(tap, &frame, 1536);
+            let mut rig = Rig::new(tap, &frame, RX_LEN);
             let qp = rig.dev.queue_pair(0).unwrap().clone();
             let fd = qp.lock().backend().as_raw_fd();
             let mut buf = vec![0u8; 65_562];
+            let rx_iovs: Vec<libc::iovec> = rig
+                .rx_addrs
+                .iter()
+                .map(|a| libc::iovec {
+                    iov_base: rig.host_ptr(*a).cast(),
+                    iov_len: RX_LEN as usize,
+                })
+                .collect();
             for _ in 0..batches {
                 for _ in 0..BATCH {
                     injector.send(&frame[12..]).unwrap();
@@ -832,12 +902,32 @@ fn profile(spec: &str) {
                     while done < BATCH {
                         done += profiled_rx_tap(&mut q);
                     }
+                } else if dir == "taprxpair" {
+                    // Device and floor batches in turn, for one profile of both.
+                    rig.refill_rx();
+                    let mut q = qp.lock();
+                    let mut done = 0;
+                    while done < BATCH {
+                        done += profiled_rx_tap(&mut q);
+                    }
+                    drop(q);
+                    for _ in 0..BATCH {
+                        injector.send(&frame[12..]).unwrap();
+                    }
+                    profiled_readv_guest(fd, &rx_iovs);
+                } else if dir == "tapreadv" {
+                    profiled_readv_guest(fd, &rx_iovs);
+                } else if dir == "tapreadvroom" {
+                    profiled_readv_room(fd, &rx_iovs, &mut buf[..MAX_BUFFER_LEN - RX_LEN as usize]);
                 } else {
                     profiled_readv(fd, &mut buf);
                 }
             }
         }
-        _ => panic!("PACKET_PATH_PROFILE row is rx, tx, memcpy, taprx or tapreadv, not {dir:?}"),
+        _ => panic!(
+            "PACKET_PATH_PROFILE row is rx, tx, memcpy, taprx, taprxpair, tapreadv, tapreadvroom \
+             or tapreadvone, not {dir:?}"
+        ),
     }
 }
 
@@ -862,6 +952,36 @@ fn profiled_readv(fd: i32, buf: &mut [u8]) {
         };
         // SAFETY: reading into a live buffer of its stated size.
         let n = unsafe { libc::readv(fd, &v, 1) };
+        assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// One raw `readv` per frame, each into the next of the guest's RX buffers and
+/// then `rest`, so that the largest frame fits.
+#[inline(never)]
+fn profiled_readv_room(fd: i32, iovs: &[libc::iovec], rest: &mut [u8]) {
+    for v in iovs {
+        let two = [
+            *v,
+            libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            },
+        ];
+        // SAFETY: the first iovec covers a live guest buffer of its stated
+        // length, the second `rest`; nothing else touches either meanwhile.
+        let n = unsafe { libc::readv(fd, two.as_ptr(), 2) };
+        assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// One raw `readv` per frame, each into the next of the guest's RX buffers.
+#[inline(never)]
+fn profiled_readv_guest(fd: i32, iovs: &[libc::iovec]) {
+    for v in iovs {
+        // SAFETY: each iovec covers a live guest buffer of its stated length, which
+        // nothing else touches meanwhile.
+        let n = unsafe { libc::readv(fd, v, 1) };
         assert!(n > 0, "readv: {}", std::io::Error::last_os_error());
     }
 }

@@ -628,7 +628,13 @@ impl RxQueue {
         if avail == 0 {
             return Ok(None);
         }
-        if avail > PREFETCH_AHEAD {
+        // Only for a backend that tells the frame's length (the pair, the
+        // generator), whose receive stores the frame from this thread, where the
+        // prefetch was measured to pay. For a frame of unknown length (a tap) the
+        // kernel copies inside `readv`: there the look-up of the buffer ahead was
+        // a quarter of the device's own samples per frame, and the read was no
+        // faster for it (docs/PERFORMANCE.md, "On a tap: the 1514-byte gap").
+        if spill.is_none() && avail > PREFETCH_AHEAD {
             self.prefetch_buffer(ram, PREFETCH_AHEAD);
         }
         let head = self.ring.pop_head()?;
