@@ -24,13 +24,13 @@
 # the time QEMU's vCPU thread ("CPU 0/TCG") ran on a host CPU and the time it
 # waited for one (runnable), the time QEMU's other threads and the daemon ran.
 # vCPU run + wait near 100% means the emulated guest's CPU is the bottleneck
-# (on a shared host, "wait" is the share other processes took from it). Optional (UDP=1, default):
-# 60-byte UDP frames flooded from the host for 3 s, counted by the guest's
-# rx_packets.
+# (on a shared host, "wait" is the share other processes took from it).
+# Optional (UDP=1, the default): 60-byte UDP frames flooded from the host for
+# 3 s, counted by the guest's rx_packets.
 #
 # Each round runs holding the build mutex (LOCK, default /tmp/cargo.lock) so
 # that builds on a shared machine do not run during a transfer; one hold is
-# one round (about 1.5 minutes at the default 4 GiB per transfer here; under
+# one round (about 2 minutes at the default 4 GiB per transfer here; under
 # TCG a 64 MiB transfer takes a third of a second, so the size is set for
 # transfers of 10-30 s).
 #
