@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::VhostUserBackend;
 use virtio_net_standby::NetBackend;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -442,6 +443,7 @@ impl<B: NetBackend + 'static> Server<B> {
     fn hooks(&self) -> relay::Hooks {
         let net = Arc::clone(&self.net);
         relay::Hooks {
+            queues: u32::try_from(self.net.num_queues()).unwrap_or(u32::MAX),
             channel: Arc::clone(self.net.channel()),
             log: Arc::clone(self.net.migration_log()),
             rarp: Arc::new(move |mac| net.send_rarp(mac)),
