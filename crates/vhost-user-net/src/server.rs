@@ -471,8 +471,9 @@ impl<B: NetBackend + 'static> Server<B> {
             .net
             .daemon()
             .map_err(|e| Error::Daemon(e.to_string()))?;
-        for h in daemon.get_epoll_handlers() {
-            for (fd, ev, token) in self.net.backend_listeners() {
+        // Worker `t` serves queue pair `t`: its backend and its self-wake.
+        for (t, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            for (fd, ev, token) in self.net.backend_listeners(t) {
                 h.register_listener(fd, ev, token)
                     .map_err(Error::Connection)?;
             }
