@@ -5,10 +5,14 @@
 #
 # This machine has 2 cores: the client polls all its queues from one
 # forwarding lcore on CPU 0, the backend runs on CPU 1 (ours: one worker
-# thread serves every queue, as the daemon does; DPDK: one forwarding lcore
-# for all queues). So the figure says what a second queue pair costs or gains
-# with one core on each side, not how a second core scales (see the in-process
-# `cargo bench -p benches --bench multiqueue` for one worker per pair).
+# thread per queue pair, both pinned to CPU 1 with the rest of the daemon;
+# DPDK: one forwarding lcore for all queues). So the figure says what a second
+# queue pair costs or gains with one core on each side, not how a second core
+# scales (see the in-process `cargo bench -p benches --bench multiqueue`).
+# DPDK's virtio-user keeps the control queue and acknowledges MQ without
+# CTRL_VQ, which our device prunes: through our daemon the client's second
+# queue pair stays idle (it runs pair 0 only), so "2" is two pairs configured,
+# one carrying traffic.
 #
 # A measurement is the client's Rx-pps (all queues), the median of the last
 # three 2-second samples of a 12-second run; rounds alternate the order.
@@ -20,7 +24,9 @@ ROUNDS=${ROUNDS:-5}
 LEN=${LEN:-64}
 OURS=${OURS:-${CARGO_TARGET_DIR:-target}/release/vhost-user-net}
 DIR=$(mktemp -d /tmp/vu-mq.XXXXXX)
-trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
+# The backends' pids (written from the command substitutions that start them),
+# killed by id if the script is interrupted.
+trap 'for p in $(cat "$DIR/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done; rm -rf "$DIR"' EXIT
 EAL=(--no-huge -m 1024 --no-pci)
 
 client() { # QUEUES SOCKET
@@ -37,6 +43,7 @@ ours() { # QUEUES
     taskset -c 1 "$OURS" --socket "$sock" --poll-us 100 --generate "$LEN" \
         --queue-pairs "$1" > "$DIR/ours.log" 2>&1 &
     local pid=$!
+    echo "$pid" >> "$DIR/pids"
     for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
     client "$1" "$sock"
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
@@ -50,6 +57,7 @@ dpdk() { # QUEUES
         --forward-mode=txonly --txpkts="$LEN" --rxq="$1" --txq="$1" --nb-cores=1 \
         --stats-period 60 > "$DIR/dpdk.out" 2>&1 &
     local pid=$!
+    echo "$pid" >> "$DIR/pids"
     for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
     sleep 1
     client "$1" "$sock"

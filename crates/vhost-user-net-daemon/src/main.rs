@@ -100,7 +100,10 @@ struct Args {
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
 
-    /// Queue pairs offered (more than one needs a multiqueue tap).
+    /// Queue pairs offered, each served by a worker thread of its own (more
+    /// than one needs a multiqueue tap, and a frontend that lets the backend
+    /// serve the control queue: with QEMU and DPDK's virtio-user, which keep
+    /// it, the device runs one pair).
     #[arg(long, default_value_t = 1)]
     queue_pairs: u16,
 

@@ -83,24 +83,29 @@ fn parse_totals(out: &str) -> Option<ClientTotals> {
     })
 }
 
-/// Runs one client for about three seconds against `socket`; returns its output.
+/// Runs one client with `queues` queue pairs for about three seconds against
+/// `socket`; returns its output.
 fn client(
     testpmd: &Path,
     dir: &Path,
     socket: &Path,
     direction: Direction,
     in_order: bool,
+    queues: u16,
 ) -> String {
     let mode = match direction {
         Direction::GuestRx => "rxonly",
         Direction::GuestTx => "txonly",
     };
     let vdev = format!(
-        "net_virtio_user0,path={},queues=1,in_order={}",
+        "net_virtio_user0,path={},queues={queues},in_order={}",
         socket.display(),
         u8::from(in_order)
     );
-    let out = dir.join(format!("testpmd-{mode}-{}.out", u8::from(in_order)));
+    let out = dir.join(format!(
+        "testpmd-{mode}-{}-{queues}.out",
+        u8::from(in_order)
+    ));
     let mut child = Command::new(testpmd)
         .args(["-l", "0,1", "--main-lcore", "0", "--no-huge", "-m", "512"])
         .args(["--no-pci", "--file-prefix"])
@@ -113,6 +118,8 @@ fn client(
             "--txpkts=128",
             "--total-num-mbufs=16384",
         ])
+        .arg(format!("--rxq={queues}"))
+        .arg(format!("--txq={queues}"))
         // Without this, testpmd drains and does not count what arrived before
         // forwarding started.
         .arg("--no-flush-rx")
@@ -182,7 +189,7 @@ fn dpdk_virtio_user_with_and_without_in_order() {
         for (served, in_order) in [true, false].into_iter().enumerate() {
             let what = format!("{direction:?} {args:?}, in_order={in_order}");
             let (rx0, tx0) = (counter(&b, "rx_frames"), counter(&b, "tx_frames"));
-            let out = client(&testpmd, &dir, &b.socket, direction, in_order);
+            let out = client(&testpmd, &dir, &b.socket, direction, in_order, 1);
             let totals =
                 parse_totals(&out).unwrap_or_else(|| panic!("{what}: no totals in:\n{out}"));
             // The device stops when the client's port stops; its counters are final.
@@ -242,4 +249,54 @@ fn dpdk_virtio_user_with_and_without_in_order() {
             );
         }
     }
+}
+
+/// A 2-queue client. DPDK's virtio-user keeps the control queue itself (as
+/// QEMU does): it acknowledges `MQ` without `CTRL_VQ` and enables the second
+/// pair with `SET_VRING_ENABLE`. The device cannot negotiate `MQ` without its
+/// control queue (the `virtio-net-standby` device prunes it), so it runs pair
+/// 0 only, on its own worker; what this checks is that the second pair's
+/// started rings do not make the device restart at every event (they did:
+/// it was reactivated on the same rings over and over), and that the daemon
+/// runs a worker per pair.
+#[test]
+fn dpdk_two_queue_client_keeping_the_control_queue() {
+    let Some(testpmd) = testpmd() else { return };
+    let _serial = serial();
+    let dir = scratch("dpdk-mq");
+    let args = &[
+        "--generate",
+        "128",
+        "--queue-pairs",
+        "2",
+        "--poll-us",
+        "100",
+    ][..];
+    let b = Backend::start_binary(
+        Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir,
+        "dpdk-mq",
+        args,
+    );
+    let out = client(&testpmd, &dir, &b.socket, Direction::GuestRx, true, 2);
+    let totals = parse_totals(&out).unwrap_or_else(|| panic!("no totals in:\n{out}"));
+    wait_for(Duration::from_secs(5), || b.status()["active"] == "0")
+        .unwrap_or_else(|| panic!("the device stayed active"));
+    let st = b.status();
+    assert_eq!(st["workers"], "2", "{st:?}");
+    assert!(totals.rx > 10_000, "client got {totals:?}");
+    let chains0: u64 = st["pair0_chains"].parse().unwrap();
+    assert!(chains0 >= totals.rx, "{st:?}");
+    let log = b.log_text();
+    let activations = log.matches("device active on").count();
+    assert!(
+        activations <= 2,
+        "the device was activated {activations} times for one client:\n{log}"
+    );
+    eprintln!(
+        "2-queue DPDK client: pair 0 moved {chains0} chains, pair 1 {} (MQ without CTRL_VQ is pruned)",
+        st["pair1_chains"]
+    );
+    assert_eq!(counter(&b, "malformed"), 0);
+    assert!(!log.contains("connection failed"), "{log}");
 }

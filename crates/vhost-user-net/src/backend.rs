@@ -16,17 +16,26 @@
 //!   configuration interrupts go out as `BACKEND_CONFIG_CHANGE_MSG` on the
 //!   backend-request channel.
 //!
-//! One worker thread serves every queue; the backends' readiness descriptors
-//! (a tap's fd) are registered with it edge-triggered.
+//! One worker thread serves each queue pair (`queues_per_thread`: rings `2p`
+//! and `2p + 1` on worker `p`; the control queue on worker 0), so that pairs
+//! run in parallel on as many cores; a pair's backend readiness descriptor (a
+//! tap queue's fd) is registered, edge-triggered, with its own worker only.
+//! Workers share no lock per frame: each pair has its own (taken once per
+//! batch by the packet path), and the device's state is locked once per event
+//! to see whether it is active. The device is activated by whichever worker
+//! finds its rings ready first; it then wakes the others so that each
+//! processes its pair once (no kick that came earlier is lost).
 
+use std::cell::RefCell;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 use virtio_net_standby::features;
 use virtio_net_standby::{
@@ -54,8 +63,8 @@ pub enum Error {
         "the device has {0} queues; vhost-user serves at most 64 (31 queue pairs with a control queue, 32 without)"
     )]
     TooManyQueues(usize),
-    /// The self-wake eventfd could not be created.
-    #[error("cannot create the worker's wake-up eventfd: {0}")]
+    /// A worker's self-wake eventfd could not be created.
+    #[error("cannot create a worker's wake-up eventfd: {0}")]
     Wake(#[source] io::Error),
     /// The configuration-change notifier thread could not start.
     #[error("cannot start the configuration-change notifier thread: {0}")]
@@ -126,6 +135,23 @@ pub fn rarp_frame(mac: [u8; 6]) -> [u8; 12 + 60] {
     f
 }
 
+/// Rings per worker, for `queues_per_thread`: pair `p`'s two on worker `p`,
+/// the rings beyond the pairs (the control queue) on worker 0. `num_queues`
+/// is at most 64 ([`VhostUserNet::new`] checks).
+fn queue_masks(pairs: usize, num_queues: usize) -> Vec<u64> {
+    let mut masks: Vec<u64> = (0..pairs.max(1))
+        .map(|p| {
+            (2 * p..2 * p + 2)
+                .filter(|&q| q < num_queues)
+                .fold(0, |m, q| m | 1 << q)
+        })
+        .collect();
+    for q in 2 * pairs..num_queues {
+        masks[0] |= 1 << q;
+    }
+    masks
+}
+
 /// Epoll tokens for backend readiness start after the queues and the handler's
 /// own reserved token.
 fn listener_token(num_queues: usize, pair: usize, tx: bool) -> u64 {
@@ -156,12 +182,68 @@ pub const DEFAULT_SETTLE_CHAINS: u32 = 8;
 /// in one settle pause, about a microsecond on current x86 cores.
 pub const DEFAULT_SETTLE_PAUSES: u32 = 32;
 
+thread_local! {
+    /// While this thread builds a `VhostUserDaemon` in
+    /// [`VhostUserNet::daemon`]: the descriptors of the exit events'
+    /// consumers handed to its workers, which the daemon abandons (see
+    /// [`ExitConsumers`]).
+    static EXIT_CONSUMERS: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+}
+
+/// Closes the exit-event consumers a `VhostUserDaemon` abandons.
+///
+/// vhost-user-backend 0.24's worker (`VringEpollHandler::new`) takes the
+/// consumer of the exit event our [`VhostUserBackend::exit_event`] returns
+/// out of its `EventConsumer` with `into_raw_fd`, adds that descriptor to its
+/// epoll set and never closes it: nothing owns it any more, and every daemon
+/// would leave one eventfd per worker thread open for the life of the process
+/// (one per connection the [`Server`](crate::Server) serves). The worker
+/// still needs the eventfd itself, but not that descriptor: epoll keeps
+/// watching an open file as long as any descriptor refers to it, and the
+/// notifier the daemon keeps to stop the worker is a duplicate of the same
+/// open file. So once the daemon is built, the consumers' descriptors are
+/// closed here; the eventfd goes away with the notifier, when the daemon is
+/// dropped.
+///
+/// Only the exit events made on this thread while the daemon is being built
+/// are recorded, so a consumer anyone else obtains from `exit_event` stays
+/// theirs.
+struct ExitConsumers;
+
+impl ExitConsumers {
+    fn record() -> Self {
+        EXIT_CONSUMERS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        ExitConsumers
+    }
+}
+
+impl Drop for ExitConsumers {
+    fn drop(&mut self) {
+        let fds = EXIT_CONSUMERS
+            .with(|c| c.borrow_mut().take())
+            .unwrap_or_default();
+        for fd in fds {
+            // SAFETY: `fd` is the descriptor of a consumer that `exit_event`
+            // handed to `VhostUserDaemon::new` on this thread, which gave it
+            // to a worker's `VringEpollHandler::new`; that turned it into a
+            // raw descriptor, registered it with epoll (or failed to) and
+            // dropped the number without closing it (vhost-user-backend
+            // 0.24). Nobody else owns or uses it: closing it is the release
+            // its owner never made.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
 /// State of the current connection.
 #[derive(Default)]
 struct Conn {
     mem: Option<GuestMemoryAtomic<VhostUserMemory>>,
-    /// The vrings the device was activated on.
-    vrings: Vec<Vring>,
+    /// Every vring of the connection, by queue index, as its worker first
+    /// handed it to `handle_event` (each worker sees only its own).
+    known: Vec<Option<Vring>>,
+    /// The vrings the device was activated on, by queue index.
+    vrings: Vec<Option<Vring>>,
     /// The queue indices it was activated with.
     active: Vec<usize>,
     /// The last activation attempt failed (logged once, not per kick).
@@ -187,9 +269,45 @@ pub struct VhostUserNet<B: NetBackend + 'static> {
     /// See [`set_poll_settle`](Self::set_poll_settle).
     settle_chains: AtomicU32,
     settle_pauses: AtomicU32,
-    /// Written when the worker returns to its event loop with work left, so
-    /// that it comes straight back.
-    wake: EventFd,
+    /// One per worker (queue pair): written when the worker returns to its
+    /// event loop with work left, so that it comes straight back, and by the
+    /// worker that activates the device, so that the others process their
+    /// pair once.
+    wakes: Vec<EventFd>,
+    /// Per worker: the rings it serves (`queues_per_thread`).
+    masks: Vec<u64>,
+    /// Per worker: its vrings were recorded in `Conn::known` on this
+    /// connection.
+    recorded: Vec<std::sync::atomic::AtomicBool>,
+    /// Per queue pair: what its worker did (see [`PairStats`]).
+    pair_stats: Vec<PairStatsCell>,
+}
+
+/// What the worker of one queue pair did on the current and past
+/// connections, from [`VhostUserNet::pair_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairStats {
+    /// The worker thread (`handle_event`'s `thread_id`: worker `p` serves
+    /// pair `p`).
+    pub worker: usize,
+    /// The OS thread id (`gettid`) of the thread that last moved chains on
+    /// this pair's rings; 0 before any did.
+    pub tid: i32,
+    /// Descriptor chains moved on the pair's rings (RX and TX).
+    pub chains: u64,
+}
+
+/// Updated once per pass over a pair's rings, not per frame.
+#[derive(Default)]
+struct PairStatsCell {
+    tid: std::sync::atomic::AtomicI32,
+    chains: AtomicU64,
+}
+
+/// The calling thread's OS id.
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
 }
 
 impl<B: NetBackend + 'static> std::fmt::Debug for VhostUserNet<B> {
@@ -209,7 +327,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Routes the device's interrupts: queues to their vring's call descriptor,
 /// configuration changes to the backend-request channel.
 struct VringInterrupt {
-    vrings: Vec<Vring>,
+    vrings: Vec<Option<Vring>>,
     channel: Arc<BackendChannel>,
 }
 
@@ -217,8 +335,8 @@ impl VirtioInterrupt for VringInterrupt {
     fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
         match int_type {
             VirtioInterruptType::Queue(i) => match self.vrings.get(usize::from(i)) {
-                Some(v) => v.signal_used_queue(),
-                None => Err(io::Error::new(
+                Some(Some(v)) => v.signal_used_queue(),
+                _ => Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("no vring {i}"),
                 )),
@@ -228,12 +346,21 @@ impl VirtioInterrupt for VringInterrupt {
     }
 }
 
-/// What one handled event asks the worker to process.
-#[derive(Default)]
+/// What one handled event asks a worker to process: its pair's rings, and
+/// the control queue (whichever worker its ring belongs to).
+#[derive(Default, Clone, Copy)]
 struct Work {
-    rx: Vec<bool>,
-    tx: Vec<bool>,
+    rx: bool,
+    tx: bool,
     ctrl: bool,
+}
+
+impl Work {
+    const ALL: Work = Work {
+        rx: true,
+        tx: true,
+        ctrl: true,
+    };
 }
 
 impl<B: NetBackend + 'static> VhostUserNet<B> {
@@ -256,6 +383,13 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         let ctrl = device.control_queue();
         let name = name.into();
         let channel = BackendChannel::new(&name).map_err(Error::Notifier)?;
+        let pairs_len = pairs.len();
+        let workers = pairs_len.max(1);
+        let wakes = (0..workers)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(Error::Wake)?;
+        let pair_stats = (0..pairs.len()).map(|_| PairStatsCell::default()).collect();
         Ok(Arc::new(VhostUserNet {
             name,
             device: Mutex::new(device),
@@ -270,8 +404,29 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             poll_ns: AtomicU64::new(0),
             settle_chains: AtomicU32::new(DEFAULT_SETTLE_CHAINS),
             settle_pauses: AtomicU32::new(DEFAULT_SETTLE_PAUSES),
-            wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?,
+            wakes,
+            masks: queue_masks(pairs_len, num_queues),
+            recorded: (0..workers).map(|_| Default::default()).collect(),
+            pair_stats,
         }))
+    }
+
+    /// A `VhostUserDaemon` serving this device, for one connection: what
+    /// [`Server`](crate::Server) starts for every frontend. A VMM that runs
+    /// its own daemon should build it here rather than with
+    /// `VhostUserDaemon::new`, which leaves an eventfd open per worker thread
+    /// each time (vhost-user-backend 0.24 never closes the exit event's
+    /// consumer; this closes it once the workers have registered it). Call
+    /// [`disconnected`](Self::disconnected) after its `wait` returns.
+    pub fn daemon(
+        self: &Arc<Self>,
+    ) -> std::result::Result<VhostUserDaemon<Arc<Self>>, vhost_user_backend::Error> {
+        let _consumers = ExitConsumers::record();
+        VhostUserDaemon::new(
+            self.name.clone(),
+            Arc::clone(self),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
     }
 
     /// After the rings run dry, keep polling them for `window` before going
@@ -378,11 +533,32 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         &self.channel
     }
 
-    /// Epoll registrations for the backends' readiness and the worker's
-    /// self-wake: `(fd, events, token)`.
-    pub(crate) fn backend_listeners(&self) -> Vec<(i32, EventSet, u64)> {
-        let mut out = vec![(self.wake.as_raw_fd(), EventSet::IN, self.wake_token())];
-        for (i, p) in self.pairs.iter().enumerate() {
+    /// Worker threads: one per queue pair.
+    pub fn workers(&self) -> usize {
+        self.wakes.len()
+    }
+
+    /// What each queue pair's worker did: its thread, and the chains it moved.
+    pub fn pair_stats(&self) -> Vec<PairStats> {
+        self.pair_stats
+            .iter()
+            .enumerate()
+            .map(|(i, c)| PairStats {
+                worker: i,
+                tid: c.tid.load(Ordering::Relaxed),
+                chains: c.chains.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Epoll registrations of worker `thread` (`handle_event`'s `thread_id`):
+    /// its pair's backend readiness and its self-wake, `(fd, events, token)`.
+    pub(crate) fn backend_listeners(&self, thread: usize) -> Vec<(i32, EventSet, u64)> {
+        let Some(wake) = self.wakes.get(thread) else {
+            return Vec::new();
+        };
+        let mut out = vec![(wake.as_raw_fd(), EventSet::IN, self.wake_token())];
+        for (i, p) in self.pairs.iter().enumerate().filter(|(i, _)| *i == thread) {
             let p = p.lock();
             let be = p.backend();
             let ev = |writable: bool| {
@@ -438,9 +614,13 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         dev.reset();
         let mut conn = lock(&self.conn);
         conn.vrings.clear();
+        conn.known.clear();
         conn.active.clear();
         conn.mem = None;
         conn.activation_failed = false;
+        for r in &self.recorded {
+            r.store(false, Ordering::Release);
+        }
         self.channel.detach();
         self.migration.reset();
     }
@@ -454,7 +634,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         let mut conn = lock(&self.conn);
         conn.active.clear();
         for (index, st) in states {
-            if let Some(v) = conn.vrings.get(usize::from(index)) {
+            if let Some(Some(v)) = conn.vrings.get(usize::from(index)) {
                 v.set_queue_next_avail(st.next_avail);
                 v.set_queue_next_used(st.next_used);
             }
@@ -472,13 +652,41 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         })
     }
 
+    /// The global queue index of worker `thread`'s `k`-th vring (its
+    /// `queues_per_thread` mask's `k`-th set bit).
+    fn queue_of(&self, thread: usize, k: usize) -> Option<usize> {
+        let mask = *self.masks.get(thread)?;
+        (0..64).filter(|i| mask >> i & 1 == 1).nth(k)
+    }
+
+    /// Notes worker `thread`'s vrings (once per connection).
+    fn record(&self, thread: usize, vrings: &[Vring]) {
+        let Some(flag) = self.recorded.get(thread) else {
+            return;
+        };
+        if flag.load(Ordering::Acquire) {
+            return;
+        }
+        let mut conn = lock(&self.conn);
+        if conn.known.len() < self.num_queues {
+            conn.known.resize(self.num_queues, None);
+        }
+        for (k, v) in vrings.iter().enumerate() {
+            if let Some(q) = self.queue_of(thread, k) {
+                conn.known[q] = Some(v.clone());
+            }
+        }
+        flag.store(true, Ordering::Release);
+    }
+
     /// Activates the device if the rings it needs are started and enabled.
     /// Returns whether it is active.
-    fn try_activate(&self, vrings: &[Vring]) -> bool {
+    fn try_activate(&self) -> bool {
         let mut dev = lock(&self.device);
         if dev.is_active() {
             return true;
         }
+        let vrings = lock(&self.conn).known.clone();
         let Some(acked) = dev.acked_features() else {
             return false;
         };
@@ -486,10 +694,9 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             return false;
         };
         let ready = |i: usize| {
-            vrings.get(i).is_some_and(|v| {
-                let s = v.get_ref();
-                s.get_queue().ready() && s.is_enabled()
-            })
+            vrings
+                .get(i)
+                .is_some_and(|v| v.as_ref().is_some_and(ring_ready))
         };
         let ctrl = self.ctrl_index(acked);
         if !ready(0) || !ready(1) || ctrl.is_some_and(|c| !ready(c)) {
@@ -507,7 +714,10 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         indices.extend(ctrl);
         let mut queues = Vec::with_capacity(indices.len());
         for &i in &indices {
-            let state = vrings[i].get_ref().get_queue().state();
+            let Some(Some(vring)) = vrings.get(i) else {
+                return false;
+            };
+            let state = vring.get_ref().get_queue().state();
             match Queue::try_from(state) {
                 Ok(queue) => {
                     self.migration.set_used_ring(
@@ -528,13 +738,13 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             }
         }
         let interrupt = Arc::new(VringInterrupt {
-            vrings: vrings.to_vec(),
+            vrings: vrings.clone(),
             channel: Arc::clone(&self.channel),
         });
         match dev.activate(mem, interrupt, queues) {
             Ok(()) => {
                 let mut conn = lock(&self.conn);
-                conn.vrings = vrings.to_vec();
+                conn.vrings = vrings;
                 conn.active = indices.clone();
                 conn.activation_failed = false;
                 drop(conn);
@@ -559,68 +769,102 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         }
     }
 
-    /// One pass over the queues `work` names; returns (work left, chains).
-    fn pass(&self, work: &mut Work) -> (bool, usize) {
-        let (mut more, mut chains) = (false, 0);
+    /// One pass over the queues `work` names, of `pair` and the control
+    /// queue; returns (work left, chains of the pair, chains of the control
+    /// queue).
+    fn pass(
+        &self,
+        pair: Option<&QueuePairHandle<VhostUserMemory, B>>,
+        work: &mut Work,
+    ) -> (bool, usize, usize) {
+        let (mut more, mut chains, mut ctrl) = (false, 0, 0);
         if work.ctrl {
             let r = lock(&self.ctrl).process();
             work.ctrl = r.more;
             more |= r.more;
-            chains += r.chains;
+            ctrl = r.chains;
         }
-        for (i, p) in self.pairs.iter().enumerate() {
-            if work.tx[i] {
+        if let Some(p) = pair {
+            if work.tx {
                 let r = p.process_tx();
-                work.tx[i] = r.more;
+                work.tx = r.more;
                 more |= r.more;
                 chains += r.chains;
             }
-            if work.rx[i] {
+            if work.rx {
                 let r = p.process_rx();
-                work.rx[i] = r.more;
+                work.rx = r.more;
                 more |= r.more;
                 chains += r.chains;
             }
         }
-        (more, chains)
+        (more, chains, ctrl)
     }
 
-    /// Processes `work`, then polls if configured. Returns to the event loop
-    /// after [`MAX_PASSES`] passes or [`MAX_POLL_TURN`] with work left, waking
-    /// itself so that kicks, the exit event and other queues get their turn.
-    fn process(&self, mut work: Work) {
+    /// Counts `chains` moved on `pair` by this thread (once per pass).
+    fn account(&self, pair: usize, chains: usize) {
+        if chains == 0 {
+            return;
+        }
+        if let Some(c) = self.pair_stats.get(pair) {
+            c.chains.fetch_add(chains as u64, Ordering::Relaxed);
+            c.tid.store(gettid(), Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `thread` processes `work` on its pair, then polls its pair if
+    /// configured. Returns to the event loop after [`MAX_PASSES`] passes or
+    /// [`MAX_POLL_TURN`] with work left, waking itself so that kicks, the exit
+    /// event and the control queue get their turn.
+    fn process(&self, thread: usize, mut work: Work) {
+        let pair = self.pairs.get(thread);
         let mut passes = 0;
-        while self.pass(&mut work).0 {
+        loop {
+            let (mut more, chains, ctrl) = self.pass(pair, &mut work);
+            self.account(thread, chains);
+            if ctrl > 0 {
+                // A command may have enabled pairs (`VQ_PAIRS_SET`) or changed
+                // their filters: every worker looks at its pair again, since
+                // what arrived meanwhile raised no new readiness.
+                for t in (0..self.wakes.len()).filter(|&t| t != thread) {
+                    self.wake_later(t);
+                }
+                work.rx = true;
+                work.tx = true;
+                more = true;
+            }
+            if !more {
+                break;
+            }
             passes += 1;
             if passes >= MAX_PASSES {
-                self.wake_later();
+                self.wake_later(thread);
                 return;
             }
         }
         let window = self.poll_ns.load(Ordering::Relaxed);
-        if window == 0 {
+        let Some(pair) = pair.filter(|_| window != 0) else {
             return;
-        }
-        // Poll every pair's rings until they stay dry for the window, with the
+        };
+        // Poll the pair's rings until they stay dry for the window, with the
         // driver's kicks held off meanwhile; then one pass with kicks back on,
         // which catches a frame that came after the last poll. While frames
         // flow the clock is read only every POLL_CLOCK_PASSES passes.
-        self.hold_kicks(true);
+        pair.lock().set_polling(true);
         let started = Instant::now();
         let mut idle_since: Option<Instant> = None;
-        let n = self.pairs.len();
-        let mut all = Work {
-            rx: vec![true; n],
-            tx: vec![true; n],
+        let rings = Work {
+            rx: true,
+            tx: true,
             ctrl: false,
         };
         let mut busy_passes = 0u32;
+        let mut moved = 0usize;
         let settle_chains = self.settle_chains.load(Ordering::Relaxed) as usize;
         let settle_pauses = self.settle_pauses.load(Ordering::Relaxed);
         loop {
-            all.rx.fill(true);
-            all.tx.fill(true);
-            let (more, chains) = self.pass(&mut all);
+            let (more, chains, _) = self.pass(Some(pair), &mut rings.clone());
+            moved += chains;
             let now = if more || chains > 0 {
                 idle_since = None;
                 busy_passes += 1;
@@ -647,38 +891,50 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             }
             std::hint::spin_loop();
         }
-        self.hold_kicks(false);
-        all.rx.fill(true);
-        all.tx.fill(true);
-        if self.pass(&mut all).0 {
-            self.wake_later();
+        pair.lock().set_polling(false);
+        let (more, chains, _) = self.pass(Some(pair), &mut rings.clone());
+        self.account(thread, moved + chains);
+        if more {
+            self.wake_later(thread);
         }
     }
 
-    fn hold_kicks(&self, on: bool) {
-        for p in &self.pairs {
-            p.lock().set_polling(on);
-        }
-    }
-
-    fn wake_later(&self) {
-        if let Err(e) = self.wake.write(1) {
-            log::warn!("{}: cannot wake the worker: {e}", self.name);
+    fn wake_later(&self, thread: usize) {
+        if let Some(w) = self.wakes.get(thread)
+            && let Err(e) = w.write(1)
+        {
+            log::warn!("{}: cannot wake worker {thread}: {e}", self.name);
         }
     }
 
     /// Whether the rings that are started and enabled differ from those the
     /// device was activated with (a queue pair enabled later, a ring disabled).
-    fn rings_changed(&self, vrings: &[Vring]) -> bool {
+    ///
+    /// Only the rings the negotiation lets the device use count: without
+    /// `MQ` (a frontend that keeps the control queue acknowledges `MQ`
+    /// without `CTRL_VQ`, and the device prunes it) the rings of further pairs
+    /// may well be started, and restarting the device for them would only
+    /// activate it on the same rings again, at every event.
+    fn rings_changed(&self) -> bool {
+        let acked = lock(&self.device)
+            .acked_features()
+            .unwrap_or(Features::empty());
+        let n_pairs = if acked.has(VIRTIO_NET_F_MQ) {
+            self.pairs.len()
+        } else {
+            1
+        };
+        let usable = (0..2 * n_pairs).chain(self.ctrl_index(acked));
         let conn = lock(&self.conn);
         let ready = |i: usize| {
-            vrings.get(i).is_some_and(|v| {
-                let s = v.get_ref();
-                s.get_queue().ready() && s.is_enabled()
-            })
+            conn.known
+                .get(i)
+                .is_some_and(|v| v.as_ref().is_some_and(ring_ready))
         };
         let active = &conn.active;
-        (0..self.num_queues).any(|i| ready(i) != active.contains(&i))
+        usable
+            .filter(|&i| i < self.num_queues)
+            .any(|i| ready(i) != active.contains(&i))
     }
 }
 
@@ -780,13 +1036,19 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // `new` keeps num_queues within 1..=64.
-        vec![u64::MAX >> (64 - self.num_queues)]
+        self.masks.clone()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => {
+                EXIT_CONSUMERS.with(|c| {
+                    if let Some(fds) = c.borrow_mut().as_mut() {
+                        fds.push(pair.0.as_raw_fd());
+                    }
+                });
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("{}: cannot create the worker's exit event: {e}", self.name);
                 None
@@ -808,58 +1070,73 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
+        self.record(thread_id, vrings);
         let mut was_active = self.is_active();
-        if was_active && self.rings_changed(vrings) {
+        if was_active && self.rings_changed() {
             // Rings started, enabled or disabled after activation: restart on
             // the current set. Positions go through the vrings, nothing is lost.
             self.stop_device(&mut lock(&self.device));
             was_active = false;
         }
-        if !self.try_activate(vrings) {
+        if !self.try_activate() {
             return Ok(());
         }
-        let n = self.pairs.len();
-        let mut work = Work {
-            rx: vec![!was_active; n],
-            tx: vec![!was_active; n],
-            ctrl: !was_active,
+        if !was_active {
+            // Active from now on (whoever activated it): every other worker
+            // processes its pair once.
+            for t in (0..self.wakes.len()).filter(|&t| t != thread_id) {
+                self.wake_later(t);
+            }
+        }
+        let mut work = if was_active {
+            Work::default()
+        } else {
+            Work::ALL
         };
         let ev = usize::from(device_event);
         if u64::from(device_event) == self.wake_token() {
-            let _ = self.wake.read();
-            work.rx = vec![true; n];
-            work.tx = vec![true; n];
-            work.ctrl = true;
+            if let Some(w) = self.wakes.get(thread_id) {
+                let _ = w.read();
+            }
+            work = Work::ALL;
         } else if ev < self.num_queues {
+            // The `ev`-th ring of this worker.
+            let q = self.queue_of(thread_id, ev).unwrap_or(usize::MAX);
             let acked = lock(&self.device)
                 .acked_features()
                 .unwrap_or(Features::empty());
-            if Some(ev) == self.ctrl_index(acked) {
+            if Some(q) == self.ctrl_index(acked) {
                 work.ctrl = true;
-            } else if ev / 2 < n {
-                if ev % 2 == 0 {
-                    work.rx[ev / 2] = true;
+            } else if q / 2 == thread_id {
+                if q % 2 == 0 {
+                    work.rx = true;
                 } else {
-                    work.tx[ev / 2] = true;
+                    work.tx = true;
                 }
             }
         } else if let Some(k) = ev.checked_sub(self.num_queues + 1) {
             let (pair, tx) = (k / 2, k % 2 == 1);
-            if pair < n {
+            if pair == thread_id {
                 if tx {
-                    work.tx[pair] = true;
+                    work.tx = true;
                 } else {
                     // A shared fd registered once: readable means RX, writable TX.
-                    work.rx[pair] |= evset.contains(EventSet::IN);
-                    work.tx[pair] |= evset.contains(EventSet::OUT);
+                    work.rx |= evset.contains(EventSet::IN);
+                    work.tx |= evset.contains(EventSet::OUT);
                 }
             }
         }
-        self.process(work);
+        self.process(thread_id, work);
         Ok(())
     }
+}
+
+/// Whether a vring is started and enabled.
+fn ring_ready(v: &Vring) -> bool {
+    let s = v.get_ref();
+    s.get_queue().ready() && s.is_enabled()
 }
 
 #[cfg(test)]
@@ -873,5 +1150,20 @@ mod tests {
         assert_eq!(listener_token(5, 0, true), 7);
         assert_eq!(listener_token(5, 1, false), 8);
         assert!(protocol_features().contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    }
+
+    #[test]
+    fn one_worker_per_queue_pair_and_the_control_queue_on_the_first() {
+        // 1 pair + ctrl, 2 pairs + ctrl, 2 pairs without ctrl, 31 pairs + ctrl.
+        assert_eq!(queue_masks(1, 3), vec![0b111]);
+        assert_eq!(queue_masks(2, 5), vec![0b10011, 0b01100]);
+        assert_eq!(queue_masks(2, 4), vec![0b0011, 0b1100]);
+        let m = queue_masks(31, 63);
+        assert_eq!(m.len(), 31);
+        assert_eq!(m[0], 0b11 | 1 << 62);
+        assert_eq!(m[30], 0b11 << 60);
+        // Every ring on exactly one worker.
+        assert_eq!(m.iter().fold(0, |a, b| a | b), u64::MAX >> 1);
+        assert_eq!(m.iter().map(|b| b.count_ones()).sum::<u32>(), 63);
     }
 }

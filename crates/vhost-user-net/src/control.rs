@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `link up`, `link down` | sets the link status the guest sees (config-change notification) |
 //! | `announce` | asks the guest to announce itself, if it negotiated `GUEST_ANNOUNCE` |
-//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> malformed=<n> dropped=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n>`: the device's state, counters and receive filter |
+//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> malformed=<n> dropped=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n> workers=<n> pair<i>_tid=<n> pair<i>_chains=<n>...`: the device's state, counters and receive filter; the worker threads (one per queue pair) and, per pair, the OS thread id that last moved chains on its rings (0: none yet) and the chains moved |
 //!
 //! ```text
 //! $ echo "link down" | socat - UNIX-CONNECT:/run/vu-net.ctl
@@ -81,11 +81,21 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
             Err(e) => format!("error {e}"),
         },
         "status" => {
+            let pairs: String = net
+                .pair_stats()
+                .iter()
+                .map(|p| {
+                    format!(
+                        " pair{}_tid={} pair{}_chains={}",
+                        p.worker, p.tid, p.worker, p.chains
+                    )
+                })
+                .collect();
             let c = net.counters();
             let cfg = net.config();
             let f = net.with_device(|d| d.rx_filter());
             format!(
-                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} malformed={} dropped={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={}",
+                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} malformed={} dropped={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={} workers={}{pairs}",
                 u8::from(net.is_active()),
                 if cfg.status & 1 != 0 { "up" } else { "down" },
                 mac(&cfg.mac),
@@ -103,6 +113,7 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
                 u8::from(f.allmulti),
                 mac(&f.mac),
                 f.multicast.len(),
+                net.workers(),
             )
         }
         other => {

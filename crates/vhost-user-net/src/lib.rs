@@ -37,8 +37,8 @@ pub mod relay;
 pub mod server;
 
 pub use backend::{
-    DEFAULT_SETTLE_CHAINS, DEFAULT_SETTLE_PAUSES, VhostUserMemory, VhostUserNet, protocol_features,
-    rarp_frame,
+    DEFAULT_SETTLE_CHAINS, DEFAULT_SETTLE_PAUSES, PairStats, VhostUserMemory, VhostUserNet,
+    protocol_features, rarp_frame,
 };
 pub use channel::BackendChannel;
 pub use dirty::{LogBitmap, MigrationLog};

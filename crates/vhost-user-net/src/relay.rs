@@ -24,7 +24,11 @@
 //!
 //! It refuses, by closing the connection with a logged reason, what no frontend
 //! may send: a message longer than the protocol's 4096-byte limit, a header cut
-//! short, or more descriptors than the protocol allows.
+//! short, or more descriptors than the protocol allows. An early
+//! `SET_VRING_ENABLE` it would hold that names a ring beyond the device's
+//! (`GET_QUEUE_NUM`) is refused as the handler refuses a bad ring index in any
+//! other request: a failure reply if the frontend asked for one, then the
+//! connection ends.
 //!
 //! It also watches messages on their way through: the protocol features the
 //! frontend acknowledged and the backend-request channel it hands over, which the
@@ -157,6 +161,17 @@ pub enum Error {
         /// Payload size.
         size: usize,
     },
+    /// A `SET_VRING_ENABLE` the relay would hold names a ring the device
+    /// does not have.
+    #[error(
+        "the frontend sent SET_VRING_ENABLE for ring {ring}; the device offers {queues} ring(s)"
+    )]
+    NoSuchRing {
+        /// The ring index the request named.
+        ring: u32,
+        /// Rings the device offers (`GET_QUEUE_NUM`).
+        queues: u32,
+    },
     /// The frontend's dirty log cannot be mapped: a migration would copy
     /// stale memory, so the connection ends (and the frontend's migration
     /// fails) instead.
@@ -168,6 +183,8 @@ pub enum Error {
 /// channel, the dirty log and the announcement `SEND_RARP` asks for.
 #[derive(Clone)]
 pub(crate) struct Hooks {
+    /// Rings the device offers: a held request naming another is refused.
+    pub queues: u32,
     /// The backend-request channel.
     pub channel: Arc<BackendChannel>,
     /// The device's dirty log.
@@ -181,6 +198,7 @@ impl Hooks {
     #[cfg(test)]
     pub(crate) fn with_channel(channel: Arc<BackendChannel>) -> Self {
         Hooks {
+            queues: 3,
             channel,
             log: MigrationLog::new(),
             rarp: Arc::new(|_| Ok(())),
@@ -313,7 +331,7 @@ fn forward_requests(
     hooks: &Hooks,
 ) -> Result<()> {
     let mut payload = Vec::with_capacity(MAX_MSG_SIZE);
-    let mut negotiation = Negotiation::default();
+    let mut negotiation = Negotiation::new(hooks.queues);
     loop {
         let Some((mut hdr, fds)) = recv_message(frontend, &mut payload)? else {
             return Ok(());
@@ -346,6 +364,18 @@ fn forward_requests(
                     send_with_fds(&lock(frontend_out), &[&ack], &[])?;
                 }
                 continue;
+            }
+            Action::Refuse { nack, ring } => {
+                // As the handler treats a ring index it does not have in any
+                // other request: a failure reply if one is wanted, then the
+                // connection ends.
+                if let Some(nack) = nack {
+                    send_with_fds(&lock(frontend_out), &[&nack], &[])?;
+                }
+                return Err(Error::NoSuchRing {
+                    ring,
+                    queues: hooks.queues,
+                });
             }
         }
         for (held, m) in negotiation.after(request, &payload) {
@@ -396,6 +426,14 @@ pub(crate) enum Action {
         /// The acknowledgement (header and a zero `u64`).
         ack: Option<[u8; HEADER_LEN + 8]>,
     },
+    /// Refuse it, ending the connection: it names a ring the device lacks.
+    /// Send `nack` (a failure reply) first if the frontend wants a reply.
+    Refuse {
+        /// The failure reply (header and the `u64` 1).
+        nack: Option<[u8; HEADER_LEN + 8]>,
+        /// The ring the request named.
+        ring: u32,
+    },
 }
 
 /// What becomes of a held request, per [`Negotiation::after`].
@@ -419,8 +457,15 @@ pub(crate) enum Held {
 /// ring runs before `SET_FEATURES`. A `SET_FEATURES` without bit 30 enables
 /// every ring, and the held states are dropped; `RESET_OWNER` and
 /// `RESET_DEVICE` forget the acknowledgement, and requests are held again.
+///
+/// A request it would hold that names a ring beyond the device's is refused
+/// as the handler refuses a bad ring index in any request: a failure reply if
+/// the frontend wants one, and the connection ends. (Held, it would have been
+/// acknowledged as done and refused only later, at `SET_FEATURES`.)
 #[derive(Debug, Default)]
 pub(crate) struct Negotiation {
+    /// Rings the device offers.
+    queues: u32,
     /// What `SET_PROTOCOL_FEATURES` acknowledged, once it came.
     protocol: Option<u64>,
     /// A `SET_FEATURES` with bit 30 reached the handler.
@@ -430,6 +475,14 @@ pub(crate) struct Negotiation {
 }
 
 impl Negotiation {
+    /// For a device with `queues` rings.
+    pub(crate) fn new(queues: u32) -> Self {
+        Negotiation {
+            queues,
+            ..Default::default()
+        }
+    }
+
     /// Decides what to do with the request `hdr`/`payload` before it is sent.
     pub(crate) fn before(&mut self, hdr: &[u8; HEADER_LEN], payload: &[u8]) -> Action {
         let (request, flags) = (field(hdr, 0), field(hdr, 4));
@@ -448,18 +501,18 @@ impl Negotiation {
         if num > 1 {
             return Action::Forward;
         }
-        self.held.retain(|&(r, _)| r != ring);
-        self.held.push((ring, num));
         let wants_ack = flags & FLAG_NEED_REPLY != 0
             && protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+        if ring >= self.queues {
+            return Action::Refuse {
+                nack: wants_ack.then(|| ack(request, 1)),
+                ring,
+            };
+        }
+        self.held.retain(|&(r, _)| r != ring);
+        self.held.push((ring, num));
         Action::Hold {
-            ack: wants_ack.then(|| {
-                let mut m = [0u8; HEADER_LEN + 8];
-                m[0..4].copy_from_slice(&request.to_le_bytes());
-                m[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
-                m[8..12].copy_from_slice(&8u32.to_le_bytes());
-                m
-            }),
+            ack: wants_ack.then(|| ack(request, 0)),
         }
     }
 
@@ -848,7 +901,7 @@ mod tests {
 
     #[test]
     fn qemu_enables_rings_before_it_acknowledges_features() {
-        let mut n = Negotiation::default();
+        let mut n = Negotiation::new(3);
         let pf = VhostUserProtocolFeatures::REPLY_ACK.bits();
         let bit30 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         // Before SET_PROTOCOL_FEATURES the frontend never negotiated bit 30:
@@ -902,6 +955,76 @@ mod tests {
         // Other requests are never held.
         let h = header(FrontendReq::SET_VRING_NUM as u32, 8);
         assert_eq!(n.before(&h, &[0; 8]), Action::Forward);
+    }
+
+    #[test]
+    fn a_held_enable_of_a_ring_the_device_lacks_is_refused() {
+        let mut n = Negotiation::new(3);
+        let pf = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        let (r, p) = u64_msg(FrontendReq::SET_PROTOCOL_FEATURES, pf);
+        assert!(n.after(r, &p).is_empty());
+        // The last ring is held; the next one, or a wild index, is refused,
+        // with a failure reply when one is wanted.
+        let (h, p) = enable(2, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Hold { ack: None });
+        for ring in [3, 255, u32::MAX] {
+            let (h, p) = enable(ring, 1, FLAG_VERSION_1);
+            assert_eq!(n.before(&h, &p), Action::Refuse { nack: None, ring });
+            let (h, p) = enable(ring, 0, FLAG_VERSION_1 | FLAG_NEED_REPLY);
+            let Action::Refuse {
+                nack: Some(nack),
+                ring: r,
+            } = n.before(&h, &p)
+            else {
+                panic!("ring {ring}: refused with a failure reply");
+            };
+            assert_eq!(r, ring);
+            assert_eq!(field(&nack, 0), FrontendReq::SET_VRING_ENABLE as u32);
+            assert_eq!(field(&nack, 4), FLAG_VERSION_1 | FLAG_REPLY);
+            assert_eq!(as_u64(&nack[HEADER_LEN..]), Some(1));
+        }
+        // A refused request was not held: SET_FEATURES replays ring 2 only.
+        let bit30 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let (r, p) = u64_msg(FrontendReq::SET_FEATURES, bit30);
+        let out = n.after(r, &p);
+        assert_eq!(out.len(), 1);
+        assert_eq!(field(&out[0].1, HEADER_LEN), 2);
+        // Once features are acknowledged the handler judges every index.
+        let (h, p) = enable(9, 1, FLAG_VERSION_1);
+        assert_eq!(n.before(&h, &p), Action::Forward);
+    }
+
+    #[test]
+    fn the_relay_drops_a_frontend_enabling_a_ring_the_device_lacks() {
+        let (front, front_peer) = UnixStream::pair().unwrap();
+        let (hand, hand_peer) = UnixStream::pair().unwrap();
+        let ch = BackendChannel::new("t").unwrap();
+        let relay = Relay::start("t", front_peer, hand_peer, Hooks::with_channel(ch)).unwrap();
+        let pf = VhostUserProtocolFeatures::REPLY_ACK.bits().to_le_bytes();
+        send_with_fds(
+            &front,
+            &[&header(FrontendReq::SET_PROTOCOL_FEATURES as u32, 8), &pf],
+            &[],
+        )
+        .unwrap();
+        let (h, p) = enable(3, 1, FLAG_VERSION_1 | FLAG_NEED_REPLY);
+        send_with_fds(&front, &[&h, &p], &[]).unwrap();
+        // The failure reply, then the end of the connection.
+        let mut nack = [0u8; HEADER_LEN + 8];
+        read_exact(&front, &mut nack).unwrap();
+        assert_eq!(field(&nack, 0), FrontendReq::SET_VRING_ENABLE as u32);
+        assert_eq!(as_u64(&nack[HEADER_LEN..]), Some(1));
+        let mut end = [0u8; 1];
+        assert_eq!((&front).read(&mut end).unwrap(), 0);
+        // The handler saw SET_PROTOCOL_FEATURES only.
+        let mut got = Vec::new();
+        (&hand).read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), HEADER_LEN + 8);
+        assert_eq!(field(&got, 0), FrontendReq::SET_PROTOCOL_FEATURES as u32);
+        assert!(matches!(
+            relay.close(),
+            Err(Error::NoSuchRing { ring: 3, queues: 3 })
+        ));
     }
 
     #[test]
