@@ -24,11 +24,10 @@
 //! loses, the other (a standby without `GUEST_ANNOUNCE`) checks the RARP the
 //! destination's daemon sends when QEMU asks for it (`SEND_RARP`).
 //!
-//! A second boot runs a plain multiqueue virtio-net (`queues=2`, `mq=on`, two
+//! Another boot runs a plain multiqueue virtio-net (`queues=2`, `mq=on`, two
 //! vCPUs) against the daemon with two queue pairs: the guest shows
-//! `rx-0 rx-1 tx-0 tx-1` and pings from its first vCPU; traffic on the second
-//! pair is the ignored `qemu_multiqueue_traffic_on_both_queue_pairs`, which
-//! fails until the standby device accepts `MQ` without `CTRL_VQ`.
+//! `rx-0 rx-1 tx-0 tx-1` and pings from each vCPU, and each of the daemon's
+//! pairs moves chains on its own worker.
 //!
 //! QEMU's virtio-net keeps its own configuration space, so the daemon shows it
 //! a link change by disconnecting (QEMU's `reconnect=1` brings it back when
@@ -1368,37 +1367,22 @@ poweroff -f
 }
 
 /// QEMU with `queues=2` and `mq=on` on two vCPUs, the daemon with two queue
-/// pairs: the guest shows two queue pairs (`rx-0 rx-1 tx-0 tx-1`), pings from
-/// its first vCPU (its first transmit queue), and the daemon runs two workers
-/// and carries pair 0's traffic without restarting the device at every event.
+/// pairs: the guest shows two queue pairs (`rx-0 rx-1 tx-0 tx-1`) and pings
+/// from each vCPU, so through each of its transmit queues; both of the
+/// daemon's pairs move chains, each on its own worker, without the device
+/// restarting at every event. QEMU keeps the control queue and acknowledges
+/// `MQ` without `CTRL_VQ`, enabling pairs by their rings (`SET_VRING_ENABLE`).
 ///
 /// `vectors=0`: with `vectors=6` QEMU 7.2 under TCG exits before the guest's
 /// init runs (the MSI-X crash of the module documentation).
 #[test]
-fn qemu_multiqueue_two_queue_pairs() {
+fn qemu_multiqueue_two_queue_pairs_each_carry_traffic() {
     let Some(env) = env() else { return };
     let _g = serial();
-    in_new_netns(move || run_multiqueue(env, false));
+    in_new_netns(move || run_multiqueue(env));
 }
 
-/// The same boot, and traffic through the second queue pair as well: a ping
-/// from the second vCPU, chains on both of the daemon's pairs, each on its own
-/// worker. It fails today: QEMU keeps the control queue and acknowledges `MQ`
-/// without `CTRL_VQ`; the standby device (`virtio-net-standby`) prunes `MQ`
-/// without its dependency and runs pair 0 only, so what the guest sends on
-/// `tx-1` is never taken (its ping from vCPU 1 loses every packet). The fix
-/// belongs in `virtio-net-standby`: `MQ` without `CTRL_VQ` for a transport
-/// whose frontend serves the control queue, pairs enabled by the transport
-/// (`SET_VRING_ENABLE`).
-#[test]
-#[ignore = "the standby device runs one pair when the frontend keeps the control queue (MQ without CTRL_VQ)"]
-fn qemu_multiqueue_traffic_on_both_queue_pairs() {
-    let Some(env) = env() else { return };
-    let _g = serial();
-    in_new_netns(move || run_multiqueue(env, true));
-}
-
-fn run_multiqueue(env: Env, both_pairs: bool) {
+fn run_multiqueue(env: Env) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-multiqueue");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -1490,9 +1474,6 @@ fn run_multiqueue(env: Env, both_pairs: bool) {
             &qemu,
             &be,
         );
-    }
-    if !both_pairs {
-        return;
     }
     // Traffic from each vCPU, so through each of the guest's transmit queues.
     for c in 0..2 {

@@ -702,16 +702,8 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         if !ready(0) || !ready(1) || ctrl.is_some_and(|c| !ready(c)) {
             return false;
         }
-        let n_pairs = if acked.has(VIRTIO_NET_F_MQ) {
-            self.pairs.len()
-        } else {
-            1
-        };
-        let mut indices: Vec<usize> = (0..n_pairs)
-            .filter(|p| ready(2 * p) && ready(2 * p + 1))
-            .flat_map(|p| [2 * p, 2 * p + 1])
-            .collect();
-        indices.extend(ctrl);
+        let n_pairs = self.usable_pairs(acked);
+        let indices = self.rings_to_use(acked, ready);
         let mut queues = Vec::with_capacity(indices.len());
         for &i in &indices {
             let Some(Some(vring)) = vrings.get(i) else {
@@ -743,6 +735,17 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
         });
         match dev.activate(mem, interrupt, queues) {
             Ok(()) => {
+                // Without `CTRL_VQ` the frontend keeps the control queue and
+                // enables pairs by their rings: the pairs in use are those
+                // whose rings are ready, from pair 0 on.
+                if acked.has(VIRTIO_NET_F_MQ) && ctrl.is_none() {
+                    let n = (0..n_pairs)
+                        .take_while(|p| ready(2 * p) && ready(2 * p + 1))
+                        .count();
+                    if let Err(e) = dev.set_active_queue_pairs(n as u16) {
+                        log::warn!("{}: cannot enable {n} queue pair(s): {e}", self.name);
+                    }
+                }
                 let mut conn = lock(&self.conn);
                 conn.vrings = vrings;
                 conn.active = indices.clone();
@@ -911,30 +914,50 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
     /// device was activated with (a queue pair enabled later, a ring disabled).
     ///
     /// Only the rings the negotiation lets the device use count: without
-    /// `MQ` (a frontend that keeps the control queue acknowledges `MQ`
-    /// without `CTRL_VQ`, and the device prunes it) the rings of further pairs
-    /// may well be started, and restarting the device for them would only
-    /// activate it on the same rings again, at every event.
+    /// `MQ` the rings of further pairs may well be started, and restarting
+    /// the device for them would only activate it on the same rings again,
+    /// at every event.
+    ///
+    /// A pair counts once both its rings are ready: a frontend enables them
+    /// one message at a time, and a pair with one ring ready would otherwise
+    /// restart the device on the same rings at every event until the other
+    /// came.
     fn rings_changed(&self) -> bool {
         let acked = lock(&self.device)
             .acked_features()
             .unwrap_or(Features::empty());
-        let n_pairs = if acked.has(VIRTIO_NET_F_MQ) {
-            self.pairs.len()
-        } else {
-            1
-        };
-        let usable = (0..2 * n_pairs).chain(self.ctrl_index(acked));
         let conn = lock(&self.conn);
         let ready = |i: usize| {
             conn.known
                 .get(i)
                 .is_some_and(|v| v.as_ref().is_some_and(ring_ready))
         };
-        let active = &conn.active;
-        usable
-            .filter(|&i| i < self.num_queues)
-            .any(|i| ready(i) != active.contains(&i))
+        let mut want = self.rings_to_use(acked, ready);
+        let mut active = conn.active.clone();
+        want.sort_unstable();
+        active.sort_unstable();
+        want != active
+    }
+
+    /// The queue pairs the negotiation lets the device use.
+    fn usable_pairs(&self, acked: Features) -> usize {
+        if acked.has(VIRTIO_NET_F_MQ) {
+            self.pairs.len()
+        } else {
+            1
+        }
+    }
+
+    /// The rings the device runs on when `ready` says which are started and
+    /// enabled: every usable pair whose two rings are ready, then the control
+    /// queue if negotiated.
+    fn rings_to_use(&self, acked: Features, ready: impl Fn(usize) -> bool) -> Vec<usize> {
+        let mut rings: Vec<usize> = (0..self.usable_pairs(acked))
+            .filter(|p| ready(2 * p) && ready(2 * p + 1))
+            .flat_map(|p| [2 * p, 2 * p + 1])
+            .collect();
+        rings.extend(self.ctrl_index(acked).filter(|&c| ready(c)));
+        rings
     }
 }
 
@@ -971,8 +994,10 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         self.stop_device(&mut dev);
         // A frontend that services some queues itself (QEMU keeps the control
         // queue) acks features whose dependencies it does not forward: keep
-        // the self-consistent part, as a driver's own negotiation would.
-        let consistent = features::prune(Features::from_bits(virtio));
+        // the self-consistent part, as a driver's own negotiation would. `MQ`
+        // stays without `CTRL_VQ`: such a frontend enables queue pairs by
+        // their rings (`SET_VRING_ENABLE`), see `try_activate`.
+        let consistent = features::prune_with_frontend_control(Features::from_bits(virtio));
         if consistent.bits() != virtio {
             log::info!(
                 "{}: the frontend acked {virtio:#x}; using {:#x}, without the features whose dependencies it left out",
@@ -980,7 +1005,7 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
                 consistent.bits()
             );
         }
-        if let Err(e) = dev.ack_features(consistent.bits()) {
+        if let Err(e) = dev.ack_features_from_frontend(consistent.bits()) {
             // Never run on a previous negotiation the frontend no longer uses.
             dev.reset();
             log::error!(

@@ -153,7 +153,7 @@ where
         Ok(())
     }
 
-    fn apply_pairs(&mut self, n: u16) -> std::io::Result<()> {
+    pub(crate) fn apply_pairs(&mut self, n: u16) -> std::io::Result<()> {
         for p in &self.pairs {
             p.lock().set_enabled(p.index() < n)?;
         }

@@ -90,6 +90,17 @@ pub enum Error {
         "the driver did not negotiate VIRTIO_NET_F_GUEST_ANNOUNCE: the host must announce the guest itself (for example with a RARP)"
     )]
     AnnounceNotNegotiated,
+    /// [`StandbyNet::set_active_queue_pairs`] outside 1 to the pairs the
+    /// negotiation allows.
+    #[error(
+        "{requested} active queue pairs asked for, but the negotiation allows 1 to {available} (more than 1 needs VIRTIO_NET_F_MQ)"
+    )]
+    ActivePairs {
+        /// Pairs asked for.
+        requested: u16,
+        /// The most the negotiation allows.
+        available: usize,
+    },
     /// A snapshot could not be restored.
     #[error("the snapshot cannot be restored")]
     Snapshot(#[from] snapshot::Error),
@@ -419,6 +430,42 @@ where
     /// How many queue pairs the driver enabled (`VIRTIO_NET_CTRL_MQ`).
     pub fn active_queue_pairs(&self) -> u16 {
         lock(&self.ctrl).state().active_pairs
+    }
+
+    /// Accepts the features a frontend that serves the control queue itself
+    /// acknowledged (a vhost-user frontend): as
+    /// [`VirtioDevice::ack_features`], except that `MQ` is valid without
+    /// `CTRL_VQ` ([`features::negotiate_with_frontend_control`]). Such a
+    /// frontend enables queue pairs by their rings; tell the device with
+    /// [`set_active_queue_pairs`](Self::set_active_queue_pairs).
+    pub fn ack_features_from_frontend(&mut self, features: u64) -> Result<()> {
+        if self.active {
+            return Err(Error::Active);
+        }
+        let acked =
+            features::negotiate_with_frontend_control(self.offered, Features::from_bits(features))?;
+        self.accept_features(acked)?;
+        self.negotiation.acked(acked.bits());
+        Ok(())
+    }
+
+    /// Enables queue pairs 0 to `n - 1` and disables the others, as the
+    /// driver's `VQ_PAIRS_SET` does: for a frontend that serves the control
+    /// queue itself and enables pairs by their rings. Needs `MQ` negotiated
+    /// and `n` between 1 and the device's queue pairs.
+    pub fn set_active_queue_pairs(&mut self, n: u16) -> Result<()> {
+        let acked = self.acked.ok_or(Error::NotNegotiated)?;
+        if !acked.has(VIRTIO_NET_F_MQ) || n == 0 || usize::from(n) > self.pairs.len() {
+            return Err(Error::ActivePairs {
+                requested: n,
+                available: if acked.has(VIRTIO_NET_F_MQ) {
+                    self.pairs.len()
+                } else {
+                    1
+                },
+            });
+        }
+        lock(&self.ctrl).apply_pairs(n).map_err(Error::Backend)
     }
 
     /// The receive filter the driver programmed.

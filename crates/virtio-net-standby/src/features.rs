@@ -331,8 +331,15 @@ const DEPENDENCIES: &[(u32, &[u32])] = &[
 /// The first dependency `set` breaks: the feature, and the features any one of
 /// which it needs.
 fn first_broken_dependency(set: Features) -> Option<(u32, &'static [u32])> {
+    broken_dependency(set, false)
+}
+
+/// As [`first_broken_dependency`]; with `frontend_control`, `MQ` needs no
+/// `CTRL_VQ` (see [`negotiate_with_frontend_control`]).
+fn broken_dependency(set: Features, frontend_control: bool) -> Option<(u32, &'static [u32])> {
     DEPENDENCIES
         .iter()
+        .filter(|(feature, _)| !(frontend_control && *feature == VIRTIO_NET_F_MQ))
         .find(|(feature, any_of)| set.has(*feature) && !any_of.iter().any(|b| set.has(*b)))
         .map(|(f, any_of)| (*f, *any_of))
 }
@@ -352,6 +359,15 @@ fn describe_dependency((feature, any_of): (u32, &[u32])) -> (&'static str, Strin
 /// what remains of an offer after the backend took some offloads away.
 pub fn prune(mut set: Features) -> Features {
     while let Some((feature, _)) = first_broken_dependency(set) {
+        set = set.without(feature);
+    }
+    set
+}
+
+/// [`prune`] for a frontend that serves the control queue itself: `MQ`
+/// stays without `CTRL_VQ` (see [`negotiate_with_frontend_control`]).
+pub fn prune_with_frontend_control(mut set: Features) -> Features {
+    while let Some((feature, _)) = broken_dependency(set, true) {
         set = set.without(feature);
     }
     set
@@ -385,6 +401,19 @@ pub fn validate_offer(offered: Features) -> Result<()> {
 /// sees: unoffered bits, then STANDBY without VERSION_1, then a legacy driver, then
 /// dependencies.
 pub fn negotiate(offered: Features, acked: Features) -> Result<Features> {
+    negotiate_as(offered, acked, false)
+}
+
+/// [`negotiate`] for a frontend that serves the control queue itself and
+/// hands the device only the data rings: a vhost-user frontend (QEMU, DPDK's
+/// virtio-user) acknowledges `MQ` without `CTRL_VQ` and enables queue pairs
+/// by their rings (`SET_VRING_ENABLE`) rather than by `VQ_PAIRS_SET`. Every
+/// other rule is [`negotiate`]'s.
+pub fn negotiate_with_frontend_control(offered: Features, acked: Features) -> Result<Features> {
+    negotiate_as(offered, acked, true)
+}
+
+fn negotiate_as(offered: Features, acked: Features, frontend_control: bool) -> Result<Features> {
     let unoffered = acked.difference(offered);
     if !unoffered.is_empty() {
         return Err(Error::NotOffered(unoffered));
@@ -395,7 +424,7 @@ pub fn negotiate(offered: Features, acked: Features) -> Result<Features> {
     if !acked.has(F_VERSION_1) {
         return Err(Error::LegacyDriver);
     }
-    if let Some(broken) = first_broken_dependency(acked) {
+    if let Some(broken) = broken_dependency(acked, frontend_control) {
         let (feature, requires) = describe_dependency(broken);
         return Err(Error::MissingDependency { feature, requires });
     }
@@ -536,6 +565,26 @@ mod tests {
             assert!(!p.has(b), "{}", describe_bit(b));
         }
         assert_eq!(prune(DEFAULT_OFFER), DEFAULT_OFFER);
+    }
+
+    #[test]
+    fn a_frontend_that_serves_the_control_queue_keeps_mq_without_ctrl_vq() {
+        let acked = DEFAULT_OFFER.without(VIRTIO_NET_F_CTRL_VQ);
+        let p = prune_with_frontend_control(acked);
+        assert!(p.has(VIRTIO_NET_F_MQ));
+        for b in [VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS] {
+            assert!(!p.has(b), "{}", describe_bit(b));
+        }
+        assert_eq!(negotiate_with_frontend_control(DEFAULT_OFFER, p), Ok(p));
+        // A driver negotiating by itself still needs the control queue.
+        assert!(matches!(
+            negotiate(DEFAULT_OFFER, p),
+            Err(Error::MissingDependency {
+                feature: "VIRTIO_NET_F_MQ",
+                ..
+            })
+        ));
+        assert!(!prune(acked).has(VIRTIO_NET_F_MQ));
     }
 
     #[test]
