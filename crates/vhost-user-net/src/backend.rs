@@ -19,14 +19,16 @@
 //! One worker thread serves every queue; the backends' readiness descriptors
 //! (a tap's fd) are registered with it edge-triggered.
 
+use std::cell::RefCell;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 use virtio_net_standby::features;
 use virtio_net_standby::{
@@ -156,6 +158,59 @@ pub const DEFAULT_SETTLE_CHAINS: u32 = 8;
 /// in one settle pause, about a microsecond on current x86 cores.
 pub const DEFAULT_SETTLE_PAUSES: u32 = 32;
 
+thread_local! {
+    /// While this thread builds a `VhostUserDaemon` in
+    /// [`VhostUserNet::daemon`]: the descriptors of the exit events'
+    /// consumers handed to its workers, which the daemon abandons (see
+    /// [`ExitConsumers`]).
+    static EXIT_CONSUMERS: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+}
+
+/// Closes the exit-event consumers a `VhostUserDaemon` abandons.
+///
+/// vhost-user-backend 0.24's worker (`VringEpollHandler::new`) takes the
+/// consumer of the exit event our [`VhostUserBackend::exit_event`] returns
+/// out of its `EventConsumer` with `into_raw_fd`, adds that descriptor to its
+/// epoll set and never closes it: nothing owns it any more, and every daemon
+/// would leave one eventfd per worker thread open for the life of the process
+/// (one per connection the [`Server`](crate::Server) serves). The worker
+/// still needs the eventfd itself, but not that descriptor: epoll keeps
+/// watching an open file as long as any descriptor refers to it, and the
+/// notifier the daemon keeps to stop the worker is a duplicate of the same
+/// open file. So once the daemon is built, the consumers' descriptors are
+/// closed here; the eventfd goes away with the notifier, when the daemon is
+/// dropped.
+///
+/// Only the exit events made on this thread while the daemon is being built
+/// are recorded, so a consumer anyone else obtains from `exit_event` stays
+/// theirs.
+struct ExitConsumers;
+
+impl ExitConsumers {
+    fn record() -> Self {
+        EXIT_CONSUMERS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        ExitConsumers
+    }
+}
+
+impl Drop for ExitConsumers {
+    fn drop(&mut self) {
+        let fds = EXIT_CONSUMERS
+            .with(|c| c.borrow_mut().take())
+            .unwrap_or_default();
+        for fd in fds {
+            // SAFETY: `fd` is the descriptor of a consumer that `exit_event`
+            // handed to `VhostUserDaemon::new` on this thread, which gave it
+            // to a worker's `VringEpollHandler::new`; that turned it into a
+            // raw descriptor, registered it with epoll (or failed to) and
+            // dropped the number without closing it (vhost-user-backend
+            // 0.24). Nobody else owns or uses it: closing it is the release
+            // its owner never made.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
 /// State of the current connection.
 #[derive(Default)]
 struct Conn {
@@ -272,6 +327,24 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             settle_pauses: AtomicU32::new(DEFAULT_SETTLE_PAUSES),
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?,
         }))
+    }
+
+    /// A `VhostUserDaemon` serving this device, for one connection: what
+    /// [`Server`](crate::Server) starts for every frontend. A VMM that runs
+    /// its own daemon should build it here rather than with
+    /// `VhostUserDaemon::new`, which leaves an eventfd open per worker thread
+    /// each time (vhost-user-backend 0.24 never closes the exit event's
+    /// consumer; this closes it once the workers have registered it). Call
+    /// [`disconnected`](Self::disconnected) after its `wait` returns.
+    pub fn daemon(
+        self: &Arc<Self>,
+    ) -> std::result::Result<VhostUserDaemon<Arc<Self>>, vhost_user_backend::Error> {
+        let _consumers = ExitConsumers::record();
+        VhostUserDaemon::new(
+            self.name.clone(),
+            Arc::clone(self),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
     }
 
     /// After the rings run dry, keep polling them for `window` before going
@@ -785,8 +858,15 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => {
+                EXIT_CONSUMERS.with(|c| {
+                    if let Some(fds) = c.borrow_mut().as_mut() {
+                        fds.push(pair.0.as_raw_fd());
+                    }
+                });
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("{}: cannot create the worker's exit event: {e}", self.name);
                 None

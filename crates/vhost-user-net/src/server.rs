@@ -32,9 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::VhostUserDaemon;
 use virtio_net_standby::NetBackend;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::VhostUserNet;
@@ -96,6 +94,9 @@ pub struct ServerStats {
     pub connections: AtomicU64,
     /// Connections that ended with an error (malformed message, socket error).
     pub failed: AtomicU64,
+    /// Connections that ended, either way, once everything the server held
+    /// for them (threads, descriptors, the device's rings) is released.
+    pub ended: AtomicU64,
 }
 
 /// Mode of a socket the daemon creates when nothing else is said: only its
@@ -242,6 +243,7 @@ impl<B: NetBackend + 'static> Server<B> {
                 }
             };
             self.net.disconnected();
+            self.stats.ended.fetch_add(1, Ordering::Release);
             if self.stop.read().is_ok() {
                 return Ok(());
             }
@@ -463,12 +465,10 @@ impl<B: NetBackend + 'static> Server<B> {
         // enter; the relay connects to it before the handler accepts, and the
         // path is gone before anyone else could look.
         let private = PrivateSocket::new()?;
-        let mut daemon = VhostUserDaemon::new(
-            self.net.name().to_string(),
-            Arc::clone(&self.net),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| Error::Daemon(e.to_string()))?;
+        let mut daemon = self
+            .net
+            .daemon()
+            .map_err(|e| Error::Daemon(e.to_string()))?;
         for h in daemon.get_epoll_handlers() {
             for (fd, ev, token) in self.net.backend_listeners() {
                 h.register_listener(fd, ev, token)
