@@ -261,7 +261,7 @@ where
         let Some(a) = self.active.as_mut() else {
             return Processed::default();
         };
-        let r = a.tx.process(
+        let (out, notify, result) = a.tx.process(
             &a.ram,
             &mut self.backend,
             a.features,
@@ -269,25 +269,23 @@ where
             self.budget,
             &mut c,
         );
-        let out = match r {
-            Ok((out, notify)) => {
-                if notify {
-                    let a = self.active.as_ref().expect("active");
-                    self.notify(a, self.tx_queue_index(), &mut c);
-                } else if out.chains > 0 {
-                    c.notifications_suppressed += 1;
-                }
-                Processed {
-                    notified: notify,
-                    ..out
-                }
-            }
-            Err(e) => {
-                a.broken = true;
-                self.shared
-                    .fail(&format_args!("TX queue {}: {e}", self.tx_queue_index()));
-                Processed::default()
-            }
+        // The chains used before a ring error are published and counted: the
+        // driver is told about them as about any others, then that the device
+        // needs a reset.
+        if notify {
+            let a = self.active.as_ref().expect("active");
+            self.notify(a, self.tx_queue_index(), &mut c);
+        } else if out.chains > 0 {
+            c.notifications_suppressed += 1;
+        }
+        if let Err(e) = result {
+            self.active.as_mut().expect("active").broken = true;
+            self.shared
+                .fail(&format_args!("TX queue {}: {e}", self.tx_queue_index()));
+        }
+        let out = Processed {
+            notified: notify,
+            ..out
         };
         self.counters.add(&c);
         out
@@ -305,7 +303,7 @@ where
             return Processed::default();
         };
         a.filter.refresh(&self.shared.filter);
-        let r = a.rx.process(
+        let (out, notify, result) = a.rx.process(
             &a.ram,
             &mut self.backend,
             &a.filter,
@@ -314,25 +312,23 @@ where
             self.budget,
             &mut c,
         );
-        let out = match r {
-            Ok((out, notify)) => {
-                if notify {
-                    let a = self.active.as_ref().expect("active");
-                    self.notify(a, self.rx_queue_index(), &mut c);
-                } else if out.chains > 0 {
-                    c.notifications_suppressed += 1;
-                }
-                Processed {
-                    notified: notify,
-                    ..out
-                }
-            }
-            Err(e) => {
-                a.broken = true;
-                self.shared
-                    .fail(&format_args!("RX queue {}: {e}", self.rx_queue_index()));
-                Processed::default()
-            }
+        // The chains used before a ring error are published and counted: the
+        // driver is told about them as about any others, then that the device
+        // needs a reset.
+        if notify {
+            let a = self.active.as_ref().expect("active");
+            self.notify(a, self.rx_queue_index(), &mut c);
+        } else if out.chains > 0 {
+            c.notifications_suppressed += 1;
+        }
+        if let Err(e) = result {
+            self.active.as_mut().expect("active").broken = true;
+            self.shared
+                .fail(&format_args!("RX queue {}: {e}", self.rx_queue_index()));
+        }
+        let out = Processed {
+            notified: notify,
+            ..out
         };
         self.counters.add(&c);
         out

@@ -56,12 +56,18 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
-    /// The driver moved the available index further than the queue size: the ring
-    /// state is corrupt and the device needs a reset.
-    #[error("the driver made {pending} buffers available on a queue of {size}")]
+    /// The driver moved the available index further than the queue size allows
+    /// (counting the buffers the device holds): the ring state is corrupt and
+    /// the device needs a reset.
+    #[error(
+        "the driver made {pending} buffers available while the device holds {held} \
+         on a queue of {size}"
+    )]
     AvailIndexRunaway {
-        /// How many buffers the index claims.
+        /// How many buffers the index claims beyond those the device took.
         pending: u16,
+        /// Buffers the device took and has not used yet.
+        held: u16,
         /// The queue size.
         size: u16,
     },
@@ -344,13 +350,17 @@ impl SplitRing {
     /// taken yet.
     ///
     /// Fails with [`Error::AvailIndexRunaway`] if the driver claims more than the
-    /// queue holds.
+    /// queue holds, counting the buffers the device took and has not used yet:
+    /// a driver has one descriptor per entry, so it can never have more
+    /// buffers outstanding than the queue size.
     #[inline]
     pub fn available(&self) -> Result<u16> {
         let pending = self.avail_idx().wrapping_sub(self.next_avail());
-        if pending > self.size {
+        let held = self.next_avail().wrapping_sub(self.next_used());
+        if u32::from(pending) + u32::from(held) > u32::from(self.size) {
             return Err(Error::AvailIndexRunaway {
                 pending,
+                held,
                 size: self.size,
             });
         }
@@ -647,11 +657,59 @@ mod tests {
             ring.available().unwrap_err(),
             Error::AvailIndexRunaway {
                 pending: 9,
+                held: 0,
                 size: 8
             }
         );
         dq.set_avail_idx(8);
         assert_eq!(ring.available().unwrap(), 8);
+    }
+
+    /// The `rx_queue` fuzz finding `rx_queue-in-flight`: on a queue of 1 the
+    /// device held the only chain (staged for a frame) when the driver made
+    /// the same head available again; the device took it a second time, two
+    /// chains in flight on a queue of 1. A driver cannot have more buffers
+    /// outstanding than the queue has entries, so that index is a runaway.
+    #[test]
+    fn buffers_held_by_the_device_count_against_the_queue_size() {
+        let (_mem, mut dq, mut ring, ram) = setup(1, false);
+        let h = dq.add_writable(&[0x1000], &[1536]);
+        dq.publish();
+        assert_eq!(ring.available().unwrap(), 1);
+        assert_eq!(ring.pop_head().unwrap(), h);
+        // The same head again while the device still holds it.
+        dq.set_avail_entry(1, h);
+        dq.set_avail_idx(2);
+        assert_eq!(
+            ring.available().unwrap_err(),
+            Error::AvailIndexRunaway {
+                pending: 1,
+                held: 1,
+                size: 1
+            }
+        );
+        // Once the device used it, the driver may post it again.
+        let old = ring.next_used();
+        ring.push_used(h, 0);
+        ring.publish_used(&ram, old);
+        assert_eq!(ring.available().unwrap(), 1);
+        assert_eq!(ring.pop_head().unwrap(), h);
+
+        // A full queue of 8, half held: four more are the most the index may add.
+        let (_mem, mut dq, mut ring, _ram) = setup(8, false);
+        for i in 0..8 {
+            dq.add_readable(&[0x1000 + 0x100 * i], &[16]);
+        }
+        dq.publish();
+        for _ in 0..4 {
+            ring.pop_head().unwrap();
+        }
+        assert_eq!(ring.available().unwrap(), 4);
+        dq.set_avail_idx(9);
+        assert!(matches!(
+            ring.available().unwrap_err(),
+            Error::AvailIndexRunaway { held: 4, .. }
+        ));
     }
 
     #[test]

@@ -80,8 +80,11 @@ impl TxQueue {
         }
     }
 
-    /// Processes up to `budget` chains. Returns the outcome and whether the driver
-    /// wants an interrupt.
+    /// Processes up to `budget` chains. Returns the outcome, whether the driver
+    /// wants an interrupt, and the ring error that ended the pass, if one did.
+    /// The outcome counts every chain returned before that error too: those
+    /// chains were sent (or dropped), counted and published in the used ring,
+    /// whatever came after them.
     pub fn process<M: GuestMemoryBackend, B: NetBackend>(
         &mut self,
         ram: &GuestRam<M>,
@@ -90,7 +93,7 @@ impl TxQueue {
         link_up: bool,
         budget: usize,
         c: &mut NetCounters,
-    ) -> ring::Result<(Processed, bool)> {
+    ) -> (Processed, bool, ring::Result<()>) {
         let old = self.ring.next_used();
         let mut out = Processed::default();
         self.ring.disable_kicks(ram);
@@ -102,9 +105,8 @@ impl TxQueue {
         if let Err(e) = backend.flush() {
             log::debug!("backend flush failed: {e}");
         }
-        result?;
         let notify = published && self.ring.needs_interrupt(old);
-        Ok((out, notify))
+        (out, notify, result)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -132,14 +134,17 @@ impl TxQueue {
                 return Ok(());
             }
             let n = avail.min(BURST).min(budget - out.chains);
-            self.gather(n, ram, features, link_up)?;
+            // The chains gathered before a bad head still get their outcome.
+            let gathered = self.gather(n, ram, features, link_up);
             if !self.send(backend, c, out) {
-                return Ok(());
+                return gathered;
             }
+            gathered?;
         }
     }
 
-    /// Takes `n` chains from the ring and judges each, without sending any.
+    /// Takes `n` chains from the ring and judges each, without sending any. On
+    /// a ring error the chains taken before it stay in the burst.
     #[inline]
     fn gather<M: GuestMemoryBackend>(
         &mut self,
@@ -529,6 +534,32 @@ mod tests {
         assert!(f.dev.needs_reset());
         assert_eq!(f.g.interrupt.config_count(), 1);
         assert!(f.sent().is_empty());
+    }
+
+    /// The `tx_queue` fuzz finding `tx_queue-chains-without-outcome`: 40 chains
+    /// (more than one burst) then a head outside the table in the same pass.
+    /// The chains before the bad head were sent, counted and returned, but
+    /// `process_tx` reported none of them (it dropped its count on the error).
+    /// Now every chain before the bad head is sent and returned, the outcome
+    /// counts them, and the device needs a reset.
+    #[test]
+    fn chains_before_a_bad_head_are_returned_counted_and_reported() {
+        let mut f = fx(DEFAULT_OFFER);
+        let frames: Vec<_> = (0..40u8).map(|i| frame(PEER, &[i; 60])).collect();
+        for fr in &frames {
+            f.g.queue_tx(0, fr);
+        }
+        f.g.tx[0].set_avail_entry(40, 4000);
+        f.g.tx[0].set_avail_idx(41);
+        let p = f.process();
+        assert!(f.dev.needs_reset());
+        assert_eq!(p.chains, 40, "every chain taken before the bad head");
+        assert!(p.notified, "the used chains are signalled");
+        assert_eq!(f.sent(), frames);
+        f.all_returned(40);
+        let c = f.counters();
+        assert_eq!(c.tx_frames, 40);
+        assert_eq!(f.g.interrupt.config_count(), 1);
     }
 
     #[test]
