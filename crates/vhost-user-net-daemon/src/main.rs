@@ -101,9 +101,8 @@ struct Args {
     mtu: u16,
 
     /// Queue pairs offered, each served by a worker thread of its own (more
-    /// than one needs a multiqueue tap, and a frontend that lets the backend
-    /// serve the control queue: with QEMU and DPDK's virtio-user, which keep
-    /// it, the device runs one pair).
+    /// than one needs a multiqueue tap; with QEMU, `queues=N` on the netdev
+    /// and `mq=on` on the device).
     #[arg(long, default_value_t = 1)]
     queue_pairs: u16,
 

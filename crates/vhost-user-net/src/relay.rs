@@ -95,7 +95,8 @@
 //! recovered from the used rings. QEMU acknowledges only the virtio bits a
 //! vhost-user net backend may carry: not `STANDBY`, `CTRL_VQ`, `CTRL_RX`,
 //! `MAC` or `STATUS`, which its own virtio-net serves; it forwards
-//! `GUEST_ANNOUNCE` without `CTRL_VQ` (the backend prunes it). It sends no
+//! `GUEST_ANNOUNCE` without `CTRL_VQ` (the backend prunes it) and `MQ`
+//! without `CTRL_VQ` (kept: QEMU enables pairs by their rings). It sends no
 //! `GET_CONFIG`, `SET_CONFIG`, `RESET_OWNER` or `RESET_DEVICE`. User-Mode
 //! Linux and DPDK's virtio-user send `SET_FEATURES` before any
 //! `SET_VRING_ENABLE`, which is why only QEMU met the `vhost` crate's check.
