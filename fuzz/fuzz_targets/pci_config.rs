@@ -21,7 +21,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use pcie_hotplug::{RootPort, RootPortBuilder};
 use vfio_primary::testing::RecordedVf;
-use vfio_primary::{VfioPrimary, VfioPrimaryBuilder};
+use vfio_primary::{RomPolicy, VfioPrimary, VfioPrimaryBuilder};
 use virtio_device::testing::FakeDevice;
 use virtio_net_standby::testing::{GuestMem, TestMemory};
 use virtio_pci::{VirtioPciBuilder, VirtioPciDevice};
@@ -92,7 +92,7 @@ impl Func {
 }
 
 fn build(which: u8) -> Func {
-    match which % 3 {
+    match which % 4 {
         0 => Func::Port(Box::new(
             RootPortBuilder::new("rp0", 1)
                 .surprise(which & 4 != 0)
@@ -107,12 +107,19 @@ fn build(which: u8) -> Func {
                     .expect("virtio"),
             ))
         }
-        _ => {
+        n => {
+            // 3: the expansion ROM exposed (the model's own), else hidden.
+            let rom = if n == 3 {
+                RomPolicy::Device
+            } else {
+                RomPolicy::Hidden
+            };
             let vf = Arc::new(RecordedVf::intel_82599_vf());
             Func::Vfio(Box::new(
                 VfioPrimaryBuilder::new("hostdev0", vf.clone(), vf, Arc::new(RecordingMsi::new()))
                     .page_size(0x1000)
                     .failover_pair_id("net0")
+                    .rom(rom)
                     .build()
                     .expect("primary"),
             ))
@@ -247,6 +254,41 @@ fn check_bars(func: &mut Func, bars: &[Option<Bar>]) {
             );
         }
     }
+    // An expansion ROM window decodes only where the register says, enabled,
+    // aligned to its size, and the register never holds bits 10:1.
+    if !matches!(func, Func::Port(_)) {
+        let f = func.f();
+        let reg = r32(f, 0x30);
+        assert_eq!(reg & 0x7fe, 0, "ROM register {reg:#x} holds bits 10:1");
+        if let Some(r) = f.rom_region() {
+            assert_eq!(r.index, vmm_pci::ROM_INDEX);
+            assert!(
+                r.size.is_power_of_two() && r.size >= 2048,
+                "ROM size {:#x}",
+                r.size
+            );
+            assert_eq!(
+                reg & 1,
+                1,
+                "the ROM decodes at {:#x} while disabled",
+                r.address
+            );
+            assert_eq!(
+                r.address,
+                u64::from(reg & 0xffff_f800),
+                "ROM window vs register {reg:#x}"
+            );
+            assert_eq!(
+                r.address % r.size,
+                0,
+                "ROM window {:#x} not aligned to {:#x}",
+                r.address,
+                r.size
+            );
+            assert_ne!(r.address, 0, "a ROM window at 0");
+        }
+    }
+    let f = func.f();
     for r in f.bar_regions().iter().flatten() {
         let Some(Some(b)) = bars.get(usize::from(r.index)) else {
             panic!("BAR {} decodes but did not size", r.index);
@@ -320,7 +362,7 @@ fuzz_target!(|input: Input| {
             Op::Reg { which, value } => {
                 let regs: Vec<u16> = (0..6u16)
                     .map(|i| 0x10 + 4 * i)
-                    .chain([0x04, 0x18, 0x1c, 0x20, 0x24, 0x3c])
+                    .chain([0x04, 0x18, 0x1c, 0x20, 0x24, 0x30, 0x3c])
                     .chain(
                         caps0
                             .iter()
