@@ -9,8 +9,10 @@
 //! with logging off again it must stay clear. `SEND_RARP` sends the
 //! announcement on the backend.
 
+mod support;
+
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,9 +23,11 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_net::{Server, ShutdownHandle, VhostUserNet, rarp_frame};
+use vhost_user_net::{Server, VhostUserNet, rarp_frame};
 use virtio_net_standby::{NetBackend, PairBackend, PairConfig, StandbyNetBuilder, TxFrame, pair};
 use vmm_sys_util::eventfd::EventFd;
+
+use support::{ServerThread, memfd};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 /// Guest physical address and size of the one memory region.
@@ -52,18 +56,6 @@ const BUFFERS: u16 = 32;
 const PAGE: u64 = 4096;
 /// The log covers guest memory up to 64 MiB.
 const LOG_LEN: u64 = 4096;
-
-fn memfd(name: &std::ffi::CStr, len: u64) -> OwnedFd {
-    // SAFETY: a fresh descriptor from a C string; checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is new and owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on a descriptor we own.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
-    assert_eq!(r, 0);
-    fd
-}
 
 /// A shared mapping of a memory file, accessed by offset.
 struct Map {
@@ -193,20 +185,6 @@ fn send(peer: &mut PairBackend, len: usize, seed: u8) -> Vec<u8> {
     f
 }
 
-struct Running {
-    stop: ShutdownHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.shutdown();
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
 #[test]
 fn every_page_the_device_writes_is_logged_and_nothing_else() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dirty-log.sock");
@@ -218,10 +196,7 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
         .unwrap();
     let net: Arc<VhostUserNet<PairBackend>> = VhostUserNet::new("dirty", dev).unwrap();
     let server = Server::bind(&path, net.clone()).unwrap();
-    let _running = Running {
-        stop: server.shutdown_handle(),
-        thread: Some(std::thread::spawn(move || server.run().unwrap())),
-    };
+    let _running = ServerThread::spawn(server);
 
     let mem_fd = memfd(c"guest", SIZE);
     let guest = Guest(Map::new(&mem_fd, SIZE));

@@ -7,7 +7,9 @@
 //! This file holds one test on purpose: the descriptor count is the whole
 //! process's, and another test running alongside would move it.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod support;
+
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,9 +18,11 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_net::{Server, ShutdownHandle, VhostUserNet};
+use vhost_user_net::{Server, VhostUserNet};
 use virtio_net_standby::{Discard, StandbyNetBuilder};
 use vmm_sys_util::eventfd::EventFd;
+
+use support::{ServerThread, memfd};
 
 /// Connections served in a row.
 const CONNECTIONS: usize = 50;
@@ -58,38 +62,12 @@ fn fd_kinds() -> std::collections::BTreeMap<String, usize> {
     kinds
 }
 
-fn memfd(len: u64) -> OwnedFd {
-    // SAFETY: a fresh descriptor from a C string; checked below.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is new and owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on a descriptor we own.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
-    assert_eq!(r, 0);
-    fd
-}
-
-struct Running {
-    stop: ShutdownHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.shutdown();
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
 /// One frontend's session, as far as handing over its descriptors, then a
 /// disconnect. `start`: also give the rings their size and addresses and kick
 /// them, so that the device activates on them (its interrupts then go to the
 /// call eventfds).
 fn session(path: &PathBuf, net: &VhostUserNet<Discard>, start: bool) {
-    let mem = memfd(SIZE);
+    let mem = memfd(c"guest", SIZE);
     let mut f = Frontend::connect(path, 2).unwrap();
     f.set_owner().unwrap();
     f.get_features().unwrap();
@@ -156,10 +134,7 @@ fn connections_leave_no_descriptor_behind() {
     let net: Arc<VhostUserNet<Discard>> = VhostUserNet::new("leak", dev).unwrap();
     let server = Server::bind(&path, net.clone()).unwrap();
     let stats = server.stats();
-    let _running = Running {
-        stop: server.shutdown_handle(),
-        thread: Some(std::thread::spawn(move || server.run().unwrap())),
-    };
+    let _running = ServerThread::spawn(server);
     // Whatever the first connection creates once for good is part of the
     // baseline.
     session(&path, &net, true);

@@ -8,7 +8,9 @@
 //! receive its own, and the device must report that a different thread moved
 //! each pair's chains.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod support;
+
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -17,9 +19,11 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_net::{Server, ShutdownHandle, VhostUserNet};
+use vhost_user_net::{Server, VhostUserNet};
 use virtio_net_standby::{NetBackend, PairBackend, PairConfig, StandbyNetBuilder, TxFrame, pair};
 use vmm_sys_util::eventfd::EventFd;
+
+use support::{ServerThread, memfd};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
 const GPA: u64 = 0x10_0000;
@@ -62,14 +66,7 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
-        // SAFETY: a fresh descriptor from a C string; checked below.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is new and owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on a descriptor we own.
-        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), SIZE as libc::off_t) };
-        assert_eq!(r, 0);
+        let fd = memfd(c"guest", SIZE);
         // SAFETY: a fresh shared mapping of a file we own; checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -156,20 +153,6 @@ fn send(peer: &mut PairBackend, seed: u8) {
     peer.flush().unwrap();
 }
 
-struct Running {
-    stop: ShutdownHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.shutdown();
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
 #[test]
 fn two_queue_pairs_each_on_its_own_worker_thread() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("multiqueue.sock");
@@ -184,10 +167,7 @@ fn two_queue_pairs_each_on_its_own_worker_thread() {
     let net: Arc<VhostUserNet<PairBackend>> = VhostUserNet::new("mq", dev).unwrap();
     assert_eq!(net.workers(), 2, "one worker per queue pair");
     let server = Server::bind(&path, net.clone()).unwrap();
-    let _running = Running {
-        stop: server.shutdown_handle(),
-        thread: Some(std::thread::spawn(move || server.run().unwrap())),
-    };
+    let _running = ServerThread::spawn(server);
 
     let guest = Guest::new();
     // RX buffers of both pairs, posted before the rings start.

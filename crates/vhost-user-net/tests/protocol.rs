@@ -2,6 +2,8 @@
 //! frontend for well-formed sessions, raw bytes for everything a frontend must
 //! not send. After every bad connection the next frontend is served.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -14,25 +16,17 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost_user_net::{Server, ServerStats, ShutdownHandle, VhostUserNet, protocol_features};
+use vhost_user_net::{Server, ServerStats, VhostUserNet, protocol_features};
 use virtio_net_standby::features::F_STANDBY;
 use virtio_net_standby::{Discard, StandbyNetBuilder};
 
+use support::ServerThread;
+
 struct Running {
     path: PathBuf,
-    stop: ShutdownHandle,
     stats: Arc<ServerStats>,
     net: Arc<VhostUserNet<Discard>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.shutdown();
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
+    _server: ServerThread,
 }
 
 fn start(tag: &str) -> Running {
@@ -44,15 +38,12 @@ fn start(tag: &str) -> Running {
         .unwrap();
     let net = VhostUserNet::new(tag, dev).unwrap();
     let server = Server::bind(&path, net.clone()).unwrap();
-    let stop = server.shutdown_handle();
     let stats = server.stats();
-    let thread = std::thread::spawn(move || server.run().unwrap());
     Running {
         path,
-        stop,
         stats,
         net,
-        thread: Some(thread),
+        _server: ServerThread::spawn(server),
     }
 }
 
