@@ -16,7 +16,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
@@ -24,10 +23,10 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_net::{Server, VhostUserNet, rarp_frame};
-use virtio_net_standby::{NetBackend, PairBackend, PairConfig, StandbyNetBuilder, TxFrame, pair};
+use virtio_net_standby::{PairBackend, PairConfig, StandbyNetBuilder, pair};
 use vmm_sys_util::eventfd::EventFd;
 
-use support::{ServerThread, memfd};
+use support::{ServerThread, memfd, send_frame, wait_until};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 /// Guest physical address and size of the one memory region.
@@ -157,34 +156,6 @@ fn pages(gpa: u64, len: u64) -> std::ops::RangeInclusive<u64> {
     gpa / PAGE..=(gpa + len - 1) / PAGE
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A frame of `len` bytes (header included) with a pattern from `seed`.
-fn send(peer: &mut PairBackend, len: usize, seed: u8) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[12..18].copy_from_slice(&MAC);
-    f[18..24].copy_from_slice(&[2, 0, 0, 0, 0, seed]);
-    f[24..26].copy_from_slice(&0x0800u16.to_be_bytes());
-    for (i, b) in f[26..].iter_mut().enumerate() {
-        *b = seed.wrapping_mul(31).wrapping_add(i as u8);
-    }
-    let iov = [libc::iovec {
-        iov_base: f.as_ptr() as *mut libc::c_void,
-        iov_len: f.len(),
-    }];
-    // SAFETY: the iovec describes `f`, alive for the call.
-    let tx = unsafe { TxFrame::new(&iov, f.len()) };
-    peer.send(&tx).unwrap();
-    peer.flush().unwrap();
-    f
-}
-
 #[test]
 fn every_page_the_device_writes_is_logged_and_nothing_else() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dirty-log.sock");
@@ -296,7 +267,7 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
     let sent: Vec<Vec<u8>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &l)| send(&mut peer, l, i as u8 + 1))
+        .map(|(i, &l)| send_frame(&mut peer, MAC, l, i as u8 + 1))
         .collect();
     let n = lens.len() as u16;
     wait_until("the frames in the used ring", || {
@@ -337,7 +308,7 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
     f.get_features().unwrap();
     assert!(!net.migration_log().logging());
     log.zero();
-    send(&mut peer, 200, 99);
+    send_frame(&mut peer, MAC, 200, 99);
     wait_until("one more frame", || guest.r16(RX_USED + 2) == n + 1);
     assert!(marked(&log).is_empty(), "{:x?}", marked(&log));
 

@@ -14,16 +14,15 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_net::{Server, VhostUserNet};
-use virtio_net_standby::{NetBackend, PairBackend, PairConfig, StandbyNetBuilder, TxFrame, pair};
+use virtio_net_standby::{PairBackend, PairConfig, StandbyNetBuilder, pair};
 use vmm_sys_util::eventfd::EventFd;
 
-use support::{ServerThread, memfd};
+use support::{ServerThread, memfd, send_frame, wait_until};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
 const GPA: u64 = 0x10_0000;
@@ -129,30 +128,6 @@ impl Drop for Guest {
     }
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A 60-byte frame (after the 12-byte header) for the device's MAC.
-fn send(peer: &mut PairBackend, seed: u8) {
-    let mut f = [0u8; 12 + 60];
-    f[12..18].copy_from_slice(&MAC);
-    f[18..24].copy_from_slice(&[2, 0, 0, 0, 0, seed]);
-    f[24..26].copy_from_slice(&0x0800u16.to_be_bytes());
-    let iov = [libc::iovec {
-        iov_base: f.as_ptr() as *mut libc::c_void,
-        iov_len: f.len(),
-    }];
-    // SAFETY: the iovec describes `f`, alive for the call.
-    let tx = unsafe { TxFrame::new(&iov, f.len()) };
-    peer.send(&tx).unwrap();
-    peer.flush().unwrap();
-}
-
 #[test]
 fn two_queue_pairs_each_on_its_own_worker_thread() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("multiqueue.sock");
@@ -248,8 +223,8 @@ fn two_queue_pairs_each_on_its_own_worker_thread() {
 
     // Frames on both pairs' backends land in their own RX rings.
     for n in 0..8u8 {
-        send(&mut peer0, n);
-        send(&mut peer1, 0x80 | n);
+        send_frame(&mut peer0, MAC, 12 + 60, n);
+        send_frame(&mut peer1, MAC, 12 + 60, 0x80 | n);
     }
     wait_until("pair 0's frames", || guest.r16(used(0) + 2) == 8);
     wait_until("pair 1's frames", || guest.r16(used(2) + 2) == 8);

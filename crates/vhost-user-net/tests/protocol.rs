@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{
@@ -20,7 +20,7 @@ use vhost_user_net::{Server, ServerStats, VhostUserNet, protocol_features};
 use virtio_net_standby::features::F_STANDBY;
 use virtio_net_standby::{Discard, StandbyNetBuilder};
 
-use support::ServerThread;
+use support::{ServerThread, wait_until};
 
 struct Running {
     path: PathBuf,
@@ -44,14 +44,6 @@ fn start(tag: &str) -> Running {
         stats,
         net,
         _server: ServerThread::spawn(server),
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

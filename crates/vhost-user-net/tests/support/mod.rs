@@ -1,5 +1,6 @@
 //! What the protocol-level tests share: the server on a thread of its own,
-//! stopped when the test ends, and guest memory files.
+//! stopped when the test ends, guest memory files, frames sent from the
+//! host's side, and waiting for a condition.
 
 // Each test binary uses part of it.
 #![allow(dead_code)]
@@ -7,9 +8,10 @@
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vhost_user_net::{Server, ShutdownHandle};
-use virtio_net_standby::NetBackend;
+use virtio_net_standby::{NetBackend, TxFrame};
 
 /// A [`Server`] running on its own thread; dropping it shuts the server down
 /// and joins the thread (a server error fails the test there).
@@ -49,4 +51,35 @@ pub fn memfd(name: &CStr, len: u64) -> OwnedFd {
     let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
     assert_eq!(r, 0);
     fd
+}
+
+/// Sends, from the host's side of `peer`, a frame of `len` bytes (the 12-byte
+/// header included) to `mac`, IPv4 ethertype, its payload a pattern from
+/// `seed`; returns the frame.
+pub fn send_frame(peer: &mut impl NetBackend, mac: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[12..18].copy_from_slice(&mac);
+    f[18..24].copy_from_slice(&[2, 0, 0, 0, 0, seed]);
+    f[24..26].copy_from_slice(&0x0800u16.to_be_bytes());
+    for (i, b) in f[26..].iter_mut().enumerate() {
+        *b = seed.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    let iov = [libc::iovec {
+        iov_base: f.as_ptr() as *mut libc::c_void,
+        iov_len: f.len(),
+    }];
+    // SAFETY: the iovec describes `f`, alive for the call.
+    let tx = unsafe { TxFrame::new(&iov, f.len()) };
+    peer.send(&tx).unwrap();
+    peer.flush().unwrap();
+    f
+}
+
+/// Polls `f` until it holds; fails the test after 10 seconds.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
