@@ -703,7 +703,7 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
             return false;
         }
         let n_pairs = self.usable_pairs(acked);
-        let indices = self.rings_to_use(acked, ready);
+        let indices: Vec<usize> = self.rings_to_use(acked, ready).collect();
         let mut queues = Vec::with_capacity(indices.len());
         for &i in &indices {
             let Some(Some(vring)) = vrings.get(i) else {
@@ -932,11 +932,10 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
                 .get(i)
                 .is_some_and(|v| v.as_ref().is_some_and(ring_ready))
         };
-        let mut want = self.rings_to_use(acked, ready);
-        let mut active = conn.active.clone();
-        want.sort_unstable();
-        active.sort_unstable();
-        want != active
+        // `active` was collected from `rings_to_use` itself, in its order.
+        !self
+            .rings_to_use(acked, ready)
+            .eq(conn.active.iter().copied())
     }
 
     /// The queue pairs the negotiation lets the device use.
@@ -951,13 +950,16 @@ impl<B: NetBackend + 'static> VhostUserNet<B> {
     /// The rings the device runs on when `ready` says which are started and
     /// enabled: every usable pair whose two rings are ready, then the control
     /// queue if negotiated.
-    fn rings_to_use(&self, acked: Features, ready: impl Fn(usize) -> bool) -> Vec<usize> {
-        let mut rings: Vec<usize> = (0..self.usable_pairs(acked))
-            .filter(|p| ready(2 * p) && ready(2 * p + 1))
+    /// Checked at every event, so it allocates nothing.
+    fn rings_to_use(
+        &self,
+        acked: Features,
+        ready: impl Fn(usize) -> bool + Copy,
+    ) -> impl Iterator<Item = usize> {
+        (0..self.usable_pairs(acked))
+            .filter(move |p| ready(2 * p) && ready(2 * p + 1))
             .flat_map(|p| [2 * p, 2 * p + 1])
-            .collect();
-        rings.extend(self.ctrl_index(acked).filter(|&c| ready(c)));
-        rings
+            .chain(self.ctrl_index(acked).filter(move |&c| ready(c)))
     }
 }
 
