@@ -18,7 +18,9 @@
 //! - `tap_rx/<size>`: the device reading frames a packet socket injected; floor
 //!   `tap_readv/<size>`: one raw `readv` per frame of the same frames from the
 //!   same tap, into the same guest buffers; `tap_readv_room/<size>`: the same
-//!   with a second iovec for the rest of the largest frame the tap may deliver.
+//!   with a second iovec for the rest of the largest frame the tap may deliver;
+//!   `tap_rx_nogso/<size>`: the device for a guest without TSO or UFO, whose
+//!   largest frame fits the buffer, paired with the `tap_readv` floor.
 //!
 //! `python3 benches/report.py` prints ns/packet, Mpps or GB/s, and the ratios.
 
@@ -28,7 +30,10 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use virtio_net_standby::features::{DEFAULT_OFFER, F_RING_EVENT_IDX};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+};
+use virtio_net_standby::features::{DEFAULT_OFFER, F_RING_EVENT_IDX, Features};
 use virtio_net_standby::header::{MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
 use virtio_net_standby::ring::VRING_DESC_F_WRITE;
 use virtio_net_standby::testing::{
@@ -83,12 +88,17 @@ struct Rig<B: NetBackend> {
 
 impl<B: NetBackend> Rig<B> {
     fn new(backend: B, frame: &[u8], rx_len: u32) -> Self {
+        Self::with_offer(backend, frame, rx_len, DEFAULT_OFFER)
+    }
+
+    /// The same with the driver acknowledging `offer` (what the device offers of it).
+    fn with_offer(backend: B, frame: &[u8], rx_len: u32, offer: Features) -> Self {
         let mut dev: StandbyNet<GuestMem, B> = StandbyNetBuilder::new()
             .queue_size(QSIZE)
             .build(vec![backend])
             .unwrap();
         let mem = TestMemory::new(1 << 30);
-        let mut g = GuestDriver::bring_up(&mut dev, &mem, DEFAULT_OFFER, QSIZE).unwrap();
+        let mut g = GuestDriver::bring_up(&mut dev, &mem, offer, QSIZE).unwrap();
         let mut tx_heads = Vec::new();
         let mut tx_addrs = Vec::new();
         // Buffers packed at cache-line alignment, as a guest's slab places them
@@ -812,7 +822,69 @@ fn bench_tap(c: &mut Criterion) {
         });
         g.finish();
         print_paired(&format!("tap_readv_room/{size}"), "tap_rx/tap_readv_room");
+        drop(rig);
+        bench_tap_rx_without_gso(c, size, &frame);
     }
+}
+
+/// Tap RX for a guest that took no receive offload (no TSO, no UFO): the tap then
+/// delivers nothing longer than the MTU, which fits the 1536-byte buffer, so the
+/// device gives `readv` the guest's buffer alone, like the `tap_readv` floor it is
+/// paired with here (`tap_rx_nogso/<size>`, its own tap and device).
+fn bench_tap_rx_without_gso(c: &mut Criterion, size: usize, frame: &[u8]) {
+    let Some(tap) = open_tap() else { return };
+    let injector = PacketSocket::open(&tap, false).expect("packet socket on the tap");
+    // (`prune` drops what depends on them, GUEST_ECN.)
+    let offer = virtio_net_standby::features::prune(
+        DEFAULT_OFFER
+            .without(VIRTIO_NET_F_GUEST_TSO4)
+            .without(VIRTIO_NET_F_GUEST_TSO6)
+            .without(VIRTIO_NET_F_GUEST_UFO),
+    );
+    let rig = RefCell::new(Rig::with_offer(tap, frame, RX_LEN, offer));
+    let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
+    let fd = qp.lock().backend().as_raw_fd();
+    let inject = || {
+        for _ in 0..BATCH {
+            injector.send(&frame[12..]).unwrap();
+        }
+    };
+    let rx_iovs: Vec<libc::iovec> = {
+        let r = rig.borrow();
+        r.rx_addrs
+            .iter()
+            .map(|a| libc::iovec {
+                iov_base: r.host_ptr(*a).cast(),
+                iov_len: RX_LEN as usize,
+            })
+            .collect()
+    };
+    let raw_rx = || {
+        inject();
+        let start = Instant::now();
+        profiled_readv_guest(fd, &rx_iovs);
+        start.elapsed()
+    };
+    let dev_rx = || {
+        rig.borrow_mut().refill_rx();
+        inject();
+        let mut q = qp.lock();
+        let mut done = 0;
+        let start = Instant::now();
+        while done < BATCH {
+            done += q.process_rx().chains;
+        }
+        start.elapsed()
+    };
+    PAIRED.take();
+    let mut g = c.benchmark_group("tap_rx_nogso");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function(BenchmarkId::from_parameter(size), |b| {
+        b.iter_custom(|iters| interleaved(iters, true, dev_rx, raw_rx))
+    });
+    g.finish();
+    print_paired(&format!("tap_rx_nogso/{size}"), "tap_rx_nogso/tap_readv");
+    assert_eq!(rig.borrow().dev.counters().rx_dropped_backend, 0);
 }
 
 criterion_group! {

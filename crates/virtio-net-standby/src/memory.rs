@@ -53,6 +53,27 @@ pub(crate) struct HostSpan {
     pub region: u32,
 }
 
+/// The region a run of [`GuestRam::translate_hinted`] calls last hit; the
+/// default matches nothing. Valid only with the `GuestRam` that filled it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RegionHint {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+    region: u32,
+}
+
+impl Default for RegionHint {
+    fn default() -> Self {
+        RegionHint {
+            start: 0,
+            len: 0,
+            host: std::ptr::null_mut(),
+            region: 0,
+        }
+    }
+}
+
 struct HostRegion<R> {
     start: u64,
     len: u64,
@@ -154,6 +175,37 @@ impl<M: GuestMemoryBackend> GuestRam<M> {
             len,
             region: i as u32,
         })
+    }
+
+    /// [`translate`](Self::translate) for a run of translations: `hint` keeps the
+    /// region the last one hit (in registers, for a loop), so that the next
+    /// buffer in the same region costs a subtraction and two comparisons.
+    #[inline(always)]
+    pub(crate) fn translate_hinted(
+        &self,
+        hint: &mut RegionHint,
+        gpa: u64,
+        len: usize,
+    ) -> Option<HostSpan> {
+        let off = gpa.wrapping_sub(hint.start);
+        if off < hint.len && len as u64 <= hint.len - off {
+            return Some(HostSpan {
+                // SAFETY: `off < hint.len`, and `hint` describes a region of this
+                // `GuestRam` (or is empty, `len` 0, and never gets here).
+                ptr: unsafe { hint.host.add(off as usize) },
+                len,
+                region: hint.region,
+            });
+        }
+        let span = self.translate(gpa, len)?;
+        let r = &self.regions[span.region as usize];
+        *hint = RegionHint {
+            start: r.start,
+            len: r.len,
+            host: r.host,
+            region: span.region,
+        };
+        Some(span)
     }
 
     /// Translates `len` bytes at `gpa`, splitting at region boundaries when the

@@ -31,7 +31,7 @@ use crate::counters::NetCounters;
 use crate::filter::FilterView;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
 use crate::iovec::{copy_from_iovecs, copy_to_iovecs};
-use crate::memory::{DirtyLog, GuestRam};
+use crate::memory::{DirtyLog, GuestRam, RegionHint};
 use crate::processed::Processed;
 use crate::ring::{self, SplitRing, VRING_DESC_F_WRITE};
 
@@ -108,6 +108,8 @@ enum Step {
     Failed,
     /// A frame moved to the pending queue, to be delivered first.
     Requeued,
+    /// Nothing beyond the frames a direct run counted: go round again.
+    Again,
 }
 
 /// Why staging stopped.
@@ -398,7 +400,22 @@ impl RxQueue {
             } else if let Some(frame_len) = pending.front().map(<[u8]>::len) {
                 self.deliver_pending(ram, filter, pending, frame_len, c)?
             } else {
-                self.receive(ram, backend, filter, pending, c)?
+                let mut done = 0;
+                let step = self.receive(
+                    ram,
+                    backend,
+                    filter,
+                    pending,
+                    budget - out.chains,
+                    &mut done,
+                    c,
+                );
+                // The frames of a direct run count even when a ring error ends it.
+                out.chains += done;
+                if done > 0 {
+                    errors = 0;
+                }
+                step?
             };
             match step {
                 Step::Frame => {
@@ -413,6 +430,7 @@ impl RxQueue {
                     }
                 }
                 Step::Requeued => errors = 0,
+                Step::Again => {}
                 Step::Empty => return Ok(()),
                 Step::NoBuffers => {
                     if !stalled {
@@ -486,12 +504,17 @@ impl RxQueue {
         })
     }
 
+    /// Receives the next frame, or (on the direct path) a run of up to `max`
+    /// frames, counted in `done`; the step returned comes after them.
+    #[allow(clippy::too_many_arguments)]
     fn receive<M: GuestMemoryBackend, B: NetBackend>(
         &mut self,
         ram: &GuestRam<M>,
         backend: &mut B,
         filter: &FilterView,
         pending: &mut PendingRx,
+        max: usize,
+        done: &mut usize,
         c: &mut NetCounters,
     ) -> ring::Result<Step> {
         let peek = backend.peek();
@@ -502,8 +525,13 @@ impl RxQueue {
         };
         match peek {
             RxPeek::Frame(len) => {
-                if let Some(step) = self.receive_direct(ram, backend, filter, len, None, c)? {
+                if let Some(step) =
+                    self.receive_direct(ram, backend, filter, len, None, max, done, c)?
+                {
                     return Ok(step);
+                }
+                if *done > 0 {
+                    return Ok(Step::Again);
                 }
             }
             RxPeek::Unknown
@@ -512,9 +540,12 @@ impl RxQueue {
                     && (self.staged.is_empty() || self.unstage()) =>
             {
                 if let Some(step) =
-                    self.receive_direct(ram, backend, filter, HDR_LEN, Some(pending), c)?
+                    self.receive_direct(ram, backend, filter, HDR_LEN, Some(pending), max, done, c)?
                 {
                     return Ok(step);
+                }
+                if *done > 0 {
+                    return Ok(Step::Again);
                 }
             }
             _ => {}
@@ -605,134 +636,214 @@ impl RxQueue {
         true
     }
 
-    /// The common case without the staging bookkeeping: nothing is staged, the
-    /// backend said how long its next frame is, and the next available chain is
-    /// one device-writable descriptor that holds all of it. The frame goes
-    /// straight into that buffer and the chain is used, `num_buffers` 1. `None`
-    /// (the ring as it was) when the case does not apply; the general path then
-    /// takes the same chain. Whatever does not deliver the frame (a filtered
-    /// frame, a backend error, nothing after all) gives the chain back to the
-    /// ring untouched for the next frame, as the general path keeps it staged.
+    /// The common case without the staging bookkeeping, for a run of frames:
+    /// nothing is staged, the next available chain is one device-writable
+    /// descriptor that holds the frame (its length known from the backend), or
+    /// (length unknown, `spill` given) holds an MTU-sized frame, with a bounce
+    /// buffer for the rest of a larger one. Each frame goes straight into its
+    /// buffer and the chain is used, `num_buffers` 1; the run goes on with the
+    /// next frame, up to `max`, counting in `done` the frames it handled
+    /// (delivered, filtered or too big), without going back through the general
+    /// loop: the available entries are counted once and counted down, not read
+    /// again per frame.
+    ///
+    /// Returns `None` when the direct path does not apply to the next frame (the
+    /// ring as it was: the general path then takes the same chain) or `max` was
+    /// reached, and otherwise the outcome that ended the run (nothing to receive,
+    /// a backend error, a frame that spilled). Whatever does not deliver a frame
+    /// (a filtered frame, a backend error, nothing after all) gives its chain back
+    /// to the ring untouched for the next frame, as the general path keeps it
+    /// staged.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     fn receive_direct<M: GuestMemoryBackend, B: NetBackend>(
         &mut self,
         ram: &GuestRam<M>,
         backend: &mut B,
         filter: &FilterView,
-        need: usize,
+        first_need: usize,
         spill: Option<&mut PendingRx>,
+        max: usize,
+        done: &mut usize,
         c: &mut NetCounters,
     ) -> ring::Result<Option<Step>> {
         if !self.staged.is_empty() || !self.restage.is_empty() {
             return Ok(None);
         }
-        let avail = self.ring.available()?;
-        if avail == 0 {
-            return Ok(None);
+        // The run's counts live in locals (registers) and reach `done` and the
+        // counters once, when it ends.
+        let (mut handled, mut frames, mut bytes) = (0, 0, 0);
+        let result = self.direct_run(
+            ram,
+            backend,
+            filter,
+            first_need,
+            spill,
+            max,
+            (&mut handled, &mut frames, &mut bytes),
+            c,
+        );
+        *done += handled;
+        c.rx_frames += frames;
+        c.rx_bytes += bytes;
+        result
+    }
+
+    /// The loop of [`receive_direct`](Self::receive_direct); `counts` are the
+    /// frames handled, the frames delivered and their bytes.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn direct_run<M: GuestMemoryBackend, B: NetBackend>(
+        &mut self,
+        ram: &GuestRam<M>,
+        backend: &mut B,
+        filter: &FilterView,
+        first_need: usize,
+        mut spill: Option<&mut PendingRx>,
+        max: usize,
+        counts: (&mut usize, &mut u64, &mut u64),
+        c: &mut NetCounters,
+    ) -> ring::Result<Option<Step>> {
+        let (done, frames, bytes) = counts;
+        let opaque = spill.is_some();
+        if opaque && self.scratch.len() < self.max_frame {
+            // The bounce buffer: at most the largest frame, sized once.
+            self.scratch.resize(self.max_frame, 0);
         }
-        // Only for a backend that tells the frame's length (the pair, the
-        // generator), whose receive stores the frame from this thread, where the
-        // prefetch was measured to pay. For a frame of unknown length (a tap) the
-        // kernel copies inside `readv`: there the look-up of the buffer ahead was
-        // a quarter of the device's own samples per frame, and the read was no
-        // faster for it (docs/PERFORMANCE.md, "On a tap: the 1514-byte gap").
-        if spill.is_none() && avail > PREFETCH_AHEAD {
-            self.prefetch_buffer(ram, PREFETCH_AHEAD);
-        }
-        let head = self.ring.pop_head()?;
-        let d = self.ring.descriptor(head);
-        let len = d.len as usize;
-        let span = if d.flags == VRING_DESC_F_WRITE && len >= need.max(HDR_LEN) {
-            ram.translate(d.addr, len)
-        } else {
-            None
-        };
-        let Some(span) = span else {
-            self.ring.unpop(1);
-            return Ok(None);
-        };
-        let room = span.len.min(MAX_BUFFER_LEN);
-        // A frame of unknown length may be longer than the buffer: the rest goes
-        // to the bounce buffer.
-        let overflow = if spill.is_some() {
-            self.max_frame.saturating_sub(room)
-        } else {
-            0
-        };
-        if self.scratch.len() < overflow {
-            self.scratch.resize(overflow, 0);
-        }
-        let iovs = [
-            libc::iovec {
-                iov_base: span.ptr.cast(),
-                iov_len: room,
-            },
-            libc::iovec {
-                iov_base: self.scratch.as_mut_ptr().cast(),
-                iov_len: overflow,
-            },
-        ];
-        let iov = &iovs[..if overflow > 0 { 2 } else { 1 }];
-        // SAFETY: the first iovec covers `room` bytes of one device-writable
-        // descriptor the guest made available, translated inside memory `ram`
-        // keeps mapped; the second (if any) `overflow` bytes of `scratch`, which
-        // nothing else touches meanwhile; no Rust reference aliases either.
-        let mut bufs = unsafe { RxBuffers::new(iov, room + overflow) };
-        let n = match backend.recv(&mut bufs) {
-            Ok(n) if (HDR_LEN..=room).contains(&n) => n,
-            Ok(n) if n > room && n <= room + overflow => {
-                // Spilled: the whole frame waits in the pending queue (empty: it
-                // is delivered before anything is received) and goes through the
-                // staging path; the chain goes back to the ring.
+        let mut avail = self.ring.available()?;
+        let mut need = first_need;
+        let mut hint = RegionHint::default();
+        loop {
+            if *done >= max {
+                return Ok(None);
+            }
+            if *done > 0 {
+                // The frames after the first: the same kind of frame, or the
+                // general path decides.
+                need = match backend.peek() {
+                    RxPeek::Empty => return Ok(Some(Step::Empty)),
+                    RxPeek::Frame(len) if !opaque => len,
+                    RxPeek::Unknown if opaque => HDR_LEN,
+                    _ => return Ok(None),
+                };
+            }
+            if avail == 0 {
+                // Counted down to nothing: the driver may have posted more.
+                avail = self.ring.available()?;
+                if avail == 0 {
+                    return Ok(None);
+                }
+            }
+            // Only for a backend that tells the frame's length (the pair, the
+            // generator), whose receive stores the frame from this thread, where
+            // the prefetch was measured to pay. For a frame of unknown length (a
+            // tap) the kernel copies inside `readv`: there the look-up of the
+            // buffer ahead was a quarter of the device's own samples per frame,
+            // and the read was no faster for it (docs/PERFORMANCE.md, "On a tap:
+            // the 1514-byte gap").
+            if !opaque && avail > PREFETCH_AHEAD {
+                self.prefetch_buffer(ram, PREFETCH_AHEAD);
+            }
+            let head = self.ring.pop_head()?;
+            let d = self.ring.descriptor(head);
+            let len = d.len as usize;
+            let span = if d.flags == VRING_DESC_F_WRITE && len >= need.max(HDR_LEN) {
+                ram.translate_hinted(&mut hint, d.addr, len)
+            } else {
+                None
+            };
+            let Some(span) = span else {
                 self.ring.unpop(1);
-                self.fit_streak = 0;
-                let mut frame = vec![0u8; n];
-                copy_from_iovecs(&iov[..1], 0, &mut frame[..room]);
-                frame[room..].copy_from_slice(&self.scratch[..n - room]);
-                if let Some(pending) = spill {
-                    if !pending.push(frame) {
-                        c.rx_dropped_backend += 1;
-                        return Ok(Some(Step::Frame));
+                return Ok(None);
+            };
+            let room = span.len.min(MAX_BUFFER_LEN);
+            // A frame of unknown length may be longer than the buffer: the rest
+            // goes to the bounce buffer.
+            let overflow = if opaque {
+                self.max_frame.saturating_sub(room)
+            } else {
+                0
+            };
+            let iovs = [
+                libc::iovec {
+                    iov_base: span.ptr.cast(),
+                    iov_len: room,
+                },
+                libc::iovec {
+                    iov_base: self.scratch.as_mut_ptr().cast(),
+                    iov_len: overflow,
+                },
+            ];
+            let iov = &iovs[..if overflow > 0 { 2 } else { 1 }];
+            // SAFETY: the first iovec covers `room` bytes of one device-writable
+            // descriptor the guest made available, translated inside memory `ram`
+            // keeps mapped; the second (if any) `overflow` bytes of `scratch`
+            // (`overflow <= max_frame <= scratch.len()`: sized above),
+            // which nothing else touches meanwhile; no Rust reference aliases
+            // either.
+            let mut bufs = unsafe { RxBuffers::new(iov, room + overflow) };
+            let n = match backend.recv(&mut bufs) {
+                Ok(n) if (HDR_LEN..=room).contains(&n) => n,
+                Ok(n) if n > room && n <= room + overflow => {
+                    // Spilled: the whole frame waits in the pending queue (empty:
+                    // it is delivered before anything is received) and goes
+                    // through the staging path; the chain goes back to the ring.
+                    self.ring.unpop(1);
+                    self.fit_streak = 0;
+                    let mut frame = vec![0u8; n];
+                    copy_from_iovecs(&iov[..1], 0, &mut frame[..room]);
+                    frame[room..].copy_from_slice(&self.scratch[..n - room]);
+                    if let Some(pending) = spill.as_deref_mut() {
+                        if !pending.push(frame) {
+                            c.rx_dropped_backend += 1;
+                            return Ok(Some(Step::Frame));
+                        }
+                    }
+                    return Ok(Some(Step::Requeued));
+                }
+                other => {
+                    self.ring.unpop(1);
+                    match other {
+                        Ok(n) if n > room => {
+                            c.rx_dropped_too_big += 1;
+                            *done += 1;
+                            continue;
+                        }
+                        Ok(_) => {
+                            c.rx_dropped_backend += 1;
+                            *done += 1;
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok(Some(Step::Empty));
+                        }
+                        Err(e) => return Ok(Some(self.backend_failed(e, c))),
                     }
                 }
-                return Ok(Some(Step::Requeued));
+            };
+            let f = filter.get();
+            if !f.promisc {
+                let mut eth = [0u8; 16];
+                let k = copy_from_iovecs(&iov[..1], HDR_LEN, &mut eth[..(n - HDR_LEN).min(16)]);
+                if !f.accepts(&eth[..k]) {
+                    self.ring.unpop(1);
+                    c.rx_dropped_filtered += 1;
+                    *done += 1;
+                    continue;
+                }
             }
-            other => {
-                self.ring.unpop(1);
-                return Ok(Some(match other {
-                    Ok(n) if n > room => {
-                        c.rx_dropped_too_big += 1;
-                        Step::Frame
-                    }
-                    Ok(_) => {
-                        c.rx_dropped_backend += 1;
-                        Step::Frame
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Empty,
-                    Err(e) => self.backend_failed(e, c),
-                }));
-            }
-        };
-        let f = filter.get();
-        if !f.promisc {
-            let mut eth = [0u8; 16];
-            let k = copy_from_iovecs(&iov[..1], HDR_LEN, &mut eth[..(n - HDR_LEN).min(16)]);
-            if !f.accepts(&eth[..k]) {
-                self.ring.unpop(1);
-                c.rx_dropped_filtered += 1;
-                return Ok(Some(Step::Frame));
-            }
+            self.dirty.add(span.region, span.ptr, n);
+            self.ring.push_used(head, n as u32);
+            // SAFETY: `n >= HDR_LEN` bytes of the buffer were just received, so
+            // the field lies inside it.
+            unsafe {
+                ptr::write_unaligned(span.ptr.add(NUM_BUFFERS_OFFSET).cast::<u16>(), 1u16.to_le())
+            };
+            *frames += 1;
+            *bytes += (n - HDR_LEN) as u64;
+            avail -= 1;
+            *done += 1;
         }
-        self.dirty.add(span.region, span.ptr, n);
-        self.ring.push_used(head, n as u32);
-        // SAFETY: `n >= HDR_LEN` bytes of the buffer were just received, so the
-        // field lies inside it.
-        unsafe {
-            ptr::write_unaligned(span.ptr.add(NUM_BUFFERS_OFFSET).cast::<u16>(), 1u16.to_le())
-        };
-        c.rx_frames += 1;
-        c.rx_bytes += (n - HDR_LEN) as u64;
-        Ok(Some(Step::Frame))
     }
 
     /// Asks the CPU to fetch, for writing, the first bytes of the buffer `ahead`
@@ -932,6 +1043,7 @@ mod tests {
     use crate::{StandbyNet, StandbyNetBuilder};
     use virtio_bindings::virtio_net::*;
     use virtio_queue::QueueT;
+    use virtio_device::VirtioDevice;
 
     const OWN: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
@@ -1179,6 +1291,59 @@ mod tests {
         assert_eq!(c.rx_pending_delivered, 1);
         // Every buffer came back: the direct path left none staged for ever.
         assert_eq!(f.g.rx[0].in_flight(), 200);
+    }
+
+    /// A direct run takes frames up to the pass's budget and no further; the
+    /// next pass goes on where it stopped, in order, for a backend that tells
+    /// the frame's length and for one that does not (after its first
+    /// `DIRECT_AFTER` frames, which go through staging).
+    #[test]
+    fn a_direct_run_ends_at_the_budget_and_the_next_pass_goes_on() {
+        for be in [RecordingBackend::default(), opaque()] {
+            let mut f = fx_with(DEFAULT_OFFER, be);
+            f.dev.queue_pair(0).unwrap().lock().set_budget(100);
+            f.g.post_rx(0, 200);
+            let frames: Vec<_> = (0..150u8).map(|i| frame(OWN, &[i; 60])).collect();
+            for fr in &frames {
+                f.inject(fr);
+            }
+            let p = f.process();
+            assert_eq!((p.chains, p.more), (100, true));
+            assert_eq!(f.g.rx[0].used_idx(), 100);
+            let p = f.process();
+            assert_eq!((p.chains, p.more), (50, false));
+            let mut got = vec![];
+            while let Some(x) = f.g.recv(0) {
+                got.push(x);
+            }
+            let want: Vec<_> = frames.iter().map(|x| expect(x.clone(), 1)).collect();
+            assert!(got == want, "frames delivered in order");
+            assert_eq!(f.counters().rx_frames, 150);
+            assert_eq!(f.counters().dropped(), 0);
+        }
+    }
+
+    /// A bad head in the middle of a direct run: the frames delivered before it
+    /// are counted, published and signalled, and the device needs a reset.
+    #[test]
+    fn a_direct_run_counts_the_frames_before_a_bad_head() {
+        let mut f = fx(DEFAULT_OFFER);
+        f.g.post_rx(0, 10);
+        f.g.rx[0].set_avail_entry(10, 4000);
+        f.g.rx[0].set_avail_idx(11);
+        let frames: Vec<_> = (0..12u8).map(|i| frame(OWN, &[i; 60])).collect();
+        for fr in &frames {
+            f.inject(fr);
+        }
+        let p = f.process();
+        assert!(f.dev.needs_reset());
+        assert_eq!(p.chains, 10, "every frame delivered before the bad head");
+        assert!(p.notified, "the used buffers are signalled");
+        assert_eq!(f.g.rx[0].used_idx(), 10);
+        for fr in &frames[..10] {
+            assert_eq!(f.g.recv(0).unwrap(), expect(fr.clone(), 1));
+        }
+        assert_eq!(f.counters().rx_frames, 10);
     }
 
     #[test]
