@@ -306,6 +306,54 @@ impl DirtyLog {
     }
 }
 
+/// The range a run of frames wrote, merged as [`DirtyLog::add`] merges but kept
+/// by the caller (in registers, for a loop) and handed to the log when a write
+/// does not merge or the run ends ([`finish`](Self::finish), which the run must
+/// call on every way out).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirtyRun {
+    region: u32,
+    start: usize,
+    end: usize,
+}
+
+impl Default for DirtyRun {
+    fn default() -> Self {
+        DirtyRun {
+            region: u32::MAX,
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl DirtyRun {
+    /// Records `len` bytes written at `ptr` in region `region`.
+    #[inline(always)]
+    pub fn add(&mut self, log: &mut DirtyLog, region: u32, ptr: *const u8, len: usize) {
+        let start = ptr as usize;
+        let end = start.saturating_add(len);
+        if self.region == region
+            && start >= self.start
+            && start <= self.end.saturating_add(DirtyLog::MERGE_GAP)
+        {
+            self.end = self.end.max(end);
+            return;
+        }
+        self.finish(log);
+        *self = DirtyRun { region, start, end };
+    }
+
+    /// Hands the range to `log`.
+    #[inline]
+    pub fn finish(&mut self, log: &mut DirtyLog) {
+        if self.end > self.start {
+            log.add(self.region, self.start as *const u8, self.end - self.start);
+        }
+        *self = DirtyRun::default();
+    }
+}
+
 /// Follows a VMM's `GuestMemoryAtomic` and rebuilds the [`GuestRam`] view when the
 /// VMM installs a new memory map (memory hotplug, balloon, ...). Checking costs one
 /// atomic load per batch.

@@ -31,7 +31,7 @@ use crate::counters::NetCounters;
 use crate::filter::FilterView;
 use crate::header::{HDR_LEN, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET};
 use crate::iovec::{copy_from_iovecs, copy_to_iovecs};
-use crate::memory::{DirtyLog, GuestRam, RegionHint};
+use crate::memory::{DirtyLog, DirtyRun, GuestRam, RegionHint};
 use crate::processed::Processed;
 use crate::ring::{self, SplitRing, VRING_DESC_F_WRITE};
 
@@ -673,6 +673,7 @@ impl RxQueue {
         // The run's counts live in locals (registers) and reach `done` and the
         // counters once, when it ends.
         let (mut handled, mut frames, mut bytes) = (0, 0, 0);
+        let mut written = DirtyRun::default();
         let result = self.direct_run(
             ram,
             backend,
@@ -680,9 +681,10 @@ impl RxQueue {
             first_need,
             spill,
             max,
-            (&mut handled, &mut frames, &mut bytes),
+            (&mut handled, &mut frames, &mut bytes, &mut written),
             c,
         );
+        written.finish(&mut self.dirty);
         *done += handled;
         c.rx_frames += frames;
         c.rx_bytes += bytes;
@@ -690,7 +692,7 @@ impl RxQueue {
     }
 
     /// The loop of [`receive_direct`](Self::receive_direct); `counts` are the
-    /// frames handled, the frames delivered and their bytes.
+    /// frames handled, the frames delivered, their bytes and the range written.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn direct_run<M: GuestMemoryBackend, B: NetBackend>(
@@ -701,10 +703,10 @@ impl RxQueue {
         first_need: usize,
         mut spill: Option<&mut PendingRx>,
         max: usize,
-        counts: (&mut usize, &mut u64, &mut u64),
+        counts: (&mut usize, &mut u64, &mut u64, &mut DirtyRun),
         c: &mut NetCounters,
     ) -> ring::Result<Option<Step>> {
-        let (done, frames, bytes) = counts;
+        let (done, frames, bytes, written) = counts;
         let opaque = spill.is_some();
         if opaque && self.scratch.len() < self.max_frame {
             // The bounce buffer: at most the largest frame, sized once.
@@ -832,7 +834,7 @@ impl RxQueue {
                     continue;
                 }
             }
-            self.dirty.add(span.region, span.ptr, n);
+            written.add(&mut self.dirty, span.region, span.ptr, n);
             self.ring.push_used(head, n as u32);
             // SAFETY: `n >= HDR_LEN` bytes of the buffer were just received, so
             // the field lies inside it.
@@ -1042,8 +1044,8 @@ mod tests {
     use crate::testing::{GuestDriver, GuestMem, RecordingBackend, TestMemory, frame};
     use crate::{StandbyNet, StandbyNetBuilder};
     use virtio_bindings::virtio_net::*;
-    use virtio_queue::QueueT;
     use virtio_device::VirtioDevice;
+    use virtio_queue::QueueT;
 
     const OWN: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
