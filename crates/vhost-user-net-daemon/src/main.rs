@@ -93,13 +93,13 @@ struct Args {
     generate: Option<usize>,
 
     /// Measurement option: log every write to guest memory as during a live
-    /// migration, into a dirty log the daemon allocates itself (sized from
-    /// each frontend's memory table, one bit per 4 KiB page, address space
-    /// reserved without memory: up to 4 GiB of it with DPDK's virtio-user,
-    /// whose guest addresses are its own virtual addresses). For measuring
-    /// the log's cost with frontends that never migrate, such as DPDK's
-    /// virtio-user; nothing reads this log. A frontend that shares its own
-    /// log (SET_LOG_BASE) gets its writes logged there instead.
+    /// migration, into a log the daemon allocates (one bit per 4 KiB page up
+    /// to the highest address of each frontend's memory table; address space
+    /// reserved without memory, as DPDK's virtio-user gives its own virtual
+    /// addresses as guest addresses). For measuring the log's cost with
+    /// frontends that never migrate, such as DPDK's virtio-user; nothing
+    /// reads this log. A frontend that shares its own log (SET_LOG_BASE)
+    /// gets the writes logged there instead.
     #[arg(long)]
     force_dirty_log: bool,
 
