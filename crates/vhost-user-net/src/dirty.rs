@@ -430,7 +430,8 @@ impl MigrationLog {
         s.own = false;
     }
 
-    /// The frontend's log, if it shared one.
+    /// The log in use: the one the frontend shared, or with forced logging
+    /// the backend's own; `None` before either.
     pub fn area(&self) -> Option<Arc<LogArea>> {
         self.state().area.clone()
     }
