@@ -20,9 +20,18 @@
 # The client offers VIRTIO_F_IN_ORDER (virtio-user's default); IN_ORDER=0 in the
 # environment makes it leave the bit out, for both backends.
 #
+# DIRTY_LOG=1 adds to every row a third run, of ours with --force-dirty-log
+# (every write to guest memory logged as during a live migration, into a log the
+# daemon allocates), interleaved with the other two (the order rotates by
+# round), and a second table: ours with the log against ours without, and
+# against DPDK. RESULTS=FILE appends each run's figures to FILE and reports over
+# all of FILE, so that rounds run one at a time (FIRST_ROUND=N continues the
+# rotation) add up to one table.
+#
 # Needs: Debian's dpdk (dpdk-testpmd), root, python3 and the release binary
 # (cargo build --release -p vhost-user-net-daemon). About 3 minutes a round. Usage:
 #   [IN_ORDER=0] [ROUNDS=5] [ONLY=rx|tx] [OURS=path/to/vhost-user-net] \
+#   [DIRTY_LOG=1] [RESULTS=file] [FIRST_ROUND=1] \
 #       bash benches/vhost-user/dpdk_compare.sh [POLL_US]   (default 100)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,6 +42,8 @@ OURS=${OURS:-${CARGO_TARGET_DIR:-target}/release/vhost-user-net}
 # ONLY=rx or ONLY=tx measures the rows of one direction only; OURS_ARGS adds
 # arguments to every run of ours (e.g. "--poll-settle-pauses 0").
 ONLY=${ONLY:-}
+DIRTY_LOG=${DIRTY_LOG:-0}
+FIRST_ROUND=${FIRST_ROUND:-1}
 DIR=$(mktemp -d /tmp/vu-bench.XXXXXX)
 trap 'pkill -f "$DIR" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt-get install dpdk-dev)" >&2; exit 1; }
@@ -62,8 +73,14 @@ ours() { # DIRECTION LEN [EXTRA ARGS]
         > "$DIR/ours.log" 2>&1 &
     local pid=$!
     for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
-    if [ "$1" = tx ]; then client txonly "$2" "$sock"; else client rxonly "$2" "$sock"; fi
+    local pps
+    if [ "$1" = tx ]; then pps=$(client txonly "$2" "$sock"); else pps=$(client rxonly "$2" "$sock"); fi
     kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+    case " ${*:3} " in *" --force-dirty-log "*)
+        grep -q "log allocated" "$DIR/ours.log" || {
+            echo "ours with --force-dirty-log allocated no log:" >&2; cat "$DIR/ours.log" >&2; pps=; } ;;
+    esac
+    echo "$pps"
 }
 
 dpdk() { # DIRECTION LEN
@@ -85,36 +102,72 @@ dpdk() { # DIRECTION LEN
 ROWS=("guest TX|tx|64|" "guest TX, our sink copying each frame|tx|64|--copy-frames"
       "guest TX|tx|1514|" "guest TX, our sink copying each frame|tx|1514|--copy-frames"
       "guest RX|rx|64|" "guest RX|rx|1514|")
-: > "$DIR/results"
-for round in $(seq "$ROUNDS"); do
+RESULTS=${RESULTS:-$DIR/results}
+[ "$RESULTS" = "$DIR/results" ] && : > "$RESULTS"
+for round in $(seq "$FIRST_ROUND" $((FIRST_ROUND + ROUNDS - 1))); do
     for row in "${ROWS[@]}"; do
         IFS='|' read -r label dir len extra <<< "$row"
         [ -n "$ONLY" ] && [ "$ONLY" != "$dir" ] && continue
+        l=
         # shellcheck disable=SC2086 # extra is zero or one word
-        if [ $((round % 2)) -eq 1 ]; then
+        if [ "$DIRTY_LOG" = 1 ]; then
+            # The three runs in one of three orders, by round.
+            case $((round % 3)) in
+            1) d=$(dpdk "$dir" "$len"); o=$(ours "$dir" "$len" $extra)
+               l=$(ours "$dir" "$len" $extra --force-dirty-log) ;;
+            2) o=$(ours "$dir" "$len" $extra)
+               l=$(ours "$dir" "$len" $extra --force-dirty-log); d=$(dpdk "$dir" "$len") ;;
+            0) l=$(ours "$dir" "$len" $extra --force-dirty-log); d=$(dpdk "$dir" "$len")
+               o=$(ours "$dir" "$len" $extra) ;;
+            esac
+            echo "$round|$label|$len|${d:-0}|${o:-0}|${l:-0}" >> "$RESULTS"
+            echo "round $round: $label, $len B: DPDK ${d:-?} ours ${o:-?} ours logging ${l:-?} pps" >&2
+        elif [ $((round % 2)) -eq 1 ]; then
             d=$(dpdk "$dir" "$len"); o=$(ours "$dir" "$len" $extra)
         else
             o=$(ours "$dir" "$len" $extra); d=$(dpdk "$dir" "$len")
         fi
-        echo "$label|$len|${d:-0}|${o:-0}" >> "$DIR/results"
-        echo "round $round: $label, $len B: DPDK ${d:-?} ours ${o:-?} pps" >&2
+        if [ "$DIRTY_LOG" != 1 ]; then
+            echo "$round|$label|$len|${d:-0}|${o:-0}" >> "$RESULTS"
+            echo "round $round: $label, $len B: DPDK ${d:-?} ours ${o:-?} pps" >&2
+        fi
     done
 done
 
-python3 - "$DIR/results" "$IN_ORDER" "$POLL_US" "$ROUNDS" <<'EOP'
+python3 - "$RESULTS" "$IN_ORDER" "$POLL_US" <<'EOP'
 import statistics as st, sys
-rows = {}
+rows, logged, rounds = {}, {}, set()
 for line in open(sys.argv[1]):
-    label, length, d, o = line.rstrip("\n").split("|")
+    rnd, label, length, d, o, *l = line.rstrip("\n").split("|")
+    rounds.add(rnd)
     rows.setdefault((label, length), []).append((float(d), float(o)))
+    if l:
+        logged.setdefault((label, length), []).append((float(d), float(o), float(l[0])))
+n = len(rounds)
 print(f"| direction (client in_order={sys.argv[2]}) | frame | DPDK net_vhost | ours (--poll-us {sys.argv[3]}) "
-      f"| ratio, median of {sys.argv[4]} rounds | ratio range |")
+      f"| ratio, median of {n} rounds | ratio range |")
 print("|---|---|---|---|---|---|")
 for (label, length), v in rows.items():
     ok = [(d, o) for d, o in v if d > 0 and o > 0]
     if not ok:
         print(f"| {label} | {length} B | no figure | no figure | - | - |"); continue
     r = [o / d for d, o in ok]
-    print(f"| {label} | {length} B | {st.median(d for d, _ in ok) / 1e6:.2f} Mpps "
+    frame = f"{length} B" + (f" ({len(ok)} rounds)" if len(ok) < n else "")
+    print(f"| {label} | {frame} | {st.median(d for d, _ in ok) / 1e6:.2f} Mpps "
           f"| {st.median(o for _, o in ok) / 1e6:.2f} Mpps | {st.median(r):.2f}x | {min(r):.2f}–{max(r):.2f}x |")
+if logged:
+    print()
+    print(f"| direction (client in_order={sys.argv[2]}) | frame | ours | ours, --force-dirty-log "
+          f"| logging/not, median of {n} rounds | range | logging/DPDK, median | range |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (label, length), v in logged.items():
+        ok = [t for t in v if min(t) > 0]
+        if not ok:
+            print(f"| {label} | {length} B | no figure | no figure | - | - | - | - |"); continue
+        frame = f"{length} B" + (f" ({len(ok)} rounds)" if len(ok) < n else "")
+        lo = [l / o for _, o, l in ok]
+        ld = [l / d for d, _, l in ok]
+        print(f"| {label} | {frame} | {st.median(o for _, o, _ in ok) / 1e6:.2f} Mpps "
+              f"| {st.median(l for _, _, l in ok) / 1e6:.2f} Mpps | {st.median(lo):.2f}x | {min(lo):.2f}–{max(lo):.2f}x "
+              f"| {st.median(ld):.2f}x | {min(ld):.2f}–{max(ld):.2f}x |")
 EOP

@@ -92,6 +92,17 @@ struct Args {
     #[arg(long, value_name = "BYTES")]
     generate: Option<usize>,
 
+    /// Measurement option: log every write to guest memory as during a live
+    /// migration, into a log the daemon allocates (one bit per 4 KiB page up
+    /// to the highest address of each frontend's memory table; address space
+    /// reserved without memory, as DPDK's virtio-user gives its own virtual
+    /// addresses as guest addresses). For measuring the log's cost with
+    /// frontends that never migrate, such as DPDK's virtio-user; nothing
+    /// reads this log. A frontend that shares its own log (SET_LOG_BASE)
+    /// gets the writes logged there instead.
+    #[arg(long)]
+    force_dirty_log: bool,
+
     /// MAC address the guest reads from the device.
     #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     mac: [u8; 6],
@@ -218,6 +229,14 @@ fn run(args: Args) -> Result<(), String> {
     let net = VhostUserNet::new(args.id.clone(), device).map_err(|e| e.to_string())?;
     net.set_poll(std::time::Duration::from_micros(args.poll_us));
     net.set_poll_settle(args.poll_settle_chains, args.poll_settle_pauses);
+    if args.force_dirty_log {
+        net.migration_log().set_forced(true);
+        log::info!(
+            "{}: dirty logging forced on (--force-dirty-log): every write to guest memory is \
+             logged into a log the daemon allocates when a frontend sends its memory table",
+            args.id
+        );
+    }
     if let Some(path) = &args.control {
         control::spawn_with_mode(path, net.clone(), args.socket_mode)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
@@ -314,5 +333,16 @@ mod tests {
         assert!(
             Args::try_parse_from(["x", "-s", "s", "--discard", "--socket-mode", "1777"]).is_err()
         );
+        // --force-dirty-log: off by default, with any backend.
+        assert!(!a.force_dirty_log);
+        for backend in [&["--discard"][..], &["--generate", "64"], &["--tap", "t"]] {
+            let a = Args::try_parse_from(
+                ["x", "-s", "s", "--force-dirty-log"]
+                    .into_iter()
+                    .chain(backend.iter().copied()),
+            )
+            .unwrap();
+            assert!(a.force_dirty_log, "{backend:?}");
+        }
     }
 }

@@ -300,3 +300,59 @@ fn dpdk_two_queue_client_keeping_the_control_queue() {
     assert_eq!(counter(&b, "malformed"), 0);
     assert!(!log.contains("connection failed"), "{log}");
 }
+
+/// `--force-dirty-log` with DPDK's virtio-user, which never migrates: its
+/// memory table gives the client's virtual addresses as guest addresses, so
+/// the daemon's own log covers up to 2^47 and must still be allocated (as
+/// reserved address space), and every write of the device in both
+/// directions must land in it, none missed.
+#[test]
+fn dpdk_virtio_user_with_forced_dirty_logging() {
+    let Some(testpmd) = testpmd() else { return };
+    let _serial = serial();
+    let dir = scratch("dpdk-dirty");
+    for (direction, args) in [
+        (
+            Direction::GuestRx,
+            &["--generate", "128", "--poll-us", "100", "--force-dirty-log"][..],
+        ),
+        (
+            Direction::GuestTx,
+            &["--discard", "--poll-us", "100", "--force-dirty-log"][..],
+        ),
+    ] {
+        let b = Backend::start_binary(
+            Path::new(env!("CARGO_BIN_EXE_vhost-user-net")),
+            &dir,
+            "dpdk-dirty",
+            args,
+        );
+        let what = format!("{direction:?} {args:?}");
+        let out = client(&testpmd, &dir, &b.socket, direction, true, 1);
+        let totals = parse_totals(&out).unwrap_or_else(|| panic!("{what}: no totals in:\n{out}"));
+        wait_for(Duration::from_secs(5), || b.status()["active"] == "0")
+            .unwrap_or_else(|| panic!("{what}: the device stayed active"));
+        let st = b.status();
+        let log = b.log_text();
+        let moved = match direction {
+            Direction::GuestRx => totals.rx,
+            Direction::GuestTx => totals.tx,
+        };
+        assert!(moved > 10_000, "{what}: client {totals:?}");
+        assert_eq!(st["dirty_log"], "forced", "{what}: {st:?}");
+        assert_eq!(st["dirty_missed"], "0", "{what}: {st:?}\n{log}");
+        let writes: u64 = st["dirty_writes"].parse().unwrap();
+        assert!(writes > 0, "{what}: {st:?}");
+        assert!(
+            log.contains("forced dirty logging: log allocated"),
+            "{what}: {log}"
+        );
+        assert!(!log.contains("is not logged"), "{what}: {log}");
+        assert!(!log.contains("connection failed"), "{what}: {log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("log allocated"))
+            .unwrap_or_default();
+        eprintln!("{what}: {writes} writes logged; {line}");
+    }
+}

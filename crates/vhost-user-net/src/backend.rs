@@ -1055,9 +1055,16 @@ impl<B: NetBackend + 'static> VhostUserBackend for VhostUserNet<B> {
         // The handler swaps the map inside the same atomic; an active device
         // follows through its memory watch. Each region's bitmap reports to
         // the dirty log at the region's guest physical address.
+        let mut end = 0u64;
         for region in mem.memory().iter() {
             region.bitmap().bind(region.start_addr().0, &self.migration);
+            end = end.max(region.start_addr().0.saturating_add(region.len()));
         }
+        // With logging forced, a log of the backend's own must cover the
+        // table: measuring without it would measure nothing.
+        self.migration
+            .cover(end)
+            .map_err(|e| io::Error::other(format!("{}: {e}", self.name)))?;
         lock(&self.conn).mem = Some(mem);
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `link up`, `link down` | sets the link status the guest sees (config-change notification) |
 //! | `announce` | asks the guest to announce itself, if it negotiated `GUEST_ANNOUNCE` |
-//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> malformed=<n> dropped=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n> workers=<n> pair<i>_tid=<n> pair<i>_chains=<n>...`: the device's state, counters and receive filter; the worker threads (one per queue pair) and, per pair, the OS thread id that last moved chains on its rings (0: none yet) and the chains moved |
+//! | `status` | `ok active=<0/1> link=<up/down> mac=<mac> mtu=<n> tx_frames=<n> tx_bytes=<n> rx_frames=<n> rx_bytes=<n> malformed=<n> dropped=<n> ctrl_ok=<n> ctrl_err=<n> config_notifications=<n> promisc=<0/1> allmulti=<0/1> filter_mac=<mac> multicast=<n> workers=<n> dirty_log=<off/on/forced> dirty_writes=<n> dirty_missed=<n> pair<i>_tid=<n> pair<i>_chains=<n>...`: the device's state, counters and receive filter; dirty logging (on while a frontend migrates, forced for measurements) with the writes reported to the log and those it could not take; the worker threads (one per queue pair) and, per pair, the OS thread id that last moved chains on its rings (0: none yet) and the chains moved |
 //!
 //! ```text
 //! $ echo "link down" | socat - UNIX-CONNECT:/run/vu-net.ctl
@@ -94,8 +94,10 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
             let c = net.counters();
             let cfg = net.config();
             let f = net.with_device(|d| d.rx_filter());
+            let ml = net.migration_log();
+            let dirty = ml.stats();
             format!(
-                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} malformed={} dropped={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={} workers={}{pairs}",
+                "ok active={} link={} mac={} mtu={} tx_frames={} tx_bytes={} rx_frames={} rx_bytes={} malformed={} dropped={} ctrl_ok={} ctrl_err={} config_notifications={} promisc={} allmulti={} filter_mac={} multicast={} workers={} dirty_log={} dirty_writes={} dirty_missed={}{pairs}",
                 u8::from(net.is_active()),
                 if cfg.status & 1 != 0 { "up" } else { "down" },
                 mac(&cfg.mac),
@@ -114,6 +116,13 @@ pub fn execute<B: NetBackend + 'static>(cmd: &str, net: &VhostUserNet<B>) -> Str
                 mac(&f.mac),
                 f.multicast.len(),
                 net.workers(),
+                match (ml.logging(), ml.forced()) {
+                    (false, _) => "off",
+                    (true, false) => "on",
+                    (true, true) => "forced",
+                },
+                dirty.logged,
+                dirty.missed,
             )
         }
         other => {

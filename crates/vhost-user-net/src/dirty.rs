@@ -26,6 +26,13 @@
 //! and each ring's used-ring logging address (from `SET_VRING_ADDR`, matched
 //! with the used ring the device was activated on).
 //!
+//! For measuring what logging costs with frontends that never migrate (DPDK's
+//! virtio-user), [`MigrationLog::set_forced`] keeps logging on whatever the
+//! frontend acknowledges, into a log the backend allocates itself
+//! ([`LogArea::anonymous`]), sized from each memory table the frontend sends.
+//! A used ring is then logged where the device reached it, since such a
+//! frontend gives no `VHOST_VRING_F_LOG` address.
+//!
 //! [`VhostUserMemory`]: crate::VhostUserMemory
 
 use std::io;
@@ -70,6 +77,25 @@ pub enum Error {
         /// The file's size.
         file: u64,
     },
+    /// A log the backend allocates itself ([`LogArea::anonymous`]) was asked
+    /// to cover no guest memory.
+    #[error("a forced dirty log must cover some guest memory (0 bytes asked)")]
+    NothingToCover,
+    /// The address space for a log the backend allocates itself could not be
+    /// reserved.
+    #[error(
+        "cannot allocate a dirty log of {size} bytes of address space to cover guest memory up to {covers:#x} \
+         (forced logging; with DPDK's virtio-user, guest addresses are the client's virtual addresses): {source}"
+    )]
+    Allocate {
+        /// Guest memory the log was to cover, in bytes from address 0.
+        covers: u64,
+        /// Size of the log in bytes.
+        size: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// `mmap` refused the log's descriptor.
     #[error(
         "cannot map the frontend's dirty log (SET_LOG_BASE, {size} bytes at offset {offset}): {source}"
@@ -88,7 +114,8 @@ pub enum Error {
 /// Result of log operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A frontend's dirty log, mapped shared and writable.
+/// A dirty log: the frontend's, mapped shared and writable ([`LogArea::map`]),
+/// or one the backend allocates for forced logging ([`LogArea::anonymous`]).
 #[derive(Debug)]
 pub struct LogArea {
     ptr: *mut u8,
@@ -146,6 +173,60 @@ impl LogArea {
             ptr: ptr.cast(),
             len,
         })
+    }
+
+    /// A zeroed log of the backend's own covering guest memory up to `covers`
+    /// bytes from address 0 (one bit per 4 KiB page, rounded up), for forced
+    /// logging. The mapping is private, anonymous and `MAP_NORESERVE`: only
+    /// the pages of the log that get a bit set take memory, so a log covering
+    /// guest addresses up to 2^47 (a virtio-user client's virtual addresses)
+    /// reserves 4 GiB of address space but uses a few pages per GiB of guest
+    /// memory actually written.
+    pub fn anonymous(covers: u64) -> Result<Self> {
+        if covers == 0 {
+            return Err(Error::NothingToCover);
+        }
+        let size = covers.div_ceil(8 * LOG_PAGE_SIZE);
+        let refused = |source| Error::Allocate {
+            covers,
+            size,
+            source,
+        };
+        let len = usize::try_from(size).map_err(|_| {
+            refused(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "larger than this host's address space",
+            ))
+        })?;
+        // SAFETY: a fresh private anonymous mapping; no fixed address, so no
+        // existing mapping is touched. The result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(refused(io::Error::last_os_error()));
+        }
+        Ok(LogArea {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The log's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the log has no bytes (never: both constructors refuse that).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Guest memory the log covers, in bytes from guest physical address 0.
@@ -212,6 +293,8 @@ struct RingLog {
 #[derive(Debug, Default)]
 struct LogState {
     area: Option<Arc<LogArea>>,
+    /// `area` is the backend's own (forced logging), not the frontend's.
+    own: bool,
     rings: Vec<RingLog>,
 }
 
@@ -231,6 +314,10 @@ pub struct LogStats {
 #[derive(Debug, Default)]
 pub struct MigrationLog {
     on: AtomicBool,
+    /// The frontend's `VHOST_F_LOG_ALL`.
+    log_all: AtomicBool,
+    /// Logging stays on whatever the frontend acknowledges (benchmarks).
+    forced: AtomicBool,
     state: RwLock<LogState>,
     logged: AtomicU64,
     missed: AtomicU64,
@@ -251,13 +338,25 @@ impl MigrationLog {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Turns logging on or off (`VHOST_F_LOG_ALL` acknowledged or not).
+    /// Turns logging on or off (`VHOST_F_LOG_ALL` acknowledged or not). With
+    /// logging forced ([`set_forced`](Self::set_forced)) it stays on.
     pub fn set_logging(&self, on: bool) {
+        self.log_all.store(on, Ordering::Release);
+        self.update();
+    }
+
+    /// Sets `on` from the frontend's switch and the forced one.
+    fn update(&self) {
+        let on = self.log_all.load(Ordering::Acquire) || self.forced();
         if self.on.swap(on, Ordering::AcqRel) != on {
             self.warned.store(false, Ordering::Relaxed);
             log::info!(
                 "dirty logging {}",
-                if on { "on (VHOST_F_LOG_ALL)" } else { "off" }
+                match (on, self.forced()) {
+                    (false, _) => "off",
+                    (true, false) => "on (VHOST_F_LOG_ALL)",
+                    (true, true) => "on (forced)",
+                }
             );
         }
     }
@@ -267,6 +366,58 @@ impl MigrationLog {
         self.on.load(Ordering::Acquire)
     }
 
+    /// Forces logging on, for measuring its cost with a frontend that never
+    /// migrates (DPDK's virtio-user sends neither `VHOST_F_LOG_ALL` nor
+    /// `SET_LOG_BASE`): every device write is logged as during a migration,
+    /// whatever the frontend acknowledges and across connections, into a log
+    /// the backend allocates ([`LogArea::anonymous`]) when the frontend's
+    /// memory table arrives ([`cover`](Self::cover)). A log the frontend
+    /// shares replaces it. Off by default; with it off nothing changes, and
+    /// a write costs the same one atomic load.
+    pub fn set_forced(&self, forced: bool) {
+        self.forced.store(forced, Ordering::Release);
+        if !forced {
+            let mut s = self.state_mut();
+            if s.own {
+                s.area = None;
+                s.own = false;
+            }
+        }
+        self.update();
+    }
+
+    /// Whether logging is forced on ([`set_forced`](Self::set_forced)).
+    pub fn forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
+    }
+
+    /// With logging forced, makes sure a log covers guest memory up to `end`
+    /// (the highest address of the frontend's memory table, exclusive): when
+    /// the frontend shared no log and the backend's own is missing or too
+    /// small, allocates one ([`LogArea::anonymous`]). A larger log replaces
+    /// the smaller one, whose bits are dropped. Without forced logging it
+    /// does nothing.
+    pub fn cover(&self, end: u64) -> Result<()> {
+        if !self.forced() {
+            return Ok(());
+        }
+        let mut s = self.state_mut();
+        let shared = s.area.is_some() && !s.own;
+        if shared || s.area.as_ref().is_some_and(|a| a.covers() >= end) {
+            return Ok(());
+        }
+        let area = LogArea::anonymous(end)?;
+        log::info!(
+            "forced dirty logging: log allocated, {} bytes of address space (MAP_NORESERVE), \
+             covering guest memory up to {:#x}",
+            area.len,
+            area.covers()
+        );
+        s.area = Some(Arc::new(area));
+        s.own = true;
+        Ok(())
+    }
+
     /// Installs the frontend's log (`SET_LOG_BASE`), replacing any earlier one.
     pub fn set_area(&self, area: LogArea) {
         log::info!(
@@ -274,10 +425,13 @@ impl MigrationLog {
             area.len,
             area.covers()
         );
-        self.state_mut().area = Some(Arc::new(area));
+        let mut s = self.state_mut();
+        s.area = Some(Arc::new(area));
+        s.own = false;
     }
 
-    /// The frontend's log, if it shared one.
+    /// The log in use: the one the frontend shared, or with forced logging
+    /// the backend's own; `None` before either.
     pub fn area(&self) -> Option<Arc<LogArea>> {
         self.state().area.clone()
     }
@@ -320,9 +474,11 @@ impl MigrationLog {
         }
     }
 
-    /// Forgets the connection's log, ring addresses and the `LOG_ALL` switch.
+    /// Forgets the connection's log, ring addresses and the `LOG_ALL` switch
+    /// (logging stays on if forced; the next memory table brings a new log).
     pub fn reset(&self) {
-        self.on.store(false, Ordering::Release);
+        self.log_all.store(false, Ordering::Release);
+        self.on.store(self.forced(), Ordering::Release);
         *self.state_mut() = LogState::default();
     }
 
@@ -348,11 +504,12 @@ impl MigrationLog {
         self.logged.fetch_add(1, Ordering::Relaxed);
         let s = self.state();
         let Some(area) = s.area.as_ref() else {
-            self.miss(
-                gpa,
-                len,
-                "the frontend acknowledged VHOST_F_LOG_ALL but shared no log (SET_LOG_BASE)",
-            );
+            let why = if self.forced() {
+                "logging is forced but no log was allocated (no memory table yet)"
+            } else {
+                "the frontend acknowledged VHOST_F_LOG_ALL but shared no log (SET_LOG_BASE)"
+            };
+            self.miss(gpa, len, why);
             return;
         };
         let end = gpa.saturating_add(len);
@@ -604,6 +761,99 @@ pub(crate) mod tests {
         b.bind(0, &log);
         b.mark_dirty(0, 1);
         assert_eq!(marked_pages(&fd, 64), vec![0x100, 0x102, 0x105]);
+    }
+
+    /// Every page an anonymous log has marked, scanning all it covers.
+    fn own_marked_pages(area: &LogArea) -> Vec<u64> {
+        (0..area.covers() / LOG_PAGE_SIZE)
+            .filter(|&p| area.is_marked(p * LOG_PAGE_SIZE))
+            .collect()
+    }
+
+    #[test]
+    fn an_anonymous_log_marks_exactly_the_written_pages() {
+        // 1 MiB + 1 byte: 257 pages, rounded up to 33 bytes (264 pages).
+        let area = LogArea::anonymous((1 << 20) + 1).unwrap();
+        assert_eq!(area.len(), 33);
+        assert_eq!(area.covers(), 264 * LOG_PAGE_SIZE);
+        assert!(own_marked_pages(&area).is_empty(), "zeroed");
+        assert!(area.mark(0x1fff, 2));
+        assert!(area.mark(0x40000, 1));
+        assert!(area.mark(263 * LOG_PAGE_SIZE, LOG_PAGE_SIZE));
+        assert!(!area.mark(264 * LOG_PAGE_SIZE, 1), "beyond the log");
+        assert_eq!(own_marked_pages(&area), vec![1, 2, 0x40, 263]);
+
+        // As the device reaches it: forced logging, no LOG_ALL.
+        let log = MigrationLog::new();
+        log.mark(0x1000, 1);
+        log.set_forced(true);
+        assert!(log.logging());
+        log.cover(16 << 20).unwrap();
+        let area = log.area().unwrap();
+        assert_eq!(area.covers(), 16 << 20);
+        log.mark(0x3000, 0x2000); // pages 3 and 4
+        log.mark(0xff_ffff, 1); // the last page
+        // A used ring without VHOST_VRING_F_LOG: logged where it is.
+        log.set_used_ring(0, 0x8000, 6 + 8 * 256);
+        log.mark(0x8000, 4);
+        assert_eq!(own_marked_pages(&area), vec![3, 4, 8, 0xfff]);
+        // The frontend turning LOG_ALL off changes nothing.
+        log.set_logging(false);
+        assert!(log.logging());
+        log.mark(0x20000, 1);
+        assert!(area.is_marked(0x20000));
+        // A memory table the log already covers keeps it; a larger one
+        // gets a larger log.
+        log.cover(4 << 20).unwrap();
+        assert!(Arc::ptr_eq(&area, &log.area().unwrap()));
+        log.cover(64 << 20).unwrap();
+        assert_eq!(log.area().unwrap().covers(), 64 << 20);
+        assert_eq!(log.stats().missed, 0);
+        // Across connections: still on, the next table brings a new log.
+        log.reset();
+        assert!(log.logging() && log.area().is_none());
+        // A log the frontend shares is used and never replaced by ours.
+        let fd = memfd(64);
+        log.set_area(LogArea::map(fd.as_fd(), 0, 64).unwrap());
+        log.cover(1 << 40).unwrap();
+        assert_eq!(log.area().unwrap().covers(), 64 * 8 * LOG_PAGE_SIZE);
+        // Not forced: off again with the frontend's switch, and no log of ours.
+        log.reset();
+        log.cover(1 << 20).unwrap();
+        log.set_forced(false);
+        assert!(!log.logging() && log.area().is_none());
+        log.cover(1 << 20).unwrap();
+        assert!(log.area().is_none());
+    }
+
+    #[test]
+    fn a_log_covering_a_virtio_user_address_space_is_address_space_only() {
+        // Guest "physical" addresses up to 2^47: 4 GiB of log, of which only
+        // the pages written become memory.
+        let area = LogArea::anonymous(1 << 47).unwrap();
+        assert_eq!(area.len(), 4 << 30);
+        let gpa = 0x7f12_3456_7000;
+        assert!(area.mark(gpa, 1));
+        assert!(area.is_marked(gpa));
+        assert!(!area.is_marked(gpa + LOG_PAGE_SIZE));
+        assert!(!area.is_marked(gpa - LOG_PAGE_SIZE));
+    }
+
+    #[test]
+    fn bad_anonymous_logs_are_refused() {
+        assert!(matches!(LogArea::anonymous(0), Err(Error::NothingToCover)));
+        // 2^64 bytes of guest memory need 2^49 bytes of log: more address
+        // space than x86-64 user space has.
+        let e = LogArea::anonymous(u64::MAX).unwrap_err();
+        assert!(matches!(e, Error::Allocate { .. }), "{e}");
+        assert!(e.to_string().contains("cannot allocate a dirty log"), "{e}");
+        // Forced logging passes the refusal on, and logs nothing meanwhile.
+        let log = MigrationLog::new();
+        log.set_forced(true);
+        assert!(log.cover(u64::MAX).is_err());
+        assert!(log.area().is_none());
+        log.mark(0, 1);
+        assert_eq!(log.stats().missed, 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -22,7 +23,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_net::{Server, VhostUserNet, rarp_frame};
+use vhost_user_net::{Server, VhostUserNet, control, rarp_frame};
 use virtio_net_standby::{PairBackend, PairConfig, StandbyNetBuilder, pair};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -156,23 +157,60 @@ fn pages(gpa: u64, len: u64) -> std::ops::RangeInclusive<u64> {
     gpa / PAGE..=(gpa + len - 1) / PAGE
 }
 
-#[test]
-fn every_page_the_device_writes_is_logged_and_nothing_else() {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dirty-log.sock");
-    let (ours, mut peer) = pair(PairConfig::default()).unwrap();
+/// A served device and a frontend double connected to it, rings started.
+struct Session {
+    net: Arc<VhostUserNet<PairBackend>>,
+    /// The host's side of the device's backend.
+    peer: PairBackend,
+    f: Frontend,
+    stream: UnixStream,
+    guest: Guest,
+    /// The features acknowledged (without `LOG_ALL`), and those offered.
+    features: u64,
+    offered: u64,
+    _mem: OwnedFd,
+    _kicks: Vec<EventFd>,
+    _calls: Vec<EventFd>,
+    _server: ServerThread,
+}
+
+fn ring(desc: u64, avail: u64, used: u64, log: Option<u64>) -> VringConfigData {
+    let user = |gpa: u64| USER + (gpa - GPA);
+    VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: if log.is_some() {
+            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+        } else {
+            0
+        },
+        desc_table_addr: user(desc),
+        used_ring_addr: user(used),
+        avail_ring_addr: user(avail),
+        log_addr: log,
+    }
+}
+
+/// Serves a device on socket `name` (`forced`: with dirty logging forced
+/// on) and connects the frontend double: memory, both rings with every RX
+/// buffer posted, the device started. No `LOG_ALL`, no log shared.
+fn start(name: &str, forced: bool) -> Session {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let (ours, peer) = pair(PairConfig::default()).unwrap();
     let dev = StandbyNetBuilder::new()
         .mac(MAC)
         .queue_size(QSIZE)
         .build(vec![ours])
         .unwrap();
     let net: Arc<VhostUserNet<PairBackend>> = VhostUserNet::new("dirty", dev).unwrap();
+    if forced {
+        net.migration_log().set_forced(true);
+    }
     let server = Server::bind(&path, net.clone()).unwrap();
-    let _running = ServerThread::spawn(server);
+    let server = ServerThread::spawn(server);
 
     let mem_fd = memfd(c"guest", SIZE);
     let guest = Guest(Map::new(&mem_fd, SIZE));
-    let log_fd = memfd(c"log", LOG_LEN);
-    let log = Map::new(&log_fd, LOG_LEN);
 
     let stream = UnixStream::connect(&path).unwrap();
     let mut f = Frontend::from_stream(stream.try_clone().unwrap(), 2);
@@ -205,20 +243,6 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
         mmap_handle: mem_fd.as_raw_fd(),
     }])
     .unwrap();
-    let user = |gpa: u64| USER + (gpa - GPA);
-    let ring = |desc: u64, avail: u64, used: u64, log: Option<u64>| VringConfigData {
-        queue_max_size: QSIZE,
-        queue_size: QSIZE,
-        flags: if log.is_some() {
-            VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
-        } else {
-            0
-        },
-        desc_table_addr: user(desc),
-        used_ring_addr: user(used),
-        avail_ring_addr: user(avail),
-        log_addr: log,
-    };
     let rings = [(RX_DESC, RX_AVAIL, RX_USED), (TX_DESC, TX_AVAIL, TX_USED)];
     let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
     let calls: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
@@ -241,9 +265,61 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
     }
     kicks[0].write(1).unwrap();
     wait_until("the device to start", || net.is_active());
+    Session {
+        net,
+        peer,
+        f,
+        stream,
+        guest,
+        features,
+        offered,
+        _mem: mem_fd,
+        _kicks: kicks,
+        _calls: calls,
+        _server: server,
+    }
+}
+
+/// Frame lengths the tests send, each into its own buffer.
+const LENS: [usize; 8] = [60, 1514, 300, 2048, 1000, 64, 1500, 777];
+
+/// Sends [`LENS`] from the host's side, waits for them in the RX used ring
+/// (which held `used` entries before), checks each one's bytes, and returns
+/// the pages of the buffers they were written to.
+fn receive(s: &mut Session, used: u16) -> BTreeSet<u64> {
+    let sent: Vec<Vec<u8>> = LENS
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| send_frame(&mut s.peer, MAC, l, i as u8 + 1))
+        .collect();
+    let n = LENS.len() as u16;
+    wait_until("the frames in the used ring", || {
+        s.guest.r16(RX_USED + 2) == used + n
+    });
+    let mut pages_written = BTreeSet::new();
+    for k in 0..n {
+        let e = RX_USED + 4 + 8 * u64::from(used + k);
+        let (id, len) = (s.guest.r32(e) as u16, s.guest.r32(e + 4));
+        assert!(id < BUFFERS);
+        // The header's num_buffers is 1; the frame follows as sent.
+        assert_eq!(len as usize, sent[usize::from(k)].len());
+        let got = s.guest.read(buf(id), len as usize);
+        assert_eq!(&got[12..], &sent[usize::from(k)][12..], "frame {k}");
+        pages_written.extend(pages(buf(id), u64::from(len)));
+    }
+    pages_written
+}
+
+#[test]
+fn every_page_the_device_writes_is_logged_and_nothing_else() {
+    let mut s = start("dirty-log.sock", false);
+    let log_fd = memfd(c"log", LOG_LEN);
+    let log = Map::new(&log_fd, LOG_LEN);
+    let (features, offered) = (s.features, s.offered);
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
 
     // Logging on, in QEMU's order.
-    f.set_log_base(
+    s.f.set_log_base(
         0,
         Some(VhostUserDirtyLogRegion {
             mmap_size: LOG_LEN,
@@ -252,41 +328,26 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
         }),
     )
     .unwrap();
-    f.set_vring_addr(0, &ring(RX_DESC, RX_AVAIL, RX_USED, Some(RX_USED_LOG)))
+    s.f.set_vring_addr(0, &ring(RX_DESC, RX_AVAIL, RX_USED, Some(RX_USED_LOG)))
         .unwrap();
-    f.set_vring_addr(1, &ring(TX_DESC, TX_AVAIL, TX_USED, Some(TX_USED)))
+    s.f.set_vring_addr(1, &ring(TX_DESC, TX_AVAIL, TX_USED, Some(TX_USED)))
         .unwrap();
-    f.set_features(features | log_all).unwrap();
-    assert_eq!(f.get_features().unwrap() & log_all, log_all, "a round trip");
-    assert!(net.migration_log().logging());
-    assert!(net.is_active(), "LOG_ALL does not restart the device");
+    s.f.set_features(features | log_all).unwrap();
+    assert_eq!(
+        s.f.get_features().unwrap() & log_all,
+        log_all,
+        "a round trip"
+    );
+    assert!(s.net.migration_log().logging());
+    assert!(s.net.is_active(), "LOG_ALL does not restart the device");
     log.zero();
 
     // Frames of assorted lengths, each in its own buffer.
-    let lens = [60usize, 1514, 300, 2048, 1000, 64, 1500, 777];
-    let sent: Vec<Vec<u8>> = lens
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| send_frame(&mut peer, MAC, l, i as u8 + 1))
-        .collect();
-    let n = lens.len() as u16;
-    wait_until("the frames in the used ring", || {
-        guest.r16(RX_USED + 2) == n
-    });
-    let mut expected = std::collections::BTreeSet::new();
-    for k in 0..n {
-        let e = RX_USED + 4 + 8 * u64::from(k);
-        let (id, len) = (guest.r32(e) as u16, guest.r32(e + 4));
-        assert!(id < BUFFERS);
-        // The header's num_buffers is 1; the frame follows as sent.
-        assert_eq!(len as usize, sent[usize::from(k)].len());
-        let got = guest.read(buf(id), len as usize);
-        assert_eq!(&got[12..], &sent[usize::from(k)][12..], "frame {k}");
-        expected.extend(pages(buf(id), u64::from(len)));
-    }
+    let mut expected = receive(&mut s, 0);
+    let n = LENS.len() as u16;
     // The used ring (entries, index, avail event) at its log_guest_addr.
     expected.extend(pages(RX_USED_LOG, 6 + 8 * u64::from(QSIZE)));
-    let got: std::collections::BTreeSet<u64> = marked(&log).into_iter().collect();
+    let got: BTreeSet<u64> = marked(&log).into_iter().collect();
     let missing: Vec<_> = expected.difference(&got).collect();
     assert!(
         missing.is_empty(),
@@ -300,40 +361,127 @@ fn every_page_the_device_writes_is_logged_and_nothing_else() {
         .collect();
     assert!(extra.is_empty(), "pages logged but not written: {extra:x?}");
     assert!(!got.contains(&(RX_USED / PAGE)));
-    assert_eq!(net.migration_log().stats().missed, 0);
+    assert_eq!(s.net.migration_log().stats().missed, 0);
 
     // Logging off: further writes leave the log alone.
-    f.set_features(features).unwrap();
+    s.f.set_features(features).unwrap();
     // SET_FEATURES wants no reply: a round trip makes sure it was handled.
-    f.get_features().unwrap();
-    assert!(!net.migration_log().logging());
+    s.f.get_features().unwrap();
+    assert!(!s.net.migration_log().logging());
     log.zero();
-    send_frame(&mut peer, MAC, 200, 99);
-    wait_until("one more frame", || guest.r16(RX_USED + 2) == n + 1);
+    send_frame(&mut s.peer, MAC, 200, 99);
+    wait_until("one more frame", || s.guest.r16(RX_USED + 2) == n + 1);
     assert!(marked(&log).is_empty(), "{:x?}", marked(&log));
 
     // SEND_RARP (19), reply wanted: the announcement goes out on the backend.
-    peer.discard_incoming();
+    s.peer.discard_incoming();
     let mut m = Vec::new();
     m.extend_from_slice(&19u32.to_le_bytes());
     m.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes());
     m.extend_from_slice(&8u32.to_le_bytes());
     m.extend_from_slice(&MAC);
     m.extend_from_slice(&[0, 0]);
-    let mut s = &stream;
-    s.write_all(&m).unwrap();
+    let mut stream = &s.stream;
+    stream.write_all(&m).unwrap();
     let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).unwrap();
+    stream.read_exact(&mut reply).unwrap();
     assert_eq!(reply[0], 19);
     assert_eq!(reply[4], 0x5, "a reply");
     assert_eq!(&reply[12..], &[0u8; 8], "success");
     // One record: the frame and 8 to 15 bytes of the pair's framing.
-    let got = peer.discard_incoming();
+    let got = s.peer.discard_incoming();
     let frame = rarp_frame(MAC).len();
     assert!(
         (frame + 8..frame + 16).contains(&got),
         "one RARP frame on the backend, {got} bytes"
     );
     // Still served.
-    assert_eq!(f.get_features().unwrap(), offered);
+    assert_eq!(s.f.get_features().unwrap(), offered);
+}
+
+/// Every page a log of the backend's own has marked.
+fn own_marked(net: &VhostUserNet<PairBackend>) -> BTreeSet<u64> {
+    let area = net
+        .migration_log()
+        .area()
+        .expect("a log of the backend's own");
+    (0..area.covers() / PAGE)
+        .filter(|&p| area.is_marked(p * PAGE))
+        .collect()
+}
+
+/// Forced logging (the daemon's `--force-dirty-log`), with a frontend that
+/// never migrates, as DPDK's virtio-user: no `LOG_ALL`, no `SET_LOG_BASE`,
+/// no `VHOST_VRING_F_LOG`. The backend's own log, sized from the memory
+/// table, marks the pages of every RX buffer written and the used ring at
+/// its own address, and nothing else; the frontend switching `LOG_ALL`
+/// does not turn it off.
+#[test]
+fn forced_logging_marks_what_the_device_writes_without_log_all() {
+    let mut s = start("dirty-forced.sock", true);
+    let ml = s.net.migration_log().clone();
+    assert!(ml.logging() && ml.forced());
+    let area = ml.area().expect("a log allocated at SET_MEM_TABLE");
+    assert!(area.covers() >= GPA + SIZE, "covers {:#x}", area.covers());
+    let used_pages = |used: u64| pages(used, 6 + 8 * u64::from(QSIZE));
+    let rings: BTreeSet<u64> = used_pages(RX_USED).chain(used_pages(TX_USED)).collect();
+    // Before any frame: at most the rings' avail events.
+    let before = own_marked(&s.net);
+    assert!(before.is_subset(&rings), "{before:x?}");
+
+    let mut expected = receive(&mut s, 0);
+    expected.extend(used_pages(RX_USED));
+    // The device reports a batch's writes right after publishing it: the
+    // used index may be seen a moment before the bits.
+    wait_until("every page written in the log", || {
+        expected.is_subset(&own_marked(&s.net))
+    });
+    let got = own_marked(&s.net);
+    let extra: Vec<_> = got
+        .difference(&expected)
+        .filter(|p| !rings.contains(p))
+        .collect();
+    assert!(extra.is_empty(), "pages logged but not written: {extra:x?}");
+    let stats = ml.stats();
+    assert!(stats.logged > 0 && stats.missed == 0, "{stats:?}");
+    let status = control::execute("status", &s.net);
+    assert!(
+        status.contains(" dirty_log=forced dirty_writes="),
+        "{status}"
+    );
+    assert!(status.contains(" dirty_missed=0"), "{status}");
+
+    // The frontend acknowledging LOG_ALL and leaving it again changes nothing.
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    s.f.set_features(s.features | log_all).unwrap();
+    s.f.set_features(s.features).unwrap();
+    // SET_FEATURES wants no reply: a round trip makes sure it was handled.
+    s.f.get_features().unwrap();
+    assert!(ml.logging());
+    assert!(s.net.is_active());
+    let n = LENS.len() as u16;
+    send_frame(&mut s.peer, MAC, 1000, 77);
+    wait_until("one more frame", || s.guest.r16(RX_USED + 2) == n + 1);
+    let e = RX_USED + 4 + 8 * u64::from(n);
+    let id = s.guest.r32(e) as u16;
+    wait_until("the last buffer in the log", || {
+        own_marked(&s.net).contains(&(buf(id) / PAGE))
+    });
+}
+
+/// Without forcing, a frontend that does not migrate gets no log and no
+/// write is reported to one.
+#[test]
+fn without_forcing_a_frontend_that_does_not_migrate_logs_nothing() {
+    let mut s = start("dirty-unforced.sock", false);
+    receive(&mut s, 0);
+    let ml = s.net.migration_log();
+    assert!(!ml.logging() && !ml.forced());
+    assert!(ml.area().is_none());
+    assert_eq!(ml.stats().logged, 0);
+    let status = control::execute("status", &s.net);
+    assert!(
+        status.contains(" dirty_log=off dirty_writes=0 dirty_missed=0"),
+        "{status}"
+    );
 }
