@@ -270,8 +270,10 @@ impl<M: GuestMemoryBackend> GuestRam<M> {
 /// returns from the batch, so a VMM that pauses the device before the final
 /// dirty-log pass misses nothing. Coalescing spares one atomic read-modify-write
 /// per page per frame: consecutive receive buffers usually share pages. Ranges
-/// less than a page apart are merged, which can mark a page between two buffers
-/// that was not written (a false positive costs a page copy, never correctness).
+/// less than a page apart are merged, on either side (a driver's buffers need not
+/// come in address order: DPDK's come from a pool), which can mark a page between
+/// two buffers that was not written (a false positive costs a page copy, never
+/// correctness).
 #[derive(Debug, Default)]
 pub(crate) struct DirtyLog {
     ranges: Vec<(u32, usize, usize)>,
@@ -288,9 +290,10 @@ impl DirtyLog {
         let end = start.saturating_add(len);
         if let Some(last) = self.ranges.last_mut() {
             if last.0 == region
-                && start >= last.1
                 && start <= last.2.saturating_add(Self::MERGE_GAP)
+                && end.saturating_add(Self::MERGE_GAP) >= last.1
             {
+                last.1 = last.1.min(start);
                 last.2 = last.2.max(end);
                 return;
             }
@@ -334,9 +337,10 @@ impl DirtyRun {
         let start = ptr as usize;
         let end = start.saturating_add(len);
         if self.region == region
-            && start >= self.start
             && start <= self.end.saturating_add(DirtyLog::MERGE_GAP)
+            && end.saturating_add(DirtyLog::MERGE_GAP) >= self.start
         {
+            self.start = self.start.min(start);
             self.end = self.end.max(end);
             return;
         }
@@ -492,6 +496,46 @@ mod tests {
         for a in [0x10000, 0x10000 + 7 * 1536, 0x80000] {
             assert!(region.bitmap().dirty_at(a), "{a:#x}");
         }
+        assert!(!region.bitmap().dirty_at(0x40000));
+    }
+
+    /// Buffers that come in descending or mixed address order (a pool's) merge
+    /// as ascending ones do, in the log and in a run's range; a far one does not.
+    #[test]
+    fn dirty_ranges_merge_whatever_the_buffers_order() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap(),
+        );
+        let ram = GuestRam::new(mem.clone()).unwrap();
+        let order = [4u64, 5, 3, 6, 2, 7, 1, 0];
+        let mut log = DirtyLog::default();
+        for i in order {
+            let s = ram.translate(0x10000 + i * 2176, 100).unwrap();
+            log.add(s.region, s.ptr, s.len);
+        }
+        assert_eq!(log.ranges.len(), 1, "one range for the eight buffers");
+        let mut run_log = DirtyLog::default();
+        let mut run = DirtyRun::default();
+        for i in order {
+            let s = ram.translate(0x10000 + i * 2176, 100).unwrap();
+            run.add(&mut run_log, s.region, s.ptr, s.len);
+        }
+        let far = ram.translate(0x80000, 10).unwrap();
+        run.add(&mut run_log, far.region, far.ptr, far.len);
+        run.finish(&mut run_log);
+        assert_eq!(
+            run_log.ranges.len(),
+            2,
+            "the eight buffers, and the far one"
+        );
+        assert_eq!(run_log.ranges[0], log.ranges[0]);
+        log.flush(&ram);
+        run_log.flush(&ram);
+        let region = mem.iter().next().unwrap();
+        for i in order {
+            assert!(region.bitmap().dirty_at(0x10000 + i as usize * 2176));
+        }
+        assert!(region.bitmap().dirty_at(0x80000));
         assert!(!region.bitmap().dirty_at(0x40000));
     }
 
