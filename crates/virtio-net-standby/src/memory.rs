@@ -54,22 +54,27 @@ pub(crate) struct HostSpan {
 }
 
 /// The region a run of [`GuestRam::translate_hinted`] calls last hit; the
-/// default matches nothing. Valid only with the `GuestRam` that filled it.
+/// default matches nothing. Valid only with the `GuestRam` that filled it
+/// (one per run of frames, never kept across passes).
+/// The lifetime ties it to the borrow of the `GuestRam` that fills it, so that a
+/// hint cannot outlive that view of memory (and the mappings it keeps alive).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct RegionHint {
+pub(crate) struct RegionHint<'a> {
     start: u64,
     len: u64,
     host: *mut u8,
     region: u32,
+    _ram: std::marker::PhantomData<&'a ()>,
 }
 
-impl Default for RegionHint {
+impl Default for RegionHint<'_> {
     fn default() -> Self {
         RegionHint {
             start: 0,
             len: 0,
             host: std::ptr::null_mut(),
             region: 0,
+            _ram: std::marker::PhantomData,
         }
     }
 }
@@ -181,9 +186,9 @@ impl<M: GuestMemoryBackend> GuestRam<M> {
     /// region the last one hit (in registers, for a loop), so that the next
     /// buffer in the same region costs a subtraction and two comparisons.
     #[inline(always)]
-    pub(crate) fn translate_hinted(
-        &self,
-        hint: &mut RegionHint,
+    pub(crate) fn translate_hinted<'a>(
+        &'a self,
+        hint: &mut RegionHint<'a>,
         gpa: u64,
         len: usize,
     ) -> Option<HostSpan> {
@@ -204,6 +209,7 @@ impl<M: GuestMemoryBackend> GuestRam<M> {
             len: r.len,
             host: r.host,
             region: span.region,
+            _ram: std::marker::PhantomData,
         };
         Some(span)
     }
@@ -289,13 +295,14 @@ impl DirtyLog {
         let start = ptr as usize;
         let end = start.saturating_add(len);
         if let Some(last) = self.ranges.last_mut() {
-            if last.0 == region
-                && start <= last.2.saturating_add(Self::MERGE_GAP)
-                && end.saturating_add(Self::MERGE_GAP) >= last.1
-            {
-                last.1 = last.1.min(start);
-                last.2 = last.2.max(end);
-                return;
+            if last.0 == region && start <= last.2.saturating_add(Self::MERGE_GAP) {
+                // At or above the range's start (the common case, tested first),
+                // or below it by less than the gap.
+                if start >= last.1 || end.saturating_add(Self::MERGE_GAP) >= last.1 {
+                    last.1 = last.1.min(start);
+                    last.2 = last.2.max(end);
+                    return;
+                }
             }
         }
         self.ranges.push((region, start, end));
@@ -336,13 +343,17 @@ impl DirtyRun {
     pub fn add(&mut self, log: &mut DirtyLog, region: u32, ptr: *const u8, len: usize) {
         let start = ptr as usize;
         let end = start.saturating_add(len);
-        if self.region == region
-            && start <= self.end.saturating_add(DirtyLog::MERGE_GAP)
-            && end.saturating_add(DirtyLog::MERGE_GAP) >= self.start
-        {
-            self.start = self.start.min(start);
-            self.end = self.end.max(end);
-            return;
+        if self.region == region && start <= self.end.saturating_add(DirtyLog::MERGE_GAP) {
+            if start >= self.start {
+                // The common case: at or above the range's start.
+                self.end = self.end.max(end);
+                return;
+            }
+            if end.saturating_add(DirtyLog::MERGE_GAP) >= self.start {
+                self.start = start;
+                self.end = self.end.max(end);
+                return;
+            }
         }
         self.finish(log);
         *self = DirtyRun { region, start, end };

@@ -650,7 +650,10 @@ impl RxQueue {
     /// Returns `None` when the direct path does not apply to the next frame (the
     /// ring as it was: the general path then takes the same chain) or `max` was
     /// reached, and otherwise the outcome that ended the run (nothing to receive,
-    /// a backend error, a frame that spilled). Whatever does not deliver a frame
+    /// a backend error, a frame that spilled). The available index is checked
+    /// for a runaway when the run starts and whenever its count runs out, not at
+    /// every frame: a driver that moves it wrongly during a run is caught at the
+    /// next read, and the device needs a reset as before. Whatever does not deliver a frame
     /// (a filtered frame, a backend error, nothing after all) gives its chain back
     /// to the ring untouched for the next frame, as the general path keeps it
     /// staged.
@@ -1312,6 +1315,16 @@ mod tests {
             let p = f.process();
             assert_eq!((p.chains, p.more), (100, true));
             assert_eq!(f.g.rx[0].used_idx(), 100);
+            assert!(
+                f.dev
+                    .queue_pair(0)
+                    .unwrap()
+                    .lock()
+                    .state()
+                    .rx_staged
+                    .is_empty(),
+                "the frames went the direct way, nothing staged"
+            );
             let p = f.process();
             assert_eq!((p.chains, p.more), (50, false));
             let mut got = vec![];
