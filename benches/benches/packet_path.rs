@@ -755,11 +755,7 @@ fn bench_tap(c: &mut Criterion) {
         if size > 1514 {
             continue;
         }
-        let inject = || {
-            for _ in 0..BATCH {
-                injector.send(&frame[12..]).unwrap();
-            }
-        };
+        let inject = || inject_batch(&injector, &frame);
         // Both floors read each frame into the guest buffer the device fills with
         // it (the same 256 buffers, in ring order), as the TX floor writes the
         // guest's TX buffers. `tap_readv` gives `readv` that buffer alone: the
@@ -769,22 +765,8 @@ fn bench_tap(c: &mut Criterion) {
         // must when it cannot know the next frame's length: the kernel then
         // copies through a two-segment iovec instead of a single user buffer
         // (docs/PERFORMANCE.md, "On a tap: the 1514-byte gap").
-        let rx_iovs: Vec<libc::iovec> = {
-            let r = rig.borrow();
-            r.rx_addrs
-                .iter()
-                .map(|a| libc::iovec {
-                    iov_base: r.host_ptr(*a).cast(),
-                    iov_len: RX_LEN as usize,
-                })
-                .collect()
-        };
-        let raw_rx = || {
-            inject();
-            let start = Instant::now();
-            profiled_readv_guest(fd, &rx_iovs);
-            start.elapsed()
-        };
+        let rx_iovs = guest_rx_iovecs(&rig.borrow());
+        let raw_rx = || raw_rx_batch(fd, &rx_iovs, inject);
         let rest = RefCell::new(vec![0u8; MAX_BUFFER_LEN - RX_LEN as usize]);
         let raw_rx_room = || {
             inject();
@@ -793,17 +775,7 @@ fn bench_tap(c: &mut Criterion) {
             profiled_readv_room(fd, &rx_iovs, &mut rest);
             start.elapsed()
         };
-        let dev_rx = || {
-            rig.borrow_mut().refill_rx();
-            inject();
-            let mut q = qp.lock();
-            let mut done = 0;
-            let start = Instant::now();
-            while done < BATCH {
-                done += q.process_rx().chains;
-            }
-            start.elapsed()
-        };
+        let dev_rx = || device_rx_batch(&rig, &qp, inject);
         for (group, device) in [("tap_readv", false), ("tap_rx", true)] {
             PAIRED.take();
             let mut g = c.benchmark_group(group);
@@ -827,6 +799,50 @@ fn bench_tap(c: &mut Criterion) {
     }
 }
 
+/// Sends one batch of `frame` (without its virtio-net header) into the tap.
+fn inject_batch(injector: &PacketSocket, frame: &[u8]) {
+    for _ in 0..BATCH {
+        injector.send(&frame[12..]).unwrap();
+    }
+}
+
+/// The guest's RX buffers as iovecs, in ring order.
+fn guest_rx_iovecs<B: NetBackend>(r: &Rig<B>) -> Vec<libc::iovec> {
+    r.rx_addrs
+        .iter()
+        .map(|a| libc::iovec {
+            iov_base: r.host_ptr(*a).cast(),
+            iov_len: RX_LEN as usize,
+        })
+        .collect()
+}
+
+/// The one-iovec floor: `inject`, then one raw `readv` per frame, timed.
+fn raw_rx_batch(fd: i32, iovs: &[libc::iovec], inject: impl Fn()) -> Duration {
+    inject();
+    let start = Instant::now();
+    profiled_readv_guest(fd, iovs);
+    start.elapsed()
+}
+
+/// The device: refill the guest's buffers, `inject`, then `process_rx` until the
+/// batch is in, timed.
+fn device_rx_batch(
+    rig: &RefCell<Rig<Tap>>,
+    qp: &virtio_net_standby::QueuePairHandle<GuestMem, Tap>,
+    inject: impl Fn(),
+) -> Duration {
+    rig.borrow_mut().refill_rx();
+    inject();
+    let mut q = qp.lock();
+    let mut done = 0;
+    let start = Instant::now();
+    while done < BATCH {
+        done += q.process_rx().chains;
+    }
+    start.elapsed()
+}
+
 /// Tap RX for a guest that took no receive offload (no TSO, no UFO): the tap then
 /// delivers nothing longer than the MTU, which fits the 1536-byte buffer, so the
 /// device gives `readv` the guest's buffer alone, like the `tap_readv` floor it is
@@ -844,38 +860,10 @@ fn bench_tap_rx_without_gso(c: &mut Criterion, size: usize, frame: &[u8]) {
     let rig = RefCell::new(Rig::with_offer(tap, frame, RX_LEN, offer));
     let qp = rig.borrow().dev.queue_pair(0).unwrap().clone();
     let fd = qp.lock().backend().as_raw_fd();
-    let inject = || {
-        for _ in 0..BATCH {
-            injector.send(&frame[12..]).unwrap();
-        }
-    };
-    let rx_iovs: Vec<libc::iovec> = {
-        let r = rig.borrow();
-        r.rx_addrs
-            .iter()
-            .map(|a| libc::iovec {
-                iov_base: r.host_ptr(*a).cast(),
-                iov_len: RX_LEN as usize,
-            })
-            .collect()
-    };
-    let raw_rx = || {
-        inject();
-        let start = Instant::now();
-        profiled_readv_guest(fd, &rx_iovs);
-        start.elapsed()
-    };
-    let dev_rx = || {
-        rig.borrow_mut().refill_rx();
-        inject();
-        let mut q = qp.lock();
-        let mut done = 0;
-        let start = Instant::now();
-        while done < BATCH {
-            done += q.process_rx().chains;
-        }
-        start.elapsed()
-    };
+    let inject = || inject_batch(&injector, frame);
+    let rx_iovs = guest_rx_iovecs(&rig.borrow());
+    let raw_rx = || raw_rx_batch(fd, &rx_iovs, inject);
+    let dev_rx = || device_rx_batch(&rig, &qp, inject);
     PAIRED.take();
     let mut g = c.benchmark_group("tap_rx_nogso");
     g.throughput(Throughput::Elements(BATCH as u64));
