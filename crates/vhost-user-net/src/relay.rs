@@ -33,7 +33,7 @@
 //! It also watches messages on their way through: the protocol features the
 //! frontend acknowledged and the backend-request channel it hands over, which the
 //! [`BackendChannel`] uses to send configuration-change notifications; and for
-//! live migration (see [`dirty`](crate::dirty)) `SET_LOG_BASE`, whose log it
+//! live migration (see [`crate::dirty`]) `SET_LOG_BASE`, whose log it
 //! maps for the device (a log it cannot map ends the connection, so that the
 //! frontend's migration fails rather than copying stale memory), and
 //! `SET_VRING_ADDR`, whose `VHOST_VRING_F_LOG` and `log_guest_addr` say where a
