@@ -27,7 +27,7 @@ use vhost_user_net::{Server, VhostUserNet, control, rarp_frame};
 use virtio_net_standby::{PairBackend, PairConfig, StandbyNetBuilder, pair};
 use vmm_sys_util::eventfd::EventFd;
 
-use support::{ServerThread, memfd, send_frame, wait_until};
+use support::{ServerThread, map_shared, memfd, send_frame, wait_until};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 /// Guest physical address and size of the one memory region.
@@ -65,20 +65,8 @@ struct Map {
 
 impl Map {
     fn new(fd: &OwnedFd, len: u64) -> Map {
-        // SAFETY: a fresh shared mapping of a file we own; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
         Map {
-            ptr: ptr.cast(),
+            ptr: map_shared(fd, len as usize),
             len: len as usize,
         }
     }

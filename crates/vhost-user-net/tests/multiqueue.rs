@@ -22,7 +22,7 @@ use vhost_user_net::{Server, VhostUserNet};
 use virtio_net_standby::{PairBackend, PairConfig, StandbyNetBuilder, pair};
 use vmm_sys_util::eventfd::EventFd;
 
-use support::{ServerThread, memfd, send_frame, wait_until};
+use support::{ServerThread, map_shared, memfd, send_frame, wait_until};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
 const GPA: u64 = 0x10_0000;
@@ -66,22 +66,8 @@ struct Guest {
 impl Guest {
     fn new() -> Guest {
         let fd = memfd(c"guest", SIZE);
-        // SAFETY: a fresh shared mapping of a file we own; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                SIZE as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Guest {
-            fd,
-            ptr: ptr.cast(),
-        }
+        let ptr = map_shared(&fd, SIZE as usize);
+        Guest { fd, ptr }
     }
 
     fn at(&self, gpa: u64, n: usize) -> *mut u8 {

@@ -1,5 +1,6 @@
 //! What the protocol-level tests share: the server on a thread of its own,
-//! stopped when the test ends, guest memory files, frames sent from the
+//! stopped when the test ends, guest memory files and their shared mappings,
+//! frames sent from the
 //! host's side, and waiting for a condition.
 
 // Each test binary uses part of it.
@@ -51,6 +52,30 @@ pub fn memfd(name: &CStr, len: u64) -> OwnedFd {
     let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
     assert_eq!(r, 0);
     fd
+}
+
+/// Maps `len` bytes of `fd` shared and writable, as a frontend maps the guest
+/// memory it shares; the caller unmaps it (`libc::munmap`).
+pub fn map_shared(fd: &OwnedFd, len: usize) -> *mut u8 {
+    // SAFETY: a fresh shared mapping of a file the caller owns; no fixed
+    // address, so no existing mapping is touched; checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        ptr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    ptr.cast()
 }
 
 /// Sends, from the host's side of `peer`, a frame of `len` bytes (the 12-byte
