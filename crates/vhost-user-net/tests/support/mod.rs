@@ -1,7 +1,6 @@
 //! What the protocol-level tests share: the server on a thread of its own,
 //! stopped when the test ends, guest memory files and their shared mappings,
-//! frames sent from the
-//! host's side, and waiting for a condition.
+//! frames sent from the host's side, and waiting for a condition.
 
 // Each test binary uses part of it.
 #![allow(dead_code)]
