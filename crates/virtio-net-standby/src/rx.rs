@@ -747,7 +747,7 @@ impl RxQueue {
             // and the read was no faster for it (docs/PERFORMANCE.md, "On a tap:
             // the 1514-byte gap").
             if !opaque && avail > PREFETCH_AHEAD {
-                self.prefetch_buffer(ram, PREFETCH_AHEAD);
+                self.prefetch_buffer(ram, &mut hint, PREFETCH_AHEAD);
             }
             let head = self.ring.pop_head()?;
             let d = self.ring.descriptor(head);
@@ -855,15 +855,22 @@ impl RxQueue {
     /// places after the next available one: when the driver runs on another
     /// core, its buffers' cache lines are there, and the first store into each
     /// stalls until the line has moved (in a profile of the vhost-user daemon
-    /// generating 64-byte frames, most of its time went to that store).
+    /// generating 64-byte frames, most of its time went to that store). The
+    /// run's region `hint` makes the look-up of a buffer in the same region as
+    /// the last a subtraction and two comparisons.
     #[inline]
-    fn prefetch_buffer<M: GuestMemoryBackend>(&self, ram: &GuestRam<M>, ahead: u16) {
+    fn prefetch_buffer<'a, M: GuestMemoryBackend>(
+        &self,
+        ram: &'a GuestRam<M>,
+        hint: &mut RegionHint<'a>,
+        ahead: u16,
+    ) {
         let head = self.ring.peek_head(ahead);
         if head >= self.ring.size() {
             return;
         }
         let d = self.ring.descriptor(head);
-        if let Some(span) = ram.translate(d.addr, 1) {
+        if let Some(span) = ram.translate_hinted(hint, d.addr, 1) {
             prefetch_for_write(span.ptr);
             // The header and a small frame may cross into the next line.
             prefetch_for_write(span.ptr.wrapping_add(64));
