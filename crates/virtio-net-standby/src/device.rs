@@ -282,7 +282,7 @@ impl StandbyNetBuilder {
             pairs,
             ctrl: Arc::new(Mutex::new(ctrl)),
             negotiation,
-            restored_rings: Vec::new(),
+            restored_queues: Vec::new(),
             active: false,
         })
     }
@@ -300,9 +300,10 @@ pub struct StandbyNet<M: GuestMemoryBackend, B: NetBackend> {
     pairs: Vec<QueuePairHandle<M, B>>,
     ctrl: Arc<Mutex<ControlQueue<M, B>>>,
     negotiation: AckNotifier,
-    /// Ring positions (queue index, next_avail, next_used) of a restored state,
-    /// applied to the queues of the next activation.
-    restored_rings: Vec<(u16, u16, u16)>,
+    /// The queues of a restored state: their ring positions are applied to the
+    /// queues of the next activation, and until then a snapshot saves them as
+    /// they were restored.
+    restored_queues: Vec<SavedQueue>,
     active: bool,
 }
 
@@ -556,6 +557,15 @@ where
         if let Some((index, state)) = ctrl.queue_state() {
             queues.push(SavedQueue { index, state });
         }
+        // Restored and not activated since: the queues exist only as restored
+        // (their staged buffers and ring positions belong to them), and a
+        // snapshot taken now must restore to the same device.
+        for saved in &self.restored_queues {
+            if !queues.iter().any(|q| q.index == saved.index) {
+                queues.push(*saved);
+            }
+        }
+        queues.sort_by_key(|q| q.index);
         let cs = ctrl.state();
         NetState {
             device_id: self.shared.id.clone(),
@@ -605,11 +615,7 @@ where
             p.lock()
                 .restore(saved.rx_staged.clone(), saved.pending_rx.clone());
         }
-        self.restored_rings = state
-            .queues
-            .iter()
-            .map(|q| (q.index, q.state.next_avail, q.state.next_used))
-            .collect();
+        self.restored_queues = state.queues.clone();
         if let Some(acked) = self.acked {
             self.negotiation.restored(acked.bits());
         }
@@ -624,7 +630,7 @@ where
         self.acked = None;
         self.active = false;
         self.negotiation.reset();
-        self.restored_rings.clear();
+        self.restored_queues.clear();
         self.shared.set_interrupt(None);
         self.shared.clear_needs_reset();
         let mac = self.mac;
@@ -711,9 +717,9 @@ where
         let mut tx: Vec<Option<ActivateQueue>> = (0..n_pairs).map(|_| None).collect();
         let mut ctrl = None;
         for mut q in queues {
-            if let Some(&(_, avail, used)) = self.restored_rings.iter().find(|r| r.0 == q.index) {
-                q.queue.set_next_avail(avail);
-                q.queue.set_next_used(used);
+            if let Some(saved) = self.restored_queues.iter().find(|r| r.index == q.index) {
+                q.queue.set_next_avail(saved.state.next_avail);
+                q.queue.set_next_used(saved.state.next_used);
             }
             let i = usize::from(q.index);
             if i < 2 * n_pairs {
@@ -786,7 +792,7 @@ where
         }
         self.shared.set_interrupt(Some(interrupt));
         self.active = true;
-        self.restored_rings.clear();
+        self.restored_queues.clear();
         Ok(())
     }
 
@@ -1186,6 +1192,36 @@ mod tests {
         assert_eq!(g.recv(0).unwrap()[26], 7);
         let (rx, _) = dst.queue_pair(0).unwrap().lock().queue_states().unwrap();
         assert_eq!(rx.next_used, 4);
+    }
+
+    #[test]
+    fn a_restored_device_saves_its_queues_before_it_is_activated() {
+        // Restored, then saved again before any activation (a destination that
+        // hands the state on, or a VMM that snapshots right after restoring):
+        // the queues, their positions and the receive buffers staged on them
+        // travel on, and the state restores into a twin (fuzz finding
+        // device_state-staged-heads-without-queue).
+        let mem = TestMemory::new(16 << 20);
+        let be = RecordingBackend::default();
+        let mut src: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        let mut g = GuestDriver::bring_up(&mut src, &mem, DEFAULT_OFFER, 64).unwrap();
+        g.post_rx(0, 8);
+        be.incoming
+            .lock()
+            .unwrap()
+            .push_back(frame([2, 0, 0, 0, 0, 1], &[1; 60]));
+        src.queue_pair(0).unwrap().process_rx();
+        let mut state = Persist::save(&src).unwrap();
+        // A buffer staged but not filled, as a tap's pass leaves one.
+        state.pairs[0].rx_staged = vec![5];
+        assert!(!state.queues.is_empty());
+        let mut dst: Dev = StandbyNetBuilder::new().build(vec![be.clone()]).unwrap();
+        Persist::restore(&mut dst, &state).unwrap();
+        let again = Persist::save(&dst).unwrap();
+        assert_eq!(again, state);
+        let mut twin: Dev = StandbyNetBuilder::new().build(vec![be]).unwrap();
+        Persist::restore(&mut twin, &again).unwrap();
+        assert_eq!(Persist::save(&twin).unwrap(), state);
     }
 
     #[test]
