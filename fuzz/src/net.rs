@@ -637,9 +637,14 @@ impl Rig {
         let mut used_sum = 0u64;
         let mut used_count = None;
         // A guest that wrote over the used index (raw bytes) gets the device's
-        // own index back at the next pass: the entries of that pass cannot be
-        // told from the index's move (fuzz finding tx_queue-used-index-poked).
-        let poked = std::mem::take(&mut self.used_index_poked);
+        // own index back at the next pass that uses a chain: until then the
+        // entries of a pass cannot be told from the index's move (fuzz finding
+        // tx_queue-used-index-poked).
+        let poked = self.used_index_poked;
+        if poked && u16_at(&after, r.used + 2) != u16_at(&before, r.used + 2) {
+            // The device wrote its index again: the next pass is checked.
+            self.used_index_poked = false;
+        }
         if !self.unclean && !poked {
             let old = u16_at(&before, r.used + 2);
             let new = u16_at(&after, r.used + 2);

@@ -792,6 +792,9 @@ where
         }
         self.shared.set_interrupt(Some(interrupt));
         self.active = true;
+        for p in &self.pairs {
+            p.lock().forget_staged_if_idle();
+        }
         self.restored_queues.clear();
         Ok(())
     }
@@ -1222,6 +1225,47 @@ mod tests {
         let mut twin: Dev = StandbyNetBuilder::new().build(vec![be]).unwrap();
         Persist::restore(&mut twin, &again).unwrap();
         assert_eq!(Persist::save(&twin).unwrap(), state);
+    }
+
+    #[test]
+    fn a_pair_left_idle_by_the_activation_forgets_its_restored_staged_buffers() {
+        // Restored with buffers staged on pair 1, then activated by a driver
+        // that enabled pair 0 only: pair 1's ring is not running, its staged
+        // buffers go, and the device's state stays one its restore accepts.
+        let mem = TestMemory::new(16 << 20);
+        let two = || {
+            StandbyNetBuilder::new()
+                .queue_pairs(2)
+                .build(vec![
+                    RecordingBackend::default(),
+                    RecordingBackend::default(),
+                ])
+                .unwrap()
+        };
+        let mut src: Dev = two();
+        let _g = GuestDriver::bring_up(&mut src, &mem, DEFAULT_OFFER, 64).unwrap();
+        let mut state = Persist::save(&src).unwrap();
+        assert!(state.queues.iter().any(|q| q.index == 2));
+        state.pairs[1].rx_staged = vec![3];
+        let mut dst: Dev = two();
+        Persist::restore(&mut dst, &state).unwrap();
+        let pair0_and_ctrl = state
+            .queues
+            .iter()
+            .filter(|q| q.index != 2 && q.index != 3)
+            .map(|q| ActivateQueue {
+                index: q.index,
+                queue: virtio_queue::Queue::try_from(q.state).unwrap(),
+                kick: None,
+            })
+            .collect();
+        let irq = Arc::new(RecordingInterrupt::default());
+        dst.activate(mem.atomic(), irq, pair0_and_ctrl).unwrap();
+        let saved = Persist::save(&dst).unwrap();
+        assert!(saved.pairs[1].rx_staged.is_empty());
+        assert!(!saved.queues.iter().any(|q| q.index == 2));
+        let mut twin: Dev = two();
+        Persist::restore(&mut twin, &saved).unwrap();
     }
 
     #[test]

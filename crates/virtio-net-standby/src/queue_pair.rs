@@ -402,6 +402,16 @@ where
         }
     }
 
+    /// After an activation that left this pair idle (the driver enabled none of
+    /// its rings): receive buffers a restored state staged on its receive ring
+    /// cannot be used and are forgotten, so that the device's state stays one
+    /// its restore accepts (no staged buffers without their queue).
+    pub(crate) fn forget_staged_if_idle(&mut self) {
+        if self.active.is_none() {
+            self.staged.clear();
+        }
+    }
+
     /// The RX and TX queues' current state (ring addresses and positions), while
     /// active.
     pub fn queue_states(&self) -> Option<(QueueState, QueueState)> {
