@@ -557,14 +557,11 @@ where
         if let Some((index, state)) = ctrl.queue_state() {
             queues.push(SavedQueue { index, state });
         }
-        // Restored and not activated since: the queues exist only as restored
-        // (their staged buffers and ring positions belong to them), and a
-        // snapshot taken now must restore to the same device.
-        for saved in &self.restored_queues {
-            if !queues.iter().any(|q| q.index == saved.index) {
-                queues.push(*saved);
-            }
-        }
+        // Restored and not activated since (then no queue above is live): the
+        // queues exist only as restored (their staged buffers and ring
+        // positions belong to them), and a snapshot taken now must restore to
+        // the same device. Saved in index order, as live queues are.
+        queues.extend_from_slice(&self.restored_queues);
         queues.sort_by_key(|q| q.index);
         let cs = ctrl.state();
         NetState {
